@@ -1,0 +1,191 @@
+"""latentreason's command line: the whole flow, wired in one place.
+
+    latentreason demo                                  # tiny no-CoT vs CoT on arith, table + plot
+    latentreason train --config configs/cot_sft_arith.yaml optim.lr=3e-4
+    latentreason eval  model.name_or_path=runs/arith-cot/best method.name=cot-sft data.task=arith
+    latentreason inspect tasks|methods|steps|config [--config F] [overrides]
+
+Every verb takes ``--config FILE.yaml`` and ``section.field=value`` overrides; ``--help`` lists
+every field with its default and meaning. Nothing else in the package imports this module.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from latentreason.config import ConfigError, RunConfig, help_text, load_run_config, to_dict
+
+logger = logging.getLogger("latentreason")
+
+def _field_help() -> str:
+    from latentreason.config import DataConfig, EvalConfig, LoraConfig, OptimConfig, TrainConfig
+    from latentreason.methods import METHODS
+    from latentreason.models.loading import ModelConfig
+    from latentreason.models.rollout import RolloutConfig
+
+    lines = ["config fields (override with section.field=value):"]
+    sections = [("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig), ("lora", LoraConfig),
+                ("train", TrainConfig), ("rollout", RolloutConfig), ("eval", EvalConfig)]
+    for name, cls in sections:
+        lines.extend(help_text(cls, name))
+    for name in METHODS.names():
+        lines.append(f" method '{name}':")
+        lines.extend(help_text(METHODS.get(name).config_cls, "method"))
+    return "\n".join(lines)
+
+
+# -- builders shared by the verbs ------------------------------------------------------------------
+def build_method(run: RunConfig, model_path: str | None = None):
+    """Load the model, the task and the method object for ``run`` (no training)."""
+    from latentreason.data.base import build_task
+    from latentreason.methods import METHODS
+    from latentreason.models.loading import load_model
+
+    task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
+    model_cfg = run.model if model_path is None else type(run.model)(**{**vars(run.model), "name_or_path": model_path})
+    loaded = load_model(model_cfg)
+    method_cls = METHODS.get(run.method.name)
+    return method_cls(run.method, run, loaded, task)
+
+
+def run_train(run: RunConfig) -> Path:
+    """Train, selecting ``best/`` on the validation split; returns the output folder."""
+    from latentreason.eval.harness import accuracy
+    from latentreason.methods.trainer import Trainer, apply_lora
+
+    method = build_method(run, model_path=run.train.init_from)
+    if not method.trainable:
+        raise ConfigError([f"method.name={run.method.name!r} has nothing to train; use 'latentreason eval'"])
+    if run.lora.enabled:
+        apply_lora(method, run)
+    train_examples = method.task.load(run.data.train_split, limit=run.data.train_limit)
+    valid = method.task.load(run.data.valid_split, limit=run.train.eval_limit)
+    trainer = Trainer(run, method, train_examples, select=lambda m: accuracy(m, valid, run.eval.batch_size))
+    result = trainer.train()
+    logger.info("trained %d steps, final loss %.4f, best valid accuracy %s -> %s",
+                result.steps, result.final_loss, result.best_metric, result.output_dir)
+    return result.output_dir
+
+
+def run_eval(run: RunConfig) -> dict:
+    from latentreason.eval.harness import evaluate
+
+    method = build_method(run)
+    examples = method.task.load(run.eval.split, limit=run.eval.limit)
+    out = run.eval.output_dir or str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
+    info = {
+        "model": run.model.name_or_path, "task": run.data.task, "task_version": method.task.version,
+        "method": run.method.name, "split": run.eval.split, "limit": run.eval.limit,
+        "rollout": to_dict(run)["rollout"], "method_config": to_dict(run)["method"],
+        "command": "latentreason " + " ".join(sys.argv[1:]),
+    }
+    return evaluate(method, examples, out, batch_size=run.eval.batch_size, info=info, overwrite=run.eval.overwrite)
+
+
+# -- verbs ------------------------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_run_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run_train(_config(args))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    summary = run_eval(_config(args))
+    keys = ("model", "task", "method", "split", "n", "accuracy", "accuracy_ci95", "accuracy_flexible",
+            "mean_reasoning_positions", "questions_per_second")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from latentreason.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, overrides=args.overrides, quick=args.quick)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from latentreason.data.base import TASKS, build_task
+    from latentreason.methods import METHODS
+    from latentreason.models.steps import LATENT_STEPS
+
+    what = args.what
+    if what == "tasks":
+        for name in TASKS.names():
+            task = build_task(name)
+            print(f"{name:20} v{task.version}  splits: {', '.join(task.splits)}")
+    elif what == "methods":
+        for name in METHODS.names():
+            cls = METHODS.get(name)
+            print(f"{name:20} {'trainable' if cls.trainable else 'evaluation only'}  {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    elif what == "steps":
+        for name in LATENT_STEPS.names():
+            doc = (LATENT_STEPS.get(name).__doc__ or "").strip().splitlines()
+            print(f"{name:12} {doc[0] if doc else ''}")
+    elif what == "config":
+        import yaml
+
+        print(yaml.safe_dump(to_dict(_config(args)), sort_keys=False), end="")
+    elif what == "example":
+        run = _config(args)
+        task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
+        for ex in task.load(run.eval.split, limit=args.n):
+            print(json.dumps({"id": ex.id, "prompt": task.prompt(ex), "chain": task.chain_text(ex),
+                              "answer": task.answer_text(ex)}, ensure_ascii=False))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentreason", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    def add(name: str, func, help: str, first: dict | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=_field_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if first:
+            p.add_argument(first.pop("name"), **first)
+        p.add_argument("--config", help="YAML recipe (see configs/)")
+        p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=3e-4")
+        p.set_defaults(func=func)
+        return p
+
+    add("train", cmd_train, "train a method; resumes from <train.output_dir>/checkpoint; best/ chosen on validation")
+    add("eval", cmd_eval, "evaluate a model with a method on a split; writes predictions.jsonl and summary.json, resumes")
+    demo = add("demo", cmd_demo, "train tiny no-CoT and CoT models on arith, evaluate both, print a table, plot accuracy vs reasoning positions")
+    demo.add_argument("--output-dir", default="runs/demo", help="where models, predictions and the plot go")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
+    insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples",
+               first={"name": "what", "choices": ["tasks", "methods", "steps", "config", "example"]})
+    insp.add_argument("-n", type=int, default=3, help="examples to print with 'example'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"latentreason: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"latentreason: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

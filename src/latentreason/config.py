@@ -1,0 +1,367 @@
+"""Typed run configuration: dataclasses by concern, loaded from YAML, overridden from the CLI.
+
+    latentreason train --config configs/demo_arith.yaml optim.lr=3e-4 data.options.num_steps=3
+
+Every field has a default and ``help`` metadata (printed by ``latentreason <verb> --help``). Values
+are converted to the field's declared type; unknown keys are rejected with suggestions; every
+problem found is reported at once, with the file and the dotted field, before any weights load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentreason.models.loading import ModelConfig
+from latentreason.models.rollout import RolloutConfig
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each naming its source and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class DataConfig:
+    task: str = field(default="arith", metadata={"help": "registered task name (latentreason inspect tasks)"})
+    path: str | None = field(default=None, metadata={"help": "local file/folder or hub dataset name; default ../shared/data/<task>"})
+    chain_format: str | None = field(default=None, metadata={"help": "which explicit chain to train on (e.g. natural or equations for gsm8k)"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    valid_split: str = field(default="valid", metadata={"help": "split for model selection during training (never a test split)"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "task options, e.g. num_steps for arith"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    scheduler: str = field(default="cosine", metadata={"help": "cosine, linear or constant (after warm-up)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 disables"})
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.scheduler={self.scheduler!r}, must be cosine, linear or constant")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    r: int = field(default=64, metadata={"help": "LoRA rank"})
+    alpha: int = field(default=128, metadata={"help": "LoRA alpha"})
+    dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    target_modules: str = field(default="all-linear", metadata={"help": "peft target_modules (comma list or all-linear)"})
+    train_embeddings: bool = field(default=False, metadata={"help": "also train the embedding table (needed when new tokens must be learned)"})
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(default="runs/default", metadata={"help": "checkpoints, log.jsonl, final/ and best/ go here"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    global_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step over all processes"})
+    micro_batch_size: int = field(default=64, metadata={"help": "examples per forward pass per process (gradient accumulation fills the rest)"})
+    save_every: int = field(default=200, metadata={"help": "write a resumable checkpoint every N steps"})
+    log_every: int = field(default=20, metadata={"help": "append a line to log.jsonl every N steps"})
+    eval_every: int = field(default=0, metadata={"help": "validation accuracy every N steps to pick best/ (0 = only at the end)"})
+    eval_limit: int = field(default=200, metadata={"help": "validation examples used for model selection"})
+    resume: bool = field(default=True, metadata={"help": "continue from output_dir/checkpoint when present"})
+    seed: int = field(default=0, metadata={"help": "data order seed"})
+    init_from: str | None = field(default=None, metadata={"help": "start from this checkpoint instead of model.name_or_path's weights"})
+
+
+@dataclass
+class EvalConfig:
+    split: str = field(default="valid", metadata={"help": "split to evaluate (test splits are not shipped)"})
+    limit: int | None = field(default=None, metadata={"help": "first N examples only"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per rollout batch"})
+    output_dir: str | None = field(default=None, metadata={"help": "predictions.jsonl + summary.json (default: <train.output_dir>/eval-<split>)"})
+    overwrite: bool = field(default=False, metadata={"help": "discard finished rows instead of resuming"})
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's own section; ``name`` picks the method and its subclass."""
+
+    name: str = field(default="cot-sft", metadata={"help": "method (latentreason inspect methods)"})
+
+
+@dataclass
+class RunConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type ``tp`` or raise naming ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise TypeError(errors[0] if errors else f"{where}: cannot be None")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TypeError(f"{where}={value!r}: expected true or false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise TypeError(f"{where}={value!r}: expected {tp.__name__}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}={value!r}: expected {tp.__name__}") from None
+        if tp is int and isinstance(value, float) and out != value:
+            raise TypeError(f"{where}={value!r}: expected an integer")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError(f"{where}={value!r}: expected a string")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TypeError(f"{where}={value!r}: expected a list of {len(args)} values")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}={value!r}: expected a mapping")
+        return dict(value)
+    return value
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(key: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"{where}: unknown key {key!r}{hint} (valid: {', '.join(valid)})"
+
+
+def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, collecting problems instead of stopping."""
+    hints, fields = _hints(cls), _fields(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(_unknown(key, list(fields), where))
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{where}.{key}: expected a mapping, got {value!r}")
+                continue
+            kwargs[key] = _build(tp, value, f"{where}.{key}", problems)
+            continue
+        try:
+            kwargs[key] = _convert(value, tp, f"{where}.{key}")
+        except (TypeError, ValueError) as exc:
+            problems.append(str(exc))
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{where}: {exc}")
+        return cls()
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    from latentreason.methods import METHODS
+
+    return METHODS.get(name).config_cls
+
+
+def build_run_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested dict (YAML plus overrides)."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: top level must be a mapping of sections"])
+    sections = _fields(RunConfig)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in sections:
+            problems.append(_unknown(key, list(sections), source))
+            continue
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"{source}: section {key!r} must be a mapping, got {value!r}")
+            continue
+        cls = _hints(RunConfig)[key]
+        if key == "method":
+            name = str(value.get("name", MethodConfig.name))
+            try:
+                cls = method_config_class(name)
+            except KeyError as exc:
+                problems.append(f"{source}: method.name: {exc}")
+                continue
+        kwargs[key] = _build(cls, value, f"{source}: {key}", problems)
+    if problems:
+        raise ConfigError(problems)
+    if "method" not in kwargs:
+        kwargs["method"] = method_config_class(MethodConfig.name)()
+    run = RunConfig(**kwargs)
+    problems = validate(run)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    return run
+
+
+def validate(run: RunConfig) -> list[str]:
+    """Cross-section checks; returns every problem (empty list = valid)."""
+    problems = []
+    t = run.train
+    if t.max_steps < 1:
+        problems.append(f"train.max_steps={t.max_steps}, must be >= 1")
+    if t.global_batch_size < 1 or t.micro_batch_size < 1:
+        problems.append("train.global_batch_size and train.micro_batch_size must be >= 1")
+    elif t.global_batch_size % t.micro_batch_size:
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size}; pick a micro batch that divides it"
+        )
+    for name in ("save_every", "log_every"):
+        if getattr(t, name) < 1:
+            problems.append(f"train.{name}={getattr(t, name)}, must be >= 1")
+    if run.eval.batch_size < 1:
+        problems.append(f"eval.batch_size={run.eval.batch_size}, must be >= 1")
+    from latentreason.data.base import TASKS, build_task
+    from latentreason.methods import METHODS
+
+    if run.data.task not in TASKS and ":" not in run.data.task:
+        try:
+            build_task(run.data.task)
+        except KeyError as exc:
+            problems.append(f"data.task: {exc}")
+    if run.method.name in METHODS:
+        problems.extend(METHODS.get(run.method.name).validate(run))
+    return problems
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``a.b=c`` strings to a nested dict; values parsed as YAML scalars (1e-3, true, [1,2])."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError([f"override {item!r}: expected section.field=value"])
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError([f"override {item!r}: expected section.field=value (e.g. optim.lr=1e-4)"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {part} is not a section"])
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """YAML file (optional) + ``section.field=value`` overrides -> validated RunConfig."""
+    data = dict(base or {})
+    source = "<defaults>"
+    if path is not None:
+        data = merge(data, load_yaml(path))
+        source = str(path)
+    if overrides:
+        data = merge(data, parse_overrides(overrides))
+        source = f"{source} + overrides" if path else "overrides"
+    return build_run_config(data, source)
+
+
+def to_dict(run: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (YAML-safe), e.g. to save next to a checkpoint."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return {k: clean(v) for k, v in dataclasses.asdict(run).items()}
+
+
+def help_text(cls: type, prefix: str) -> list[str]:
+    """One line per field: ``prefix.field (type, default): help``, for ``--help``."""
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(help_text(tp, f"{prefix}.{f.name}"))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        lines.append(f"  {prefix}.{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines

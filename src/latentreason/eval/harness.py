@@ -1,0 +1,179 @@
+"""The evaluation harness: one batched loop for every method, resumable, one JSONL row per example.
+
+    latentreason eval model.name_or_path=runs/arith-cot/final data.task=arith method.name=cot-sft
+
+The method decides the prompt and the latent step; the shared rollout generates; the task
+extracts and checks (strict and flexible). Rows are appended and synced batch by batch, so a
+killed run resumes where it stopped, with nothing redone; ``summary.json`` is written atomically.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from latentreason.data.base import ANSWER_DELIMITER, Example
+from latentreason.eval.metrics import mean, wilson_interval
+from latentreason.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from latentreason.methods.base import Method
+from latentreason.models.rollout import rollout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    id: str
+    question: str
+    gold: str
+    output: str
+    prediction: str | None
+    prediction_flexible: str | None
+    correct: bool
+    correct_flexible: bool
+    latent_steps: int
+    reasoning_positions: int  # latent steps + explicit chain tokens written before the answer line
+    generated_tokens: int
+    seconds: float  # this example's share of its batch's wall-clock time
+
+
+def _chain_tokens(texts: list[str], tokenizer: Any) -> list[int]:
+    """Tokens written before the answer delimiter (all tokens if there is none)."""
+    heads = [t.split(ANSWER_DELIMITER)[0] if ANSWER_DELIMITER in t else t for t in texts]
+    heads = [h.rstrip() for h in heads]
+    ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
+    return [len(i) if h else 0 for i, h in zip(ids, heads)]
+
+
+def predict(
+    method: Method,
+    examples: list[Example],
+    batch_size: int,
+    progress: bool = False,
+    on_batch: Callable[[list[Prediction]], None] | None = None,
+) -> list[Prediction]:
+    """Generate and score ``examples`` in batches (sorted by prompt length to save padding).
+
+    ``on_batch`` receives each finished batch's predictions (the harness appends them to disk).
+    """
+    loaded, task = method.loaded, method.task
+    model, tok = loaded.model, loaded.tokenizer
+    prompt_ids = method.prompt_ids(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
+    preds: dict[int, Prediction] = {}
+    cfg = method.rollout_config()
+    bar = tqdm(total=len(examples), desc="eval", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        batch = [examples[i] for i in idx]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = rollout(
+                model, [prompt_ids[i] for i in idx], method.latent_step(batch), cfg,
+                eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
+            )
+        texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
+        seconds = (time.perf_counter() - t0) / len(idx)
+        chain = _chain_tokens(texts, tok)
+        latent = out.num_latent_steps.tolist()
+        for j, (i, ex, text) in enumerate(zip(idx, batch, texts)):
+            score = task.score(text, ex)
+            preds[i] = Prediction(
+                id=ex.id, question=ex.question, gold=ex.answer, output=text, prediction=score.prediction,
+                prediction_flexible=score.prediction_flexible, correct=score.correct,
+                correct_flexible=score.correct_flexible, latent_steps=latent[j],
+                reasoning_positions=latent[j] + chain[j], generated_tokens=len(out.tokens[j]), seconds=seconds,
+            )
+        if on_batch is not None:
+            on_batch([preds[i] for i in idx])
+        bar.update(len(idx))
+    bar.close()
+    return [preds[i] for i in range(len(examples))]
+
+
+def accuracy(method: Method, examples: list[Example], batch_size: int) -> float:
+    """Strict accuracy, for model selection during training."""
+    preds = predict(method, examples, batch_size)
+    return mean([float(p.correct) for p in preds])
+
+
+def summarise(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    n = len(rows)
+    correct = sum(bool(r["correct"]) for r in rows)
+    flexible = sum(bool(r["correct_flexible"]) for r in rows)
+    seconds = sum(float(r["seconds"]) for r in rows)
+    lo, hi = wilson_interval(correct, n)
+    return {
+        **info,
+        "n": n,
+        "accuracy": correct / n if n else 0.0,
+        "accuracy_ci95": [lo, hi],
+        "accuracy_flexible": flexible / n if n else 0.0,
+        "mean_reasoning_positions": mean([r["reasoning_positions"] for r in rows]),
+        "mean_latent_steps": mean([r["latent_steps"] for r in rows]),
+        "mean_generated_tokens": mean([r["generated_tokens"] for r in rows]),
+        "questions_per_second": n / seconds if seconds else 0.0,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def evaluate(
+    method: Method,
+    examples: list[Example],
+    output_dir: str | Path,
+    batch_size: int = 32,
+    info: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate into ``output_dir`` (predictions.jsonl, summary.json), resuming finished rows.
+
+    ``info`` (model, task, method, split, rollout settings ...) is stored in the summary and must
+    match an existing run's, so that rows of different settings never mix.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path, meta_path = out / "predictions.jsonl", out / "eval_config.json"
+    info = dict(info or {})
+    info.setdefault("command", " ".join(sys.argv))
+    fingerprint = {k: v for k, v in info.items() if k != "command"}
+    if overwrite:
+        rows_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+    if meta_path.exists() and rows_path.exists():
+        saved = json.loads(meta_path.read_text())
+        if saved != fingerprint:
+            diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+            raise ValueError(
+                f"{out}: holds an evaluation with other settings (differs in {', '.join(diff)}); "
+                "use another eval.output_dir or eval.overwrite=true"
+            )
+    atomic_write_json(meta_path, fingerprint)
+    done = {r["id"]: r for r in read_jsonl(rows_path, drop_torn_tail=True)} if rows_path.exists() else {}
+    if done:  # rewrite without a torn tail before appending
+        atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in done.values()))
+    todo = [ex for ex in examples if ex.id not in done]
+    if done:
+        logger.info("resuming %s: %d of %d examples already done", out, len(examples) - len(todo), len(examples))
+
+    def write(preds: list[Prediction]) -> None:
+        rows = [asdict(p) for p in preds]
+        append_jsonl(rows_path, rows)
+        done.update((r["id"], r) for r in rows)
+
+    if todo:
+        predict(method, todo, batch_size, progress=progress, on_batch=write)
+    wanted = {ex.id for ex in examples}
+    rows = [r for r in done.values() if r["id"] in wanted]
+    summary = summarise(rows, info)
+    atomic_write_json(out / "summary.json", summary)
+    return summary

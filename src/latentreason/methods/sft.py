@@ -1,0 +1,96 @@
+"""Supervised fine-tuning baselines: ``cot-sft`` (explicit chain, then the answer), ``nocot-sft``
+(the answer directly), and ``zero-shot`` (no training; the instruction alone).
+
+Every latent method is measured against these: CoT-SFT sets the accuracy to match and the
+reasoning length to beat; no-CoT shows what the task costs without reasoning. Also the usual
+starting point of Latent-SFT and Coconut.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentreason.config import MethodConfig
+from latentreason.data.base import Example
+from latentreason.data.collate import IGNORE, encode_targets, pad_right
+from latentreason.methods.base import METHODS, Method
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(MethodConfig):
+    name: str = "cot-sft"
+    with_chain: bool = field(default=True, metadata={"help": "train on chain + answer (CoT) or the answer alone"})
+    max_length: int = field(default=1024, metadata={"help": "training sequences longer than this are dropped (counted in the log)"})
+
+
+@dataclass
+class NoCoTConfig(SFTConfig):
+    name: str = "nocot-sft"
+    with_chain: bool = False
+
+
+@METHODS.register("cot-sft")
+class CoTSFT(Method):
+    name = "cot-sft"
+    config_cls = SFTConfig
+    cfg: SFTConfig
+
+    def target_text(self, ex: Example) -> str:
+        answer = self.task.answer_text(ex)
+        chain = self.task.chain_text(ex) if self.cfg.with_chain else ""
+        return f"{chain} {answer}" if chain else answer
+
+    def collate(self, examples: list[Example]) -> dict[str, Any]:
+        tok = self.loaded.tokenizer
+        prompts = self.prompt_ids(examples)
+        targets = encode_targets([self.target_text(ex) for ex in examples], tok, self.loaded.eos_ids[0])
+        seqs, labels = [], []
+        for p, t in zip(prompts, targets):
+            if len(p) + len(t) > self.cfg.max_length:
+                continue
+            seqs.append(p + t)
+            labels.append([IGNORE] * len(p) + t)
+        if not seqs:
+            raise ValueError(
+                f"every example of this batch is longer than method.max_length={self.cfg.max_length} tokens; raise it"
+            )
+        batch = pad_right(seqs, labels, self.loaded.pad_id)
+        # Each label predicts from the previous position: count the shifted targets.
+        batch["num_targets"] = int((batch["labels"][:, 1:] != IGNORE).sum())
+        batch["dropped"] = len(examples) - len(seqs)
+        return batch
+
+    def loss(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = modules["lm"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss_sum = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return {"loss_sum": loss_sum}
+
+
+@METHODS.register("nocot-sft")
+class NoCoTSFT(CoTSFT):
+    name = "nocot-sft"
+    config_cls = NoCoTConfig
+
+
+@dataclass
+class ZeroShotConfig(MethodConfig):
+    name: str = "zero-shot"
+
+
+@METHODS.register("zero-shot")
+class ZeroShot(Method):
+    """Evaluate a model as it is: the task's instruction and question, plain decoding."""
+
+    name = "zero-shot"
+    config_cls = ZeroShotConfig
+    trainable = False

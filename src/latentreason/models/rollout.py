@@ -1,0 +1,257 @@
+"""The one latent rollout every method uses: batched, left-padded, KV-cached.
+
+    prompt ──prefill──► K latent steps (next input = step(hidden, logits)) ──► [<eot>] ──► decode
+
+Research code breaks exactly here (batch size 1, answers decoded without the cache, shifted
+positions after padding), so the loop lives once. Batching: prompts are left-padded; a sequence
+that stops reasoning early keeps "holes" in its KV cache that the attention mask hides and that do
+not advance its position ids, so every row computes what it would compute alone. ``use_cache=False``
+recomputes the whole prefix each step: a slow reference used by the tests, not a mode to run.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from latentreason.models.steps import LatentStep, StepContext
+
+
+@dataclass
+class RolloutConfig:
+    """How to run the latent phase and decode the answer."""
+
+    num_latent_steps: int = field(default=0, metadata={"help": "latent steps (an upper bound when the step can stop sequences)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens decoded after the latent phase"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy decoding; > 0 samples"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold when temperature > 0"})
+    seed: int | None = field(default=None, metadata={"help": "sampling seed (reproducible sampled answers)"})
+    feed_eot: bool = field(default=True, metadata={"help": "feed <eot> after the latent phase (when it ran)"})
+    keep_distributions: str = field(default="topk", metadata={"help": "per latent step vocabulary distribution kept: topk, full or none"})
+    distribution_topk: int = field(default=10, metadata={"help": "k for keep_distributions=topk"})
+    use_cache: bool = field(default=True, metadata={"help": "False recomputes the prefix each step (reference for tests only)"})
+
+    def __post_init__(self) -> None:
+        if self.num_latent_steps < 0:
+            raise ValueError(f"rollout.num_latent_steps={self.num_latent_steps}, must be >= 0")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens}, must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature={self.temperature}, must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p}, must be in (0, 1]")
+        if self.keep_distributions not in ("topk", "full", "none"):
+            raise ValueError(f"rollout.keep_distributions={self.keep_distributions!r}, must be topk, full or none")
+
+
+@dataclass
+class RolloutOutput:
+    """Everything a method or the harness needs from one batch. B batch, K latent bound, D hidden."""
+
+    tokens: list[list[int]]  # decoded answer tokens per sequence, eos excluded
+    finished: torch.Tensor  # [B] bool: the answer ended with an eos token
+    num_latent_steps: torch.Tensor  # [B] long: latent vectors actually fed
+    latents: torch.Tensor  # [B, K, D] fed vectors (zeros after a sequence stopped)
+    dist_probs: torch.Tensor | None  # [B, K, k] (topk) or [B, K, V] (full): p(· | prefix) that produced step t
+    dist_ids: torch.Tensor | None  # [B, K, k] token ids for topk
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ContextLengthError(ValueError):
+    """A prompt plus the latent and answer budget does not fit the model's context."""
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: PreTrainedModel, prompt_lengths: list[int], extra: int) -> None:
+    """Raise before any compute if a sequence would run past the model's positions."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    worst = max(prompt_lengths, default=0)  # no prompts: left_pad reports that, clearly
+    if worst + extra > limit:
+        index = prompt_lengths.index(worst)
+        raise ContextLengthError(
+            f"prompt {index} has {worst} tokens; with {extra} more for latent steps and answer it needs "
+            f"{worst + extra} positions but the model has {limit}. Shorten the prompt, lower "
+            "rollout.max_new_tokens / rollout.num_latent_steps, or use a model with a longer context."
+        )
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and mask, left-padded so every prompt ends at the same column."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("rollout needs at least one prompt and no empty prompt")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+class _Runner:
+    """Runs the model on new input columns and returns last-position logits (and hidden state).
+
+    The cached runner appends to a KV cache; the uncached one re-runs the whole sequence so far.
+    """
+
+    def __init__(self, model: PreTrainedModel, use_cache: bool, need_hidden: bool) -> None:
+        self.model, self.use_cache, self.need_hidden = model, use_cache, need_hidden
+        self.cache = None
+        self.embeds: torch.Tensor | None = None  # uncached: everything fed so far
+        self.mask: torch.Tensor | None = None  # [B, L] attention mask over everything fed
+        self.positions: torch.Tensor | None = None
+        params = inspect.signature(model.forward).parameters
+        self.kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.forwards = 0
+
+    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
+        if self.use_cache:
+            feed, pos = embeds, positions
+        else:
+            self.embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds], dim=1)
+            self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+            feed, pos = self.embeds, self.positions
+        out = self.model(
+            inputs_embeds=feed, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+            use_cache=self.use_cache, output_hidden_states=self.need_hidden, **self.kw,
+        )
+        self.forwards += 1
+        if self.use_cache:
+            self.cache = out.past_key_values
+        hidden = out.hidden_states[-1][:, -1] if self.need_hidden else None
+        return out.logits[:, -1], hidden
+
+
+def _select(logits: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / cfg.temperature).softmax(-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        keep = (sorted_probs.cumsum(-1) - sorted_probs) < cfg.top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def rollout(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    step: LatentStep | None,
+    cfg: RolloutConfig,
+    *,
+    eos_ids: list[int],
+    pad_id: int,
+    eot_id: int | None = None,
+) -> RolloutOutput:
+    """Run prompts (token id lists, any lengths) through latent steps and answer decoding.
+
+    Gradients flow if the caller does not disable them (e.g. through ``ExternalStep`` vectors);
+    evaluation wraps this in ``torch.inference_mode()``.
+    """
+    device = model.device
+    embed = model.get_input_embeddings()
+    num_steps = cfg.num_latent_steps if step is not None else 0
+    feed_eot = cfg.feed_eot and num_steps > 0 and eot_id is not None
+    check_context(model, [len(p) for p in prompts], num_steps + int(feed_eot) + cfg.max_new_tokens)
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch = ids.shape[0]
+    runner = _Runner(model, cfg.use_cache, need_hidden=step is not None and step.needs_hidden)
+    timings: dict[str, float] = {}
+    ones = torch.ones(batch, 1, dtype=torch.long, device=device)
+
+    t0 = time.perf_counter()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    lengths = mask.sum(-1)  # [B] real tokens so far: the next real token's position id
+    logits, hidden = runner(embed(ids), mask, positions)
+    timings["prefill_s"] = time.perf_counter() - t0
+
+    # ---- latent phase -------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    dim = embed.weight.shape[1]
+    latents = torch.zeros(batch, num_steps, dim, device=device, dtype=embed.weight.dtype)
+    n_latent = torch.zeros(batch, dtype=torch.long, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    dist_probs = dist_ids = None
+    keep = cfg.keep_distributions if num_steps else "none"
+    if keep == "topk":
+        dist_probs = torch.zeros(batch, num_steps, cfg.distribution_topk, device=device)
+        dist_ids = torch.zeros(batch, num_steps, cfg.distribution_topk, dtype=torch.long, device=device)
+    elif keep == "full":
+        dist_probs = torch.zeros(batch, num_steps, logits.shape[-1], device=device)
+    latent_list = []
+    for t in range(num_steps):
+        result = step(StepContext(t, hidden, logits, embed.weight, active))
+        if result.stop is not None:
+            active = active & ~result.stop
+        if not bool(active.any()):
+            break
+        z = result.embeds
+        latent_list.append(torch.where(active[:, None], z, torch.zeros_like(z)))
+        if keep != "none":
+            with torch.no_grad():
+                probs = logits.detach().float().softmax(-1) * active[:, None]
+                if keep == "topk":
+                    top = probs.topk(cfg.distribution_topk, dim=-1)
+                    # ids of a stopped row are 0, as if it ran alone (topk of zeros picks any ids)
+                    dist_probs[:, t], dist_ids[:, t] = top.values, top.indices * active[:, None]
+                else:
+                    dist_probs[:, t] = probs
+        step_mask = active.long()[:, None]
+        new_logits, new_hidden = runner(z[:, None].to(embed.weight.dtype), step_mask, lengths[:, None].clone())
+        # Stopped rows keep their last real outputs: that is where their answer continues from.
+        logits = torch.where(active[:, None], new_logits, logits)
+        if new_hidden is not None:
+            hidden = torch.where(active[:, None], new_hidden, hidden)
+        lengths = lengths + active.long()
+        n_latent = n_latent + active.long()
+    if latent_list:
+        latents = torch.cat([torch.stack(latent_list, 1), latents[:, len(latent_list):]], 1)
+    if feed_eot:
+        eot = embed(torch.full((batch, 1), eot_id, dtype=torch.long, device=device))
+        logits, _ = runner(eot, ones, lengths[:, None].clone())
+        lengths = lengths + 1
+    timings["latent_s"] = time.perf_counter() - t0
+
+    # ---- answer decoding, same cache ----------------------------------------------------------
+    t0 = time.perf_counter()
+    generator = None
+    if cfg.temperature > 0 and cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos = torch.tensor(eos_ids, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    produced = 0
+    with torch.no_grad():
+        for i in range(cfg.max_new_tokens):
+            nxt = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), _select(logits, cfg, generator))
+            out[:, i] = nxt
+            produced = i + 1
+            done = done | torch.isin(nxt, eos)
+            if i == cfg.max_new_tokens - 1 or bool(done.all()):
+                break
+            logits, _ = runner(embed(nxt[:, None]), ones, lengths[:, None].clone())
+            lengths = lengths + 1
+    timings["decode_s"] = time.perf_counter() - t0
+    timings["forwards"] = float(runner.forwards)
+
+    tokens = []
+    eos_set = set(eos_ids)
+    for row in out[:, :produced].tolist():
+        cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
+        tokens.append(row[:cut])
+    return RolloutOutput(tokens, done, n_latent, latents, dist_probs, dist_ids, timings)

@@ -1,0 +1,156 @@
+"""Latent step functions: what the shared rollout feeds back as the next input embedding.
+
+A step receives the model's output at the last position (hidden state and logits) and returns the
+next input vector for every sequence in the batch, and optionally which sequences stop reasoning.
+Every method's latent mechanism is one of these (or a subclass), registered in ``LATENT_STEPS``;
+the rollout loop itself never changes per method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentreason.registry import Registry
+
+
+@dataclass
+class StepContext:
+    """What the rollout hands a step. Shapes: B batch, D hidden, V vocabulary."""
+
+    step: int  # 0-based latent step index
+    hidden: torch.Tensor | None  # [B, D] last-layer state at the last position (None unless needs_hidden)
+    logits: torch.Tensor  # [B, V] next-token logits at the last position
+    embedding: torch.Tensor  # [V, D] the model's input embedding matrix
+    active: torch.Tensor  # [B] bool, sequences still reasoning
+
+
+@dataclass
+class StepResult:
+    embeds: torch.Tensor  # [B, D] next input vectors (rows of stopped sequences are ignored)
+    stop: torch.Tensor | None = None  # [B] bool: stop before feeding this step's vector
+
+
+class LatentStep:
+    """Base class. ``needs_hidden`` tells the rollout whether to return hidden states."""
+
+    needs_hidden = False
+    #: Token id whose argmax stops a sequence (Latent-SFT's "<eot> is the argmax" rule); None = never.
+    stop_token_id: int | None = None
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def stop_mask(self, ctx: StepContext) -> torch.Tensor | None:
+        if self.stop_token_id is None:
+            return None
+        return ctx.logits.argmax(-1) == self.stop_token_id
+
+
+LATENT_STEPS: Registry[type[LatentStep]] = Registry("latent step", base=LatentStep)
+
+
+@LATENT_STEPS.register("hidden")
+class HiddenStateStep(LatentStep):
+    """Coconut's continuous thought: the last hidden state becomes the next input embedding."""
+
+    needs_hidden = True
+
+    def __init__(self, stop_token_id: int | None = None) -> None:
+        self.stop_token_id = stop_token_id
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        assert ctx.hidden is not None
+        return StepResult(ctx.hidden, self.stop_mask(ctx))
+
+
+@LATENT_STEPS.register("mixture")
+class MixtureStep(LatentStep):
+    """A probability-weighted mixture of input embeddings: z = softmax(logits / T)ᵀ E.
+
+    ``top_k`` > 0 keeps only the k most probable tokens (renormalised), which costs a gather of
+    k rows instead of a V x D product; ``top_k`` = 0 mixes the full vocabulary (Latent-SFT v1).
+    ``top_p`` and ``min_p`` further filter the kept tokens (Soft Thinking).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        top_k: int = 10,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        stop_token_id: int | None = None,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"mixture step: temperature={temperature}, must be > 0")
+        if top_k < 0:
+            raise ValueError(f"mixture step: top_k={top_k}, must be >= 0 (0 = full vocabulary)")
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
+        self.stop_token_id = stop_token_id
+
+    def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mixture weights: ([B, k] probabilities, [B, k] ids) or ([B, V] probabilities, None)."""
+        scaled = logits.float() / self.temperature
+        if self.top_k:
+            values, ids = scaled.topk(min(self.top_k, scaled.shape[-1]), dim=-1)  # sorted, descending
+            probs = values.softmax(-1)
+        else:
+            probs, ids = scaled.softmax(-1), None
+        if self.top_p < 1.0 or self.min_p > 0.0:
+            probs = _filter(probs, self.top_p, self.min_p, sorted_desc=ids is not None)
+        return probs, ids
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        probs, ids = self.weights(ctx.logits)
+        emb = ctx.embedding
+        if ids is None:
+            embeds = probs.to(emb.dtype) @ emb  # [B, V] @ [V, D]
+        else:
+            embeds = torch.einsum("bk,bkd->bd", probs.to(emb.dtype), emb[ids])  # gather k rows
+        return StepResult(embeds, self.stop_mask(ctx))
+
+
+def _filter(probs: torch.Tensor, top_p: float, min_p: float, sorted_desc: bool) -> torch.Tensor:
+    """Top-p (nucleus) and min-p filtering, renormalised; the most probable token always stays."""
+    if sorted_desc:
+        sorted_probs, order = probs, None
+    else:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if top_p < 1.0:
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        keep &= before < top_p
+    if min_p > 0.0:
+        keep &= sorted_probs >= min_p * sorted_probs[..., :1]
+    keep[..., 0] = True
+    filtered = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    filtered = filtered / filtered.sum(-1, keepdim=True)
+    if order is None:
+        return filtered
+    return torch.zeros_like(probs).scatter(-1, order, filtered)
+
+
+@LATENT_STEPS.register("external")
+class ExternalStep(LatentStep):
+    """Feed vectors computed elsewhere (SoftCoT / DLR projections, refined latents).
+
+    ``vectors`` is [B, K, D]; ``lengths`` [B] (optional) stops each sequence after its own count.
+    Vectors may require grad: the rollout then carries gradients through them.
+    """
+
+    def __init__(self, vectors: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        if vectors.dim() != 3:
+            raise ValueError(f"external step: vectors must be [B, K, D], got shape {tuple(vectors.shape)}")
+        self.vectors = vectors
+        self.lengths = lengths
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        stop = None
+        if self.lengths is not None:
+            stop = self.lengths.to(ctx.logits.device) <= ctx.step
+        return StepResult(self.vectors[:, ctx.step], stop)
+
+
+def build_step(name: str, **kwargs: object) -> LatentStep:
+    """Instantiate a registered step by name, e.g. ``build_step("mixture", top_k=10)``."""
+    return LATENT_STEPS.get(name)(**kwargs)

@@ -1,0 +1,63 @@
+"""Tiny models and a character-level tokenizer built in code, for tests and demos.
+
+Names: ``tiny`` (= ``tiny-llama``), or ``tiny-<arch>[-l<layers>][-d<hidden>]`` with arch one of
+llama, qwen2, gpt2, e.g. ``tiny-llama-l4-d128``. Several architectures exist so that tests show the
+rollout works beyond Llama without model-specific code. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+
+BASE_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+# Every printable ASCII character but the rare vertical whitespace.
+CHARS = [c for c in string.printable if c not in "\x0b\x0c\r"]
+TINY_PATTERN = re.compile(r"^tiny(?:-(llama|qwen2|gpt2))?(?:-l(\d+))?(?:-d(\d+))?$")
+TINY_ARCHS = ("llama", "qwen2", "gpt2")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character: tiny models then need no learned merges and tasks stay exact."""
+    vocab = {tok: i for i, tok in enumerate(BASE_SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def is_tiny_name(name: str) -> bool:
+    return TINY_PATTERN.match(name) is not None
+
+
+def tiny_model(name: str, vocab_size: int, max_positions: int = 512, seed: int = 0) -> PreTrainedModel:
+    """Build a randomly initialised tiny causal LM (deterministic for a given ``seed``)."""
+    match = TINY_PATTERN.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a tiny model name; expected tiny-<{'|'.join(TINY_ARCHS)}>[-l<layers>][-d<hidden>]")
+    arch = match.group(1) or "llama"
+    layers = int(match.group(2) or 4)
+    hidden = int(match.group(3) or 128)
+    heads = max(1, hidden // 32)
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=max_positions, n_embd=hidden, n_layer=layers, n_head=heads,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        )
+    else:
+        cls = LlamaConfig if arch == "llama" else Qwen2Config
+        config = cls(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+            tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0, rope_theta=10000.0,
+        )
+    config.attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model

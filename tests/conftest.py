@@ -1,0 +1,42 @@
+"""Shared fixtures: small run configs on tiny models built in code (no downloads)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_run(tmp_path: Path, method: str = "cot-sft", **sections: dict) -> dict:
+    """A nested config dict for a seconds-long run on arith with a 2-layer model."""
+    base = {
+        "method": {"name": method},
+        "model": {"name_or_path": "tiny-llama-l2-d64", "max_positions": 128},
+        "data": {"task": "arith", "options": {"num_steps": 2, "train_size": 512, "valid_size": 64, "test_size": 64}},
+        "optim": {"lr": 3e-3},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "global_batch_size": 16,
+                  "micro_batch_size": 8, "save_every": 3, "log_every": 2, "eval_limit": 16},
+        "rollout": {"max_new_tokens": 24},
+        "eval": {"batch_size": 16, "limit": 32},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return base
+
+
+def cli_args(config: dict) -> list[str]:
+    """Flatten a nested config dict into section.field=value overrides."""
+    import json
+
+    out = []
+    for section, fields in config.items():
+        for key, value in fields.items():
+            out.append(f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
+PYTHON = sys.executable

@@ -1,0 +1,132 @@
+"""The shared trainer: parameters move, exact resume after SIGKILL, same result on 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentreason.cli import build_method
+from latentreason.config import load_run_config
+from latentreason.methods import METHODS
+from latentreason.methods.trainer import Trainer, batch_indices
+from tests.conftest import ROOT, cli_args, tiny_run
+
+TRAINABLE = [name for name in METHODS.names() if METHODS.get(name).trainable]
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_every_trainable_method_moves_every_trainable_parameter(name, tmp_path):
+    run = load_run_config(base=tiny_run(tmp_path, name, train={"max_steps": 2, "save_every": 2}))
+    method = build_method(run)
+    before = {n: p.detach().clone() for n, p in method.loaded.model.named_parameters() if p.requires_grad}
+    examples = method.task.load("train", limit=64)
+    Trainer(run, method, examples).train()
+    after = dict(method.loaded.model.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert not unchanged, f"{name}: parameters did not move: {unchanged[:5]}"
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and all(r["loss"] > 0 for r in log if "loss" in r)
+
+
+def test_loss_falls_and_best_is_chosen_on_validation(tmp_path):
+    run = load_run_config(base=tiny_run(tmp_path, train={"max_steps": 40, "save_every": 20, "eval_every": 20}))
+    method = build_method(run)
+    seen_splits = []
+    result = Trainer(run, method, method.task.load("train"),
+                     select=lambda m: seen_splits.append("valid") or float(len(seen_splits))).train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0]
+    assert [r["valid_metric"] for r in log if "valid_metric" in r] == [1.0, 2.0]
+    assert result.best_metric == 2.0 and (tmp_path / "run" / "best" / "model.safetensors").exists()
+
+
+def test_batch_indices_are_a_pure_function_of_the_step():
+    a = [batch_indices(10, s, 4, seed=3) for s in range(6)]
+    assert a == [batch_indices(10, s, 4, seed=3) for s in range(6)]
+    flat = [i for b in a for i in b]
+    assert sorted(flat[:10]) == list(range(10))  # the first epoch covers every example once
+    assert all(len(b) == 4 for b in a)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(tmp_path):
+    run = load_run_config(base=tiny_run(tmp_path, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+                                        train={"max_steps": 2, "save_every": 2}))
+    from latentreason.methods.trainer import apply_lora
+
+    method = build_method(run)
+    base = {n: p.detach().clone() for n, p in method.loaded.model.named_parameters()}
+    apply_lora(method, run)
+    trainable = [n for n, p in method.loaded.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    Trainer(run, method, method.task.load("train", limit=32)).train()
+    merged = _final_weights(tmp_path / "run")
+    assert not any("lora" in k for k in merged)
+    changed = [k for k in merged if k in base and not torch.equal(merged[k], base[k])]
+    assert changed, "merged LoRA weights should differ from the base model"
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
+    cfg = tiny_run(tmp_path, train={"max_steps": 24, "save_every": 4, "log_every": 1})
+    cmd = [sys.executable, "-m", "latentreason.cli", "train", *cli_args(cfg)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=False)["step"] >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state, weights_only=False)["step"]
+    assert 8 <= killed_at < 24 and not (tmp_path / "run" / "final").exists()
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == list(range(1, 25)), "log lines lost or repeated across the kill"
+
+    ref_cfg = tiny_run(tmp_path / "ref", train={"max_steps": 24, "save_every": 4, "log_every": 1})
+    subprocess.run([sys.executable, "-m", "latentreason.cli", "train", *cli_args(ref_cfg)],
+                   env=_env(), check=True, capture_output=True)
+    resumed, reference = _final_weights(tmp_path / "run"), _final_weights(tmp_path / "ref" / "run")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_accelerate_two_processes_match_one_process(tmp_path):
+    """`accelerate launch --num_processes 2` sees the same global batch and gradient."""
+    cfg = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 4, "global_batch_size": 16, "micro_batch_size": 4})
+    one = subprocess.run([sys.executable, "-m", "latentreason.cli", "train", *cli_args(cfg)],
+                         env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    cfg2 = tiny_run(tmp_path / "two", train={"max_steps": 4, "save_every": 4, "global_batch_size": 16, "micro_batch_size": 4})
+    # accelerate names "several local processes" --multi_gpu; on a CPU machine they are gloo CPU ranks.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latentreason.cli", "train", *cli_args(cfg2)]
+    two = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "run" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch_size"] == 16
+    a, b = _final_weights(tmp_path / "run"), _final_weights(tmp_path / "two" / "run")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -1,0 +1,50 @@
+"""The command line: help that teaches, errors that name the field, inspect, the quick demo."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from latentreason.cli import main
+from tests.conftest import cli_args, tiny_run
+
+
+def test_help_lists_every_config_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for field in ("optim.lr", "train.global_batch_size", "rollout.num_latent_steps", "model.name_or_path", "method.with_chain"):
+        assert field in out
+
+
+def test_unknown_key_is_rejected_with_a_suggestion(capsys):
+    assert main(["train", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'lrr'; did you mean lr?" in err
+
+
+def test_unknown_model_names_builtins(tmp_path, capsys):
+    cfg = tiny_run(tmp_path, model={"name_or_path": "./no/such/model"})
+    assert main(["eval", *cli_args(cfg)]) == 2
+    assert "smollm2-135m" in capsys.readouterr().err
+
+
+def test_inspect(capsys):
+    assert main(["inspect", "tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "arith" in out and "gsm8k" in out
+    assert main(["inspect", "methods"]) == 0
+    assert "cot-sft" in capsys.readouterr().out
+    assert main(["inspect", "example", "data.task=arith", "-n", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and rows[0]["answer"].startswith("####")
+
+
+def test_train_then_eval_through_the_cli(tmp_path, capsys):
+    cfg = tiny_run(tmp_path)
+    assert main(["train", *cli_args(cfg)]) == 0
+    best = tmp_path / "run" / "best"
+    assert (best / "model.safetensors").exists() and (best / "run_config.yaml").exists()
+    assert main(["eval", *cli_args(cfg), f"model.name_or_path={best}"]) == 0
+    summary = json.loads((tmp_path / "run" / "eval-valid" / "summary.json").read_text())
+    assert summary["n"] == 32 and summary["model"] == str(best) and 0 <= summary["accuracy"] <= 1
