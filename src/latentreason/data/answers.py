@@ -1,0 +1,204 @@
+"""Answer extraction and checking, as two separate named steps.
+
+Extraction turns generated text into a canonical answer string (or ``None``); checking compares a
+canonical prediction with the gold answer. Keeping them apart means a change to parsing shows up
+as a change here, with tests, rather than as an unexplained accuracy shift.
+
+Two extractors, reported side by side (as lm-eval's ``strict-match`` / ``flexible-extract``):
+
+* strict: only the text after the LAST ``####`` counts (the format every method is trained on);
+* flexible: a best guess from the whole text (last number / last option letter / last line).
+
+Answer kinds: ``"number"`` (GSM8K, arithmetic), ``"choice"`` (AQuA letters A-E), ``"text"``
+(ProsQA sentences, multiplication digit strings). Checkers live in :data:`ANSWER_CHECKERS`, so a
+task or user code can register a new kind by name.
+
+Number normalisation (:func:`normalize_number`): surrounding whitespace, a leading ``+``, ``$``,
+thousands commas and a trailing ``%`` are dropped, and the decimal is written in its shortest form
+(``"1,000.50"`` -> ``"1000.5"``, ``"7.00"`` -> ``"7"``, ``"-0"`` -> ``"0"``). ``%`` is dropped
+rather than divided by 100 because GSM8K-style golds for "what percent" questions are the bare
+number (``25``), so ``"25%"`` means 25. Fractions ``"3/4"`` stay text but compare numerically.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+
+from latentreason.registry import Registry
+
+DELIMITER = "####"  # same as base.ANSWER_DELIMITER (base imports this module, not the reverse)
+KINDS = ("number", "choice", "text")
+REL_TOL = 1e-6  # numbers compare equal within this relative tolerance (float-printed decimals)
+
+# Thousands separators only in groups of three ("1,000,000"), so "1,2,3" stays three numbers.
+_NUMBER = re.compile(
+    r"[-+\u2212]?(?:\$\s?)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)%?(?![\d])"
+)
+_LETTER = re.compile(r"(?<![A-Za-z0-9])([A-E])(?![A-Za-z0-9])")
+_OPTION = re.compile(r"^\s*\(?([A-Ea-e])\s*[\)\.:]\s*(.*)$", re.S)
+
+
+# -- numbers -------------------------------------------------------------------------------------
+def normalize_number(text: str) -> str:
+    """Canonical text of a number; text that is not a number comes back stripped, unchanged."""
+    s = text.strip().replace("\u2212", "-").replace(",", "").replace("$", "").replace(" ", "")
+    s = s.removesuffix("%").removeprefix("+")
+    if re.fullmatch(r"-?\d+/\d+", s):
+        return s
+    try:
+        value = Decimal(s)
+    except InvalidOperation:
+        return text.strip()
+    if not value.is_finite():
+        return text.strip()
+    out = format(value.normalize(), "f")
+    return "0" if out in ("-0", "0") else out
+
+
+def to_number(text: str) -> Fraction | None:
+    """The exact value of a (normalisable) number, or ``None``."""
+    s = normalize_number(text)
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _numbers(text: str) -> list[str]:
+    return [normalize_number(m.group(0)) for m in _NUMBER.finditer(text)]
+
+
+# -- extraction ----------------------------------------------------------------------------------
+def _after_delimiter(text: str) -> str | None:
+    """The rest of the line after the last ``####``, or ``None`` if there is none."""
+    at = text.rfind(DELIMITER)
+    if at < 0:
+        return None
+    return text[at + len(DELIMITER):].split("\n", 1)[0].strip()
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS and kind not in ANSWER_CHECKERS:
+        raise ValueError(f"unknown answer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+
+
+def extract_strict(text: str, kind: str) -> str | None:
+    """The answer written after the last ``####``: first number / first letter / the line.
+
+    For ``"choice"`` without a standalone letter the line itself is returned, so that a written
+    option value (``"#### 21"``) can still be matched by :func:`check`.
+    """
+    _check_kind(kind)
+    rest = _after_delimiter(text)
+    if not rest:
+        return None
+    if kind == "number":
+        found = _numbers(rest)
+        return found[0] if found else None
+    if kind == "choice":
+        letter = _LETTER.search(rest)
+        return letter.group(1) if letter else rest
+    return rest
+
+
+def extract_flexible(text: str, kind: str) -> str | None:
+    """A lenient guess from the whole text: last number / last letter A-E / last line.
+
+    For ``"text"`` the last non-empty line is used, minus anything up to a ``####`` on it.
+    """
+    _check_kind(kind)
+    if kind == "number":
+        found = _numbers(text)
+        return found[-1] if found else None
+    if kind == "choice":
+        letters = _LETTER.findall(text)
+        if letters:
+            return letters[-1]
+        found = _numbers(text)
+        return found[-1] if found else None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1].rsplit(DELIMITER, 1)[-1].strip()
+    return last or None
+
+
+# -- checking ------------------------------------------------------------------------------------
+Checker = Callable[[str, str, Sequence[str]], bool]
+ANSWER_CHECKERS: Registry[Checker] = Registry("answer checker")
+
+
+def _same_number(a: str, b: str) -> bool:
+    x, y = to_number(a), to_number(b)
+    if x is None or y is None:
+        return normalize_number(a) == normalize_number(b)
+    return abs(x - y) <= REL_TOL * max(1, abs(y))
+
+
+def normalize_text(text: str) -> str:
+    """Casefold, collapse whitespace and drop trailing full stops (sentence answers)."""
+    return " ".join(text.split()).casefold().rstrip(". ")
+
+
+def split_option(option: str) -> tuple[str, str]:
+    """``"A)21"`` -> ``("A", "21")``; an option without a letter prefix gets letter ``""``."""
+    m = _OPTION.match(option)
+    return (m.group(1).upper(), m.group(2).strip()) if m else ("", option.strip())
+
+
+def _choice_letter(prediction: str, options: Sequence[str]) -> str | None:
+    """The option letter a prediction names: the letter itself, or a unique option value."""
+    p = prediction.strip()
+    m = re.fullmatch(r"\(?([A-Ea-e])\)?[.:]?", p) or re.match(r"\(?([A-E])\s*\)", p)
+    if m:
+        return m.group(1).upper()
+    hits = set()
+    for letter, value in map(split_option, options):
+        if normalize_text(p) == normalize_text(value):
+            hits.add(letter)
+            continue
+        value_numbers, p_numbers = _numbers(value), _numbers(p)
+        if len(value_numbers) == 1 and len(p_numbers) == 1 and _same_number(p_numbers[0], value_numbers[0]):
+            hits.add(letter)
+    return hits.pop() if len(hits) == 1 else None  # ambiguous values name no option
+
+
+def _named_option(text: str, options: Sequence[str]) -> str | None:
+    """The one option named as a whole word in ``text``; ``None`` if none or several are."""
+    named = [o for o in options if re.search(rf"(?<!\w){re.escape(o)}(?!\w)", text, re.I)]
+    return named[0] if len(named) == 1 else None
+
+
+@ANSWER_CHECKERS.register("number")
+def check_number(prediction: str, gold: str, options: Sequence[str] = ()) -> bool:
+    return _same_number(prediction, gold)
+
+
+@ANSWER_CHECKERS.register("choice")
+def check_choice(prediction: str, gold: str, options: Sequence[str] = ()) -> bool:
+    letter = _choice_letter(prediction, options)
+    gold_letter = _choice_letter(gold, options) or gold.strip().upper()
+    return letter is not None and letter == gold_letter
+
+
+@ANSWER_CHECKERS.register("text")
+def check_text(prediction: str, gold: str, options: Sequence[str] = ()) -> bool:
+    """Normalised equality; with ``options``, both sides reduce to the single option they name.
+
+    Why: ProsQA answers are "Tom is a lempus." with options (lempus, scrompus); naming the right
+    concept is what is being tested, not the exact sentence.
+    """
+    if options:
+        named = _named_option(prediction, options)
+        return named is not None and named == _named_option(gold, options)
+    return normalize_text(prediction) == normalize_text(gold)
+
+
+def check(prediction: str | None, gold: str, kind: str, options: Sequence[str] = ()) -> bool:
+    """Whether an extracted prediction matches the gold answer (``None`` never does)."""
+    _check_kind(kind)
+    if prediction is None:
+        return False
+    return bool(ANSWER_CHECKERS.get(kind)(prediction, gold, tuple(options)))

@@ -1,0 +1,250 @@
+"""Task contract tests, parametrised over every registered task, plus loader error reporting."""
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from latentreason.data import answers, tasks
+from latentreason.data.base import SHARED_DATA, TASKS, DataError, Example, Task, build_task
+from latentreason.registry import RegistryError
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared benchmark data not present")
+BUILTIN = ["aqua", "arith", "gsm8k", "gsm8k-aug", "multiplication-4x4", "multiplication-5x5", "prosqa"]
+SPLITS = [(name, split) for name in TASKS.names() for split in TASKS.get(name).splits]
+# Small generated train splits keep the overlap checks fast; the exclusion logic is the same.
+SMALL = {"prosqa": {"train_size": 300}, "multiplication-4x4": {"train_size": 3000},
+         "multiplication-5x5": {"train_size": 3000}}
+
+
+def _wrong_answer(task: Task, ex: Example) -> str:
+    """A plausible but wrong answer in the task's own format."""
+    if task.answer_kind == "number":
+        return answers.normalize_number(str(answers.to_number(ex.answer) + 1))
+    if task.answer_kind == "choice":
+        return "B" if ex.answer != "B" else "C"
+    if ex.options:  # ProsQA: name the other offered concept
+        subject, target = ex.answer.rstrip(".").rsplit(" ", 1)
+        return f"{subject} {next(o for o in ex.options if o != target)}."
+    first = "1" if ex.answer[0] != "1" else "2"
+    return first + ex.answer[1:]
+
+
+def test_builtin_tasks_are_registered() -> None:
+    assert set(BUILTIN) <= set(TASKS.names())
+
+
+def test_unknown_task_lists_valid_names() -> None:
+    with pytest.raises(RegistryError) as err:
+        build_task("gsm9k")
+    message = str(err.value)
+    assert "Did you mean 'gsm8k'" in message
+    assert all(name in message for name in BUILTIN)
+
+
+def test_unknown_split_and_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="no split 'test'.*train, valid"):
+        build_task("gsm8k").load("test")
+    with pytest.raises(ValueError, match="unknown option.*num_step.*valid options: max_operand"):
+        build_task("arith", num_step=3)
+    with pytest.raises(TypeError, match="num_steps='3'.*expected int"):
+        build_task("arith", num_steps="3")
+    with pytest.raises(ValueError, match="limit=-1"):
+        build_task("arith").load("valid", limit=-1)
+
+
+@needs_data
+@pytest.mark.parametrize(("name", "split"), SPLITS)
+def test_contract_round_trip(name: str, split: str) -> None:
+    task = build_task(name)
+    examples = task.load(split, limit=8)
+    assert len(examples) == 8 and all(isinstance(ex, Example) for ex in examples)
+    assert len({ex.id for ex in examples}) == 8
+    assert all(ex.id.startswith(f"{name}-{split}-") for ex in examples)
+    assert [ex.id for ex in task.load(split, limit=3)] == [ex.id for ex in examples[:3]]  # stable prefix
+    for ex in examples:
+        prompt, chain, answer = task.prompt(ex), task.chain_text(ex), task.answer_text(ex)
+        assert ex.question and ex.answer and "####" not in ex.question + chain and ex.question in prompt
+        assert answer == f"#### {ex.answer}"
+        score = task.score(f"{chain} {answer}", ex)
+        assert score.correct and score.correct_flexible, (ex.id, score)
+        wrong = task.score(f"{chain} #### {_wrong_answer(task, ex)}", ex)
+        assert not wrong.correct, (ex.id, wrong)
+        # Strict needs the delimiter; flexible finds an answer left at the end of the text.
+        bare = task.score(f"{chain}\n{ex.answer}", ex)
+        assert bare.prediction is None and not bare.correct
+        assert bare.correct_flexible, (ex.id, bare)
+
+
+@needs_data
+@pytest.mark.parametrize("name", [n for n in TASKS.names() if len(TASKS.get(n).splits) > 1])
+def test_train_never_holds_a_heldout_question(name: str) -> None:
+    task = build_task(name, **SMALL.get(name, {}))
+    train = {tasks.norm_question(ex.question) for ex in task.load("train")}
+    seen = set()
+    for split in task.splits[1:]:
+        held = {tasks.norm_question(ex.question) for ex in task.load(split)}
+        assert held and not train & held and not seen & held
+        seen |= held
+
+
+@needs_data
+def test_gsm8k_and_gsm8k_aug_share_the_heldout_questions() -> None:
+    """GSM8K-Aug's 500 valid questions all occur in GSM8K train.jsonl: both tasks hold them out."""
+    gsm, aug = build_task("gsm8k"), build_task("gsm8k-aug")
+    valid, aug_valid = gsm.load("valid"), aug.load("valid")
+    assert len(valid) == len(aug_valid) == 500
+    assert [ex.question for ex in valid] == [ex.question for ex in aug_valid]
+    assert [ex.answer for ex in valid] == [ex.answer for ex in aug_valid]  # "5,000" -> "5000" on both
+    assert [ex.chains["equations"] for ex in valid] == [ex.chain for ex in aug_valid]
+    assert len(gsm.load("train")) == len(aug.load("train")) == 7473 - 500
+    aug_train = {tasks.norm_question(ex.question) for ex in aug.load("train")}
+    assert not aug_train & {tasks.norm_question(ex.question) for ex in valid}
+
+
+@needs_data
+def test_gsm8k_chain_formats() -> None:
+    ex = next(e for e in build_task("gsm8k").load("train") if e.question.startswith("Natalia sold clips"))
+    assert ex.chain == ("Natalia sold 48/2 = 24 clips in May. "
+                        "Natalia sold 48+24 = 72 clips altogether in April and May.")
+    assert build_task("gsm8k", chain_format="equations").chain_text(ex) == "<<48/2=24>> <<48+24=72>>"
+    assert ex.answer == "72"
+    with pytest.raises(ValueError, match="available: equations, natural"):
+        build_task("gsm8k", chain_format="latex").chain_text(ex)
+
+
+@needs_data
+def test_instructions_name_the_answer_format() -> None:
+    for name in ("gsm8k", "gsm8k-aug", "aqua", "prosqa"):
+        task = build_task(name)
+        ex = task.load("valid", limit=1)[0]
+        assert task.prompt(ex).startswith(task.instruction + "\n") and "'#### <" in task.instruction
+    for name in ("multiplication-4x4", "arith"):
+        task = build_task(name)
+        ex = task.load("valid", limit=1)[0]
+        assert task.prompt(ex) == ex.question
+
+
+@needs_data
+def test_aqua_prompt_lists_options_and_dev_alias() -> None:
+    task = build_task("aqua", path=str(SHARED_DATA / "aqua" / "dev.json"))  # the file itself
+    ex = task.load("dev", limit=1)[0]
+    assert task.prompt(ex).endswith("Options: A)32400 B)6000 C)600 D)60000 E)10")
+    assert ex.answer == "A" and task.score("#### 32400", ex).correct  # value instead of letter
+
+
+def _write(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    file = tmp_path / name
+    file.write_text("\n".join(lines) + "\n")
+    return file
+
+
+GSM_OK = json.dumps({"question": "Q one?", "answer": "1+1 = <<1+1=2>>2\n#### 2"})
+PROSQA_OK = {"question": "Tom is a wumpus. Every wumpus is a lempus. Rex is a jompus. Is Tom a jompus or lempus?",
+             "steps": ["Tom is a wumpus.", "Every wumpus is a lempus."], "answer": "Tom is a lempus.",
+             "idx_to_symbol": ["Rex", "Tom", "wumpus", "lempus", "jompus"], "edges": [[1, 2], [2, 3], [0, 4]],
+             "root": 1, "target": 3, "neg_target": 4}
+AQUA_OK = {"question": "1+1?", "options": ["A)1", "B)2"], "rationale": "1+1=2", "correct": "B"}
+
+MALFORMED = [  # (task, file name, lines, expected line/row marker, field)
+    ("gsm8k", "train.jsonl", [GSM_OK, json.dumps({"question": "Q?", "answer": "no final line"})], ":2:", "'answer'"),
+    ("gsm8k", "train.jsonl", [GSM_OK, GSM_OK, json.dumps({"answer": "#### 3"})], ":3:", "'question'"),
+    ("gsm8k", "train.jsonl", [GSM_OK, json.dumps({"question": "Q?", "answer": "x\n#### many"})], ":2:", "'answer'"),
+    ("gsm8k", "train.jsonl", [GSM_OK, "{not json"], ":2:", "not valid JSON"),
+    ("gsm8k-aug", "valid.txt", ["Q?||<<1+1=2>> #### 2", "Q two?<<1+1=2>> #### 2"], ":2:", "'question'"),
+    ("gsm8k-aug", "valid.txt", ["Q?||<<1+1=2>> 2 #### 2"], ":1:", "'chain'"),
+    ("gsm8k-aug", "valid.txt", ["Q?||<<1+1=2>> 2"], ":1:", "'answer'"),
+    ("aqua", "dev.json", [json.dumps(AQUA_OK), json.dumps({**AQUA_OK, "correct": "F"})], ":2:", "'correct'"),
+    ("aqua", "dev.json", [json.dumps({**AQUA_OK, "options": ["1", "2"]})], ":1:", "'options'"),
+    ("prosqa", "valid.json", [json.dumps([PROSQA_OK, {k: v for k, v in PROSQA_OK.items() if k != "steps"}])],
+     "[1]", "'steps'"),
+    ("prosqa", "valid.json", [json.dumps([{**PROSQA_OK, "target": 9}])], "[0]", "'target'"),
+    ("prosqa", "valid.json", [json.dumps([{**PROSQA_OK, "answer": "Tom is a jompus."}])], "[0]", "'answer'"),
+    ("multiplication-4x4", "valid.txt", ["1 2 3 4 * 1 2 3 4||x #### 1 4 0 1 7 6 8 1", "1 2 3 * 1 2 3 4||x #### 1"],
+     ":2:", "'question'"),
+    ("multiplication-4x4", "valid.txt", ["1 2 3 4 * 1 2 3 4||x #### 1 4 5 1 1 6 2 9"], ":1:", "'answer'"),
+]
+
+
+@pytest.mark.parametrize(("name", "filename", "lines", "where", "field"), MALFORMED)
+def test_malformed_rows_name_file_line_and_field(tmp_path, name, filename, lines, where, field) -> None:
+    file = _write(tmp_path, filename, lines)
+    split = "train" if name == "gsm8k" else "valid"
+    with pytest.raises(DataError) as err:
+        build_task(name, path=str(tmp_path)).load(split)
+    message = str(err.value)
+    assert f"{file}{where}" in message and field in message, message
+
+
+def test_well_formed_temp_files_load(tmp_path) -> None:
+    _write(tmp_path, "valid.json", [json.dumps([PROSQA_OK])])
+    ex = build_task("prosqa", path=str(tmp_path)).load("valid")[0]
+    assert ex.options == ("jompus", "lempus") and ex.chain == "Tom is a wumpus. Every wumpus is a lempus."
+    _write(tmp_path, "valid.txt", ["1 2 3 4 * 1 2 3 4||x #### 1 4 0 1 7 6 8 1"])  # 4321 * 4321
+    assert build_task("multiplication-4x4", path=str(tmp_path)).load("valid")[0].answer == "1 4 0 1 7 6 8 1"
+
+
+def test_gsm8k_holdout_matches_whitespace_normalised_questions(tmp_path) -> None:
+    rows = [{"question": f"How  many {i}?", "answer": f"<<{i}+0={i}>>{i}\n#### {i}"} for i in range(4)]
+    _write(tmp_path, "train.jsonl", [json.dumps(r) for r in rows])
+    holdout = _write(tmp_path, "valid.txt", ["How many 2? ||<<2+0=2>> #### 2"])
+    task = build_task("gsm8k", path=str(tmp_path), holdout=str(holdout))
+    assert [ex.id for ex in task.load("valid")] == ["gsm8k-valid-2"]
+    assert [ex.id for ex in task.load("train")] == ["gsm8k-train-0", "gsm8k-train-1", "gsm8k-train-3"]
+
+
+def test_gsm8k_falls_back_to_last_rows_without_holdout(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tasks, "_default_aug_valid", lambda: None)
+    monkeypatch.setattr(tasks, "GSM8K_FALLBACK_VALID", 2)
+    _write(tmp_path, "train.jsonl", [GSM_OK.replace("one", str(i)) for i in range(5)])
+    task = build_task("gsm8k", path=str(tmp_path))
+    assert [ex.id for ex in task.load("valid")] == ["gsm8k-valid-3", "gsm8k-valid-4"]
+    assert len(task.load("train")) == 3
+
+
+@needs_data
+def test_generated_train_excludes_valid_questions(tmp_path) -> None:
+    """Put the generator's own first train questions into a valid file: train must skip them."""
+    first = build_task("multiplication-4x4", train_size=20).load("train")
+    _write(tmp_path, "valid.txt", [f"{ex.question}||{ex.chain} #### {ex.answer}" for ex in first[:5]])
+    train = build_task("multiplication-4x4", path=str(tmp_path), train_size=20).load("train")
+    assert [ex.question for ex in train[:15]] == [ex.question for ex in first[5:]]
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        build_task("aqua", path=str(tmp_path / "nowhere" / "deeper")).load("valid")
+    with pytest.raises(DataError, match="dev.json: no such file"):
+        build_task("aqua", path=str(tmp_path)).load("valid")
+
+
+def test_hub_names_load_through_datasets(tmp_path, monkeypatch) -> None:
+    calls = []
+    holdout = _write(tmp_path, "valid.txt", ["Another question?||<<1+1=2>> #### 2"])
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return [{"question": "Q?", "answer": "<<2*3=6>>6\n#### 6"}] if "gsm" in name else [AQUA_OK]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    ex = build_task("gsm8k", path="someone/gsm8k-mock", holdout=str(holdout)).load("train")[0]
+    assert (ex.answer, ex.chains["equations"]) == ("6", "<<2*3=6>>")
+    assert build_task("aqua", path="someone/aqua-mock").load("valid")[0].answer == "B"
+    assert calls == [("someone/gsm8k-mock", "main", "train"), ("someone/aqua-mock", "raw", "validation")]
+
+
+def test_hub_without_datasets_says_how_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ImportError, match="pip install datasets"):
+        build_task("aqua", path="someone/aqua-missing").load("valid")
+
+
+def test_arith_splits_are_disjoint_and_knobs_apply() -> None:
+    task = build_task("arith", num_steps=2, train_size=50, valid_size=20, test_size=20, seed=3)
+    train, valid, test = (task.load(s) for s in ("train", "valid", "test"))
+    assert (len(train), len(valid), len(test)) == (50, 20, 20)
+    assert all(len(ex.chain.split(" ")) == 2 for ex in train)
+    assert task.prompt(valid[0]) == valid[0].question  # no instruction: short char-level prompts
+    other = build_task("arith", num_steps=2, train_size=50, valid_size=20, test_size=20, seed=4)
+    assert [e.question for e in other.load("valid")] != [e.question for e in valid]
