@@ -6,9 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads per
+# process make OpenMP spin-wait against every other process.
+torch.set_num_threads(1)
 
 
 def tiny_run(tmp_path: Path, method: str = "cot-sft", **sections: dict) -> dict:

@@ -48,3 +48,14 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     assert main(["eval", *cli_args(cfg), f"model.name_or_path={best}"]) == 0
     summary = json.loads((tmp_path / "run" / "eval-valid" / "summary.json").read_text())
     assert summary["n"] == 32 and summary["model"] == str(best) and 0 <= summary["accuracy"] <= 1
+
+
+def test_quick_demo_writes_table_plot_and_summaries(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "nocot-sft" in out and "cot-sft" in out and "reason.pos" in out
+    png = tmp_path / "demo" / "accuracy_vs_positions.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    for method in ("nocot-sft", "cot-sft"):
+        summary = json.loads((tmp_path / "demo" / method / "eval-test" / "summary.json").read_text())
+        assert summary["n"] == 64 and summary["split"] == "test" and summary["method"] == method

@@ -62,8 +62,9 @@ def run_train(run: RunConfig) -> Path:
     if run.lora.enabled:
         apply_lora(method, run)
     train_examples = method.task.load(run.data.train_split, limit=run.data.train_limit)
-    valid = method.task.load(run.data.valid_split, limit=run.train.eval_limit)
-    trainer = Trainer(run, method, train_examples, select=lambda m: accuracy(m, valid, run.eval.batch_size))
+    valid = method.task.load(run.data.valid_split, limit=run.train.eval_limit) if run.train.select_on_valid else []
+    select = (lambda m: accuracy(m, valid, run.eval.batch_size)) if run.train.select_on_valid else None
+    trainer = Trainer(run, method, train_examples, select=select)
     result = trainer.train()
     logger.info("trained %d steps, final loss %.4f, best valid accuracy %s -> %s",
                 result.steps, result.final_loss, result.best_metric, result.output_dir)

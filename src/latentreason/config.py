@@ -75,6 +75,7 @@ class TrainConfig:
     log_every: int = field(default=20, metadata={"help": "append a line to log.jsonl every N steps"})
     eval_every: int = field(default=0, metadata={"help": "validation accuracy every N steps to pick best/ (0 = only at the end)"})
     eval_limit: int = field(default=200, metadata={"help": "validation examples used for model selection"})
+    select_on_valid: bool = field(default=True, metadata={"help": "evaluate on the validation split to write best/ (else only final/)"})
     resume: bool = field(default=True, metadata={"help": "continue from output_dir/checkpoint when present"})
     seed: int = field(default=0, metadata={"help": "data order seed"})
     init_from: str | None = field(default=None, metadata={"help": "start from this checkpoint instead of model.name_or_path's weights"})

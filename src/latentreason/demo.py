@@ -20,11 +20,11 @@ logger = logging.getLogger(__name__)
 #: reaches >= 95% and no-CoT stays far below, within the time budget.
 DEMO_BASE: dict[str, Any] = {
     "model": {"name_or_path": "tiny-llama-l4-d128", "max_positions": 128},
-    "data": {"task": "arith", "options": {"num_steps": 4}},
+    "data": {"task": "arith", "options": {"num_steps": 6}},
     "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.0},
-    "train": {"max_steps": 1500, "global_batch_size": 64, "micro_batch_size": 64, "save_every": 250,
-              "log_every": 50, "eval_every": 500, "eval_limit": 200},
-    "rollout": {"max_new_tokens": 40},
+    "train": {"max_steps": 400, "global_batch_size": 64, "micro_batch_size": 64, "save_every": 100,
+              "log_every": 50, "eval_every": 200, "eval_limit": 200},
+    "rollout": {"max_new_tokens": 48},
     "eval": {"split": "test", "batch_size": 250},
 }
 QUICK: dict[str, Any] = {"train": {"max_steps": 30, "save_every": 15, "log_every": 10, "eval_every": 0, "eval_limit": 32},
@@ -49,6 +49,6 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, 
         summaries.append(run_eval(run))
     print(table(summaries))
     plot = plot_accuracy_vs_positions(summaries, Path(output_dir) / "accuracy_vs_positions.png",
-                                      title=f"arith ({run.data.options.get('num_steps', 4)} steps), tiny model, {run.eval.split} split")
+                                      title=f"arith ({run.data.options.get('num_steps', 6)} steps), tiny model, {run.eval.split} split")
     print(f"plot: {plot}")
     return summaries

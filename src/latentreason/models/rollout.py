@@ -160,8 +160,9 @@ def rollout(
 ) -> RolloutOutput:
     """Run prompts (token id lists, any lengths) through latent steps and answer decoding.
 
-    Gradients flow if the caller does not disable them (e.g. through ``ExternalStep`` vectors);
-    evaluation wraps this in ``torch.inference_mode()``.
+    The latent phase tracks gradients unless the caller disables them (``latents`` then carries
+    them); answer decoding never does. Training losses on latent positions use a teacher-forced
+    forward instead. Evaluation wraps this in ``torch.inference_mode()``.
     """
     device = model.device
     embed = model.get_input_embeddings()

@@ -14,17 +14,24 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
 BASE_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
-# Every printable ASCII character but the rare vertical whitespace.
+# Every printable ASCII character but the rare vertical whitespace, plus every 2-digit string.
 CHARS = [c for c in string.printable if c not in "\x0b\x0c\r"]
+DIGIT_PAIRS = [f"{i:02d}" for i in range(100)]
 TINY_PATTERN = re.compile(r"^tiny(?:-(llama|qwen2|gpt2))?(?:-l(\d+))?(?:-d(\d+))?$")
 TINY_ARCHS = ("llama", "qwen2", "gpt2")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character: tiny models then need no learned merges and tasks stay exact."""
-    vocab = {tok: i for i, tok in enumerate(BASE_SPECIALS + CHARS)}
+    """One token per character, except that digits go in pairs (``2026`` -> ``20``, ``26``).
+
+    Why pairs: a two-digit number is then one token, so one step of mod-100 arithmetic is a
+    lookup a tiny model learns quickly, while several steps composed without a written chain
+    stay hard: exactly the contrast the generated tasks are meant to show. No merges are
+    learned, so tokenization is exact and the same on every machine.
+    """
+    vocab = {tok: i for i, tok in enumerate(BASE_SPECIALS + CHARS + DIGIT_PAIRS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"

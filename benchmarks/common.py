@@ -1,0 +1,51 @@
+"""Shared helpers for benchmark scripts: hardware string, result-file writing."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from latentreason.io import atomic_write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def hardware() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{model}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def write_results(name: str, command: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
+    """Write benchmarks/results/<name>.json in the project's result convention, atomically."""
+    path = RESULTS / f"{name}.json"
+    doc = {"benchmark": name, "command": command, "hardware": hardware(),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra, "rows": rows}
+    atomic_write_json(path, doc)
+    return path
+
+
+def summary_rows(summary: dict[str, Any], model: str, method: str, **fields: Any) -> list[dict[str, Any]]:
+    """accuracy, accuracy_flexible and mean reasoning positions rows from a harness summary."""
+    base = {"task": summary["task"], "model": model, "method": method, "split": summary["split"], **fields}
+    return [
+        {**base, "metric": "accuracy", "value": summary["accuracy"], "n": summary["n"], "ci95": summary["accuracy_ci95"]},
+        {**base, "metric": "accuracy_flexible", "value": summary["accuracy_flexible"], "n": summary["n"]},
+        {**base, "metric": "mean_reasoning_positions", "value": summary["mean_reasoning_positions"], "n": summary["n"]},
+        {**base, "metric": "questions_per_second", "value": summary["questions_per_second"], "n": summary["n"]},
+    ]

@@ -1,0 +1,46 @@
+"""Render benchmarks/RESULTS.md from benchmarks/results/*.json: only measured numbers, each with its command.
+
+    python benchmarks/make_results_md.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common import ROOT
+
+from latentreason.io import atomic_write_text
+
+INTRO = """# Results
+
+Every number below was produced by the command shown above its table, on the hardware named there,
+and is read from `benchmarks/results/<name>.json` (regenerate this page with
+`python benchmarks/make_results_md.py`; check the files with `python ../shared/tools/check_results.py`).
+Timings on a shared 2-core machine are noisy: speed is reported as ratios measured side by side in
+one run. Accuracy is a fraction of `n` questions, with its 95% Wilson interval where given.
+"""
+
+
+def fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    parts = [INTRO]
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        doc = json.loads(path.read_text())
+        parts.append(f"## {doc['benchmark']}\n\n`{doc['command']}`  \n{doc['hardware']}, {doc['date']}\n")
+        parts.append("| task | model | method | metric | value | n | details |\n|---|---|---|---|---|---|---|")
+        for row in doc["rows"]:
+            skip = {"task", "model", "method", "metric", "value", "n"}
+            details = ", ".join(f"{k}={fmt(v) if not isinstance(v, list) else '[' + ', '.join(fmt(x) for x in v) + ']'}"
+                                for k, v in row.items() if k not in skip)
+            parts.append(f"| {row['task']} | {row['model']} | {row['method']} | {row['metric']} | {fmt(row['value'])} "
+                         f"| {row.get('n', '')} | {details} |")
+        parts.append("")
+    atomic_write_text(ROOT / "benchmarks" / "RESULTS.md", "\n".join(parts) + "\n")
+    print(ROOT / "benchmarks" / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Tests for models/rollout.py: the one batched, KV-cached latent rollout.
+
+The contract under test: every row of a left-padded batch computes what it would compute alone,
+and the KV cache changes nothing, for every step function, including steps that stop rows at
+different latent steps (which leaves holes in the cache that must not shift positions). The
+reference for plain decoding is transformers' own ``generate``.
+
+Tiny models are random, and a random tiny LM just repeats one token, which would make "tokens
+equal" vacuous. ``_randomise`` re-draws the weights so the outputs vary with the input.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentreason.models.loading import LoadedModel, ModelConfig, load_model
+from latentreason.models.rollout import ContextLengthError, RolloutConfig, RolloutOutput, check_context, rollout
+from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep
+
+ARCHS = ["tiny-llama-l2-d64", "tiny-qwen2-l2-d64", "tiny-gpt2-l2-d64"]
+TEXTS = ["hello world what", "hi", "a longer prompt here ok", "xyz"]  # uneven lengths: 16, 2, 23, 3
+NUM_LATENT = 5
+MAX_NEW = 6
+ATOL = 1e-5
+GAIN, EMBED_STD, FINAL_NORM, SEED = 1.0, 0.1, 0.3, 0  # see _randomise
+EXTERNAL_LENGTHS = [3, 0, 5, 1]  # row 1 feeds nothing, row 2 the full budget
+STEP_KINDS = ["hidden", "mixture-topk", "mixture-full", "external", "external-lengths", "mixture-stop"]
+
+
+def _randomise(model: torch.nn.Module, seed: int = SEED) -> None:
+    """Re-draw the weights so that decoded tokens depend on the input, yet stay float32-stable.
+
+    Why: at HF's default init the residual stream just copies the input and every row decodes
+    the same token, which would make "tokens equal" vacuous. Larger gains, embeddings or final
+    norm make the fed-back latent loop chaotic instead: float32 rounding (~1e-7) that differs
+    between padded and unpadded or cached and uncached runs then grows past 1e-5 within a few
+    steps (float64 runs agree exactly). These scales keep the worst gap near 1e-6.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                if name.endswith("bias"):  # e.g. Qwen2's q/k/v biases, zero at init
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                elif name in ("model.norm.weight", "transformer.ln_f.weight"):
+                    p.fill_(FINAL_NORM)
+            elif any(k in name for k in ("embed", "wte", "wpe")):
+                p.copy_(torch.randn(p.shape, generator=g) * EMBED_STD)
+            else:
+                # GPT-2's Conv1D stores [in, out]; nn.Linear stores [out, in].
+                fan_in = p.shape[0] if any(k in name for k in ("c_attn", "c_fc", "c_proj")) else p.shape[1]
+                p.copy_(torch.randn(p.shape, generator=g) * GAIN / fan_in**0.5)
+
+
+def _load(name: str, **kwargs: object) -> LoadedModel:
+    lm = load_model(ModelConfig(name_or_path=name, **kwargs))
+    _randomise(lm.model)
+    return lm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core box spinning OpenMP threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lm(request: pytest.FixtureRequest) -> LoadedModel:
+    return _load(request.param)
+
+
+def _prompts(lm: LoadedModel) -> list[list[int]]:
+    return [lm.tokenizer.encode(t) for t in TEXTS]
+
+
+def _run(lm: LoadedModel, prompts: list[list[int]], step: LatentStep | None, **cfg: object) -> RolloutOutput:
+    cfg = {"num_latent_steps": NUM_LATENT, "max_new_tokens": MAX_NEW, **cfg}
+    with torch.no_grad():
+        return rollout(
+            lm.model, prompts, step, RolloutConfig(**cfg), eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id
+        )
+
+
+_STOP_TOKENS: dict[str, int] = {}
+
+
+def _stop_token(lm: LoadedModel) -> int:
+    """A token that is the argmax at different latent steps for different rows (found by a first run).
+
+    A stop rule stops a row at the first step whose logits have that argmax, so it fires at those
+    steps; the precondition is asserted, so the stop tests cannot pass vacuously.
+    """
+    if lm.name not in _STOP_TOKENS:
+        out = _run(lm, _prompts(lm), MixtureStep(top_k=10), max_new_tokens=1)
+        argmax = out.dist_ids[:, :, 0]  # [B, K]: argmax of the logits that produced step t
+        best, best_score = None, 0
+        for tok in argmax.unique().tolist():
+            hits = argmax == tok
+            never = torch.full_like(hits[:, 0], NUM_LATENT, dtype=torch.long)
+            first = torch.where(hits.any(1), hits.float().argmax(1), never)  # [B] step the rule fires
+            score = len(set(first.tolist()))
+            if score > best_score:
+                best, best_score = tok, score
+        assert best_score >= 2, "no token is the argmax at different steps in different rows"
+        _STOP_TOKENS[lm.name] = best
+    return _STOP_TOKENS[lm.name]
+
+
+def _make_step(kind: str, lm: LoadedModel, rows: list[int]) -> LatentStep:
+    """Build a step for the given prompt rows (external vectors are per row, so they are sliced)."""
+    if kind == "hidden":
+        return HiddenStateStep()
+    if kind == "mixture-topk":
+        return MixtureStep(top_k=10, temperature=0.7)
+    if kind == "mixture-full":
+        return MixtureStep(top_k=0)
+    if kind == "mixture-stop":
+        return MixtureStep(top_k=10, stop_token_id=_stop_token(lm))
+    dim = lm.model.get_input_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(1)
+    vectors = torch.randn(len(TEXTS), NUM_LATENT, dim, generator=g) * 0.3
+    if kind == "external":
+        return ExternalStep(vectors[rows])
+    if kind == "external-lengths":
+        return ExternalStep(vectors[rows], lengths=torch.tensor(EXTERNAL_LENGTHS)[rows])
+    raise AssertionError(kind)
+
+
+def _assert_same(a: RolloutOutput, b: RolloutOutput, atol: float = ATOL) -> None:
+    assert a.tokens == b.tokens
+    assert torch.equal(a.finished, b.finished)
+    assert torch.equal(a.num_latent_steps, b.num_latent_steps)
+    torch.testing.assert_close(a.latents, b.latents, atol=atol, rtol=0)
+    assert (a.dist_probs is None) == (b.dist_probs is None)
+    if a.dist_probs is not None:
+        torch.testing.assert_close(a.dist_probs, b.dist_probs, atol=atol, rtol=0)
+    if a.dist_ids is not None:
+        assert torch.equal(a.dist_ids, b.dist_ids)
+
+
+def _cat(outs: list[RolloutOutput]) -> RolloutOutput:
+    """Stack one-row outputs into what the batched run should have returned."""
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+    return RolloutOutput(
+        tokens=[o.tokens[0] for o in outs],
+        finished=cat([o.finished for o in outs]),
+        num_latent_steps=cat([o.num_latent_steps for o in outs]),
+        latents=cat([o.latents for o in outs]),
+        dist_probs=cat([o.dist_probs for o in outs]),
+        dist_ids=cat([o.dist_ids for o in outs]),
+    )
+
+
+# ---- cache and batching invariants ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [[0], [0, 1, 2, 3]], ids=["batch1", "batch4"])
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_cached_equals_uncached(lm: LoadedModel, kind: str, rows: list[int]) -> None:
+    prompts = [_prompts(lm)[r] for r in rows]
+    step = _make_step(kind, lm, rows)
+    cached = _run(lm, prompts, step, keep_distributions="full")
+    uncached = _run(lm, prompts, step, keep_distributions="full", use_cache=False)
+    _assert_same(cached, uncached)
+    assert cached.timings["forwards"] == uncached.timings["forwards"]
+
+
+@pytest.mark.parametrize("feed_eot", [True, False])
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_batched_equals_one_by_one(lm: LoadedModel, kind: str, feed_eot: bool) -> None:
+    prompts = _prompts(lm)
+    rows = list(range(len(prompts)))
+    batched = _run(lm, prompts, _make_step(kind, lm, rows), feed_eot=feed_eot)
+    alone = [_run(lm, [prompts[r]], _make_step(kind, lm, [r]), feed_eot=feed_eot) for r in rows]
+    _assert_same(batched, _cat(alone))
+    # The style guide's key test: batched + cached equals per-example + uncached.
+    if kind in ("mixture-stop", "external-lengths"):
+        reference = [_run(lm, [prompts[r]], _make_step(kind, lm, [r]), feed_eot=feed_eot, use_cache=False)
+                     for r in rows]
+        _assert_same(batched, _cat(reference))
+    if kind == "external-lengths":
+        assert batched.num_latent_steps.tolist() == EXTERNAL_LENGTHS
+    if kind == "mixture-stop":
+        assert len(set(batched.num_latent_steps.tolist())) >= 2, "rows should stop at different steps"
+    for r, n in enumerate(batched.num_latent_steps.tolist()):  # nothing is recorded after a row stops
+        assert batched.latents[r, n:].abs().sum() == 0
+        assert batched.dist_probs[r, n:].abs().sum() == 0
+
+
+def test_token_embeddings_as_latents_equal_teacher_forcing(lm: LoadedModel) -> None:
+    """Feeding the embeddings of real tokens is teacher forcing: an absolute reference for the latent
+    phase's positions and masks (cached vs uncached and batched vs alone only compare the rollout
+    with itself). Rows feed different counts, so the batch also has holes."""
+    prompts = _prompts(lm)
+    forced = [lm.tokenizer.encode(s) for s in ["abcde", "xy", "", "q"]]
+    emb = lm.model.get_input_embeddings().weight.detach()
+    vectors = torch.zeros(len(prompts), NUM_LATENT, emb.shape[1])
+    for r, toks in enumerate(forced):
+        vectors[r, : len(toks)] = emb[toks]
+    lengths = torch.tensor([len(t) for t in forced])
+    out = _run(lm, prompts, ExternalStep(vectors, lengths), keep_distributions="full", max_new_tokens=8)
+    assert out.num_latent_steps.tolist() == lengths.tolist()
+    for r, (prompt, toks) in enumerate(zip(prompts, forced)):
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([prompt + toks])).logits[0].float()
+            full = torch.tensor([prompt + toks + [lm.eot_id]])
+            ref = lm.model.generate(
+                full, attention_mask=torch.ones_like(full), max_new_tokens=8, do_sample=False,
+                pad_token_id=lm.pad_id, eos_token_id=lm.eos_ids,
+            )[0, full.shape[1]:].tolist()
+        # kept distribution t is p(. | prompt, toks[:t]): the logits at position len(prompt) - 1 + t
+        expected = logits[len(prompt) - 1 : len(prompt) - 1 + len(toks)].softmax(-1)
+        torch.testing.assert_close(out.dist_probs[r, : len(toks)], expected, atol=ATOL, rtol=0)
+        assert out.tokens[r] == ref[: next((j for j, t in enumerate(ref) if t in lm.eos_ids), len(ref))], f"row {r}"
+
+
+def test_external_vectors_are_fed_verbatim(lm: LoadedModel) -> None:
+    step = _make_step("external-lengths", lm, [0, 1, 2, 3])
+    out = _run(lm, _prompts(lm), step)
+    for r, n in enumerate(EXTERNAL_LENGTHS):
+        torch.testing.assert_close(out.latents[r, :n], step.vectors[r, :n], atol=0, rtol=0)
+
+
+def test_kept_distribution_is_the_one_that_built_the_latent(lm: LoadedModel) -> None:
+    """For the full-vocabulary mixture at T=1, latent t = p_tᵀE with p_t the kept distribution."""
+    out = _run(lm, _prompts(lm), MixtureStep(top_k=0), keep_distributions="full")
+    emb = lm.model.get_input_embeddings().weight
+    torch.testing.assert_close(out.latents, out.dist_probs @ emb, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.dist_probs.sum(-1), torch.ones(4, NUM_LATENT), atol=ATOL, rtol=0)
+
+
+def test_topk_kept_distribution_is_topk_of_full(lm: LoadedModel) -> None:
+    step = MixtureStep(top_k=10)
+    full = _run(lm, _prompts(lm), step, keep_distributions="full")
+    top = _run(lm, _prompts(lm), step, keep_distributions="topk", distribution_topk=4)
+    expected = full.dist_probs.topk(4, dim=-1)
+    torch.testing.assert_close(top.dist_probs, expected.values, atol=0, rtol=0)
+    assert torch.equal(top.dist_ids, expected.indices)
+    assert _run(lm, _prompts(lm), step, keep_distributions="none").dist_probs is None
+
+
+def test_forward_count_and_no_latent_phase_without_step(lm: LoadedModel) -> None:
+    def run(step: LatentStep | None) -> RolloutOutput:
+        with torch.no_grad():  # eos_ids=[-1]: never stop early
+            return rollout(lm.model, _prompts(lm), step, RolloutConfig(num_latent_steps=3, max_new_tokens=4),
+                           eos_ids=[-1], pad_id=lm.pad_id, eot_id=lm.eot_id)
+
+    out = run(HiddenStateStep())
+    # prefill + 3 latent steps + <eot> + 3 decode forwards (the 4th token needs no forward)
+    assert out.timings["forwards"] == 1 + 3 + 1 + 3
+    assert all(len(t) == 4 for t in out.tokens) and not out.finished.any()
+    plain = run(None)  # no step: no latent phase and no <eot>, whatever num_latent_steps says
+    assert plain.timings["forwards"] == 1 + 3
+    assert plain.latents.shape == (4, 0, lm.model.get_input_embeddings().weight.shape[1])
+    assert plain.num_latent_steps.tolist() == [0] * 4 and plain.dist_probs is None
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers_generate(lm: LoadedModel) -> None:
+    """K=0 greedy decoding is token for token what ``model.generate`` does on a left-padded batch."""
+    prompts = _prompts(lm)
+    max_new = 12
+    width = max(map(len, prompts))
+    ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        ref = lm.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+            pad_token_id=lm.pad_id, eos_token_id=lm.eos_ids,
+        )
+    out = _run(lm, prompts, None, num_latent_steps=0, max_new_tokens=max_new)
+    for row, (ours, theirs) in enumerate(zip(out.tokens, ref[:, width:].tolist())):
+        ended = any(t in lm.eos_ids for t in theirs)
+        cut = next((j for j, t in enumerate(theirs) if t in lm.eos_ids), len(theirs))
+        assert ours == theirs[:cut], f"row {row}"
+        assert bool(out.finished[row]) == ended
+    assert len({tuple(t) for t in out.tokens}) == len(prompts), "degenerate model: rows decode the same text"
+
+
+def test_sampling_with_seed_is_reproducible(lm: LoadedModel) -> None:
+    prompts = _prompts(lm)
+    step = MixtureStep(top_k=10)
+    a = _run(lm, prompts, step, temperature=1.0, seed=123, max_new_tokens=16)
+    b = _run(lm, prompts, step, temperature=1.0, seed=123, max_new_tokens=16)
+    c = _run(lm, prompts, step, temperature=1.0, seed=124, max_new_tokens=16)
+    greedy = _run(lm, prompts, step, max_new_tokens=16)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    assert a.tokens != greedy.tokens
+    torch.testing.assert_close(a.latents, greedy.latents, atol=0, rtol=0)  # sampling only affects the answer
+
+
+def test_greedy_is_the_limit_of_sampling(lm: LoadedModel) -> None:
+    """temperature=0 (the default) is argmax decoding: what sampling becomes as T or top_p shrink."""
+    prompts = _prompts(lm)
+    greedy = _run(lm, prompts, HiddenStateStep(), max_new_tokens=10)
+    assert greedy.tokens == _run(lm, prompts, HiddenStateStep(), max_new_tokens=10, temperature=0.0).tokens
+    nucleus = _run(lm, prompts, HiddenStateStep(), max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=0)
+    assert nucleus.tokens == greedy.tokens  # top_p -> 0 keeps only the most probable token
+    # T=1e-9 turns any float32-resolvable logit gap into a probability ratio below exp(-100)
+    cold = _run(lm, prompts, HiddenStateStep(), max_new_tokens=10, temperature=1e-9, seed=0)
+    assert cold.tokens == greedy.tokens
+
+
+# ---- gradients -------------------------------------------------------------------------------
+
+
+def test_gradients_reach_external_vectors(lm: LoadedModel) -> None:
+    """Outside no_grad the rollout keeps the graph: ``latents`` is differentiable in the vectors.
+
+    What is returned: ``latents`` (the fed vectors, zeroed after a row stops). The latent-phase
+    logits and hidden states, which depend on the vectors through the model, are not returned
+    (``dist_probs`` is recorded under no_grad and the answer is decoded under no_grad), so there
+    is no output through which a loss could reach the vectors via the model.
+    """
+    dim = lm.model.get_input_embeddings().weight.shape[1]
+    vectors = (torch.randn(4, NUM_LATENT, dim, generator=torch.Generator().manual_seed(0)) * 0.3).requires_grad_()
+    lengths = torch.tensor(EXTERNAL_LENGTHS)
+    cfg = RolloutConfig(num_latent_steps=NUM_LATENT, max_new_tokens=3)
+    out = rollout(lm.model, _prompts(lm), ExternalStep(vectors, lengths), cfg,
+                  eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id)
+    assert out.latents.requires_grad
+    weights = torch.randn(out.latents.shape, generator=torch.Generator().manual_seed(1))
+    (out.latents * weights).sum().backward()
+    fed = torch.arange(NUM_LATENT)[None, :] < lengths[:, None]  # [B, K]
+    torch.testing.assert_close(vectors.grad, weights * fed[..., None], atol=0, rtol=0)
+    assert out.dist_probs is not None and not out.dist_probs.requires_grad
+    with torch.no_grad():  # the graph did not change the numbers
+        _assert_same(out, _run(lm, _prompts(lm), ExternalStep(vectors.detach(), lengths), max_new_tokens=3))
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def test_prompt_longer_than_context_raises_naming_it() -> None:
+    lm = load_model(ModelConfig(name_or_path="tiny-gpt2-l1-d32", max_positions=32))
+    prompts = [[5] * 10, [6] * 12, [7] * 40, [8] * 3]
+    with pytest.raises(ContextLengthError, match=r"prompt 2 has 40 tokens.*needs 47 positions but the model has 32"):
+        _run(lm, prompts, HiddenStateStep(), num_latent_steps=2, max_new_tokens=4)
+    # The prompt fits, but not with the latent and answer budget: still refused, before any compute.
+    with pytest.raises(ContextLengthError, match=r"prompt 0 has 20 tokens"):
+        _run(lm, [[5] * 20], HiddenStateStep(), num_latent_steps=8, max_new_tokens=8)
+    with pytest.raises(ContextLengthError):
+        check_context(lm.model, [3, 33], 0)
+    # Exactly full: runs (GPT-2's absolute position table would raise on an out-of-range id).
+    out = _run(lm, [[5] * 20, [6] * 7], HiddenStateStep(), num_latent_steps=4, max_new_tokens=7)
+    assert out.timings["forwards"] >= 1 + 4 + 1
+
+
+def test_empty_prompts_raise() -> None:
+    lm = load_model("tiny-llama-l1-d32")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        _run(lm, [], HiddenStateStep())
+    with pytest.raises(ValueError, match="no empty prompt"):
+        _run(lm, [[5, 6], []], HiddenStateStep())
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("num_latent_steps", -1, "num_latent_steps=-1"), ("max_new_tokens", -2, "max_new_tokens=-2"),
+     ("temperature", -0.5, "temperature=-0.5"), ("top_p", 0.0, "top_p=0.0"), ("top_p", 1.5, "top_p=1.5"),
+     ("keep_distributions", "all", "keep_distributions='all'")],
+)
+def test_rollout_config_rejects_bad_values(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RolloutConfig(**{field: value})
+

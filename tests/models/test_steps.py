@@ -1,0 +1,202 @@
+"""Tests for models/steps.py: the latent step functions and their registry, on small tensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentreason.models.steps import (
+    LATENT_STEPS,
+    ExternalStep,
+    HiddenStateStep,
+    LatentStep,
+    MixtureStep,
+    StepContext,
+    build_step,
+)
+from latentreason.registry import RegistryError
+
+B, V, D = 3, 12, 5
+
+
+def _ctx(step: int = 0, seed: int = 0, logits: torch.Tensor | None = None) -> StepContext:
+    g = torch.Generator().manual_seed(seed)
+    return StepContext(
+        step=step,
+        hidden=torch.randn(B, D, generator=g),
+        logits=torch.randn(B, V, generator=g) * 3 if logits is None else logits,
+        embedding=torch.randn(V, D, generator=g),
+        active=torch.ones(B, dtype=torch.bool),
+    )
+
+
+# ---- mixture ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_topk_weights_are_the_renormalised_top_probabilities(temperature: float) -> None:
+    ctx = _ctx()
+    probs, ids = MixtureStep(top_k=4, temperature=temperature).weights(ctx.logits)
+    assert probs.shape == ids.shape == (B, 4)
+    full = (ctx.logits / temperature).softmax(-1)
+    expected_ids = full.argsort(-1, descending=True)[:, :4]
+    assert torch.equal(ids, expected_ids)
+    expected = full.gather(-1, ids)
+    torch.testing.assert_close(probs, expected / expected.sum(-1, keepdim=True))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(B))
+
+
+def test_topk_mixture_is_the_weighted_sum_of_the_kept_rows() -> None:
+    ctx = _ctx()
+    step = MixtureStep(top_k=4)
+    probs, ids = step.weights(ctx.logits)
+    out = step(ctx)
+    manual = torch.stack([(probs[b, :, None] * ctx.embedding[ids[b]]).sum(0) for b in range(B)])
+    torch.testing.assert_close(out.embeds, manual)
+    assert out.stop is None
+
+
+def test_full_vocabulary_mixture_is_probs_times_embedding() -> None:
+    ctx = _ctx()
+    out = MixtureStep(top_k=0, temperature=0.7)(ctx)
+    torch.testing.assert_close(out.embeds, (ctx.logits / 0.7).softmax(-1) @ ctx.embedding)
+
+
+def test_top_k_at_least_vocabulary_equals_full_mixture() -> None:
+    ctx = _ctx()
+    torch.testing.assert_close(MixtureStep(top_k=V + 5)(ctx).embeds, MixtureStep(top_k=0)(ctx).embeds)
+
+
+def test_top_p_and_min_p_filter_as_documented() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # already sorted, sums to 1
+    top_p, _ = MixtureStep(top_k=0, top_p=0.7).weights(logits)
+    # nucleus: keep tokens whose preceding mass is < 0.7, i.e. 0.5 and 0.3
+    torch.testing.assert_close(top_p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    min_p, _ = MixtureStep(top_k=0, min_p=0.3).weights(logits)
+    # keep p >= 0.3 * max = 0.15
+    torch.testing.assert_close(min_p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    # the same on the top-k path, and with the vocabulary out of order (scatter back to ids)
+    shuffled = logits[:, [2, 0, 3, 1]]
+    probs, _ = MixtureStep(top_k=0, top_p=0.7).weights(shuffled)
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    probs, ids = MixtureStep(top_k=3, top_p=0.7).weights(shuffled)
+    assert ids.tolist() == [[1, 3, 0]]
+    torch.testing.assert_close(probs, torch.tensor([[0.5 / 0.8, 0.3 / 0.8, 0.0]]))
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+@pytest.mark.parametrize("top_p, min_p", [(1e-9, 0.0), (0.01, 0.0), (1.0, 1.0), (1e-9, 0.99)])
+def test_filtering_always_keeps_the_most_probable_token(top_k: int, top_p: float, min_p: float) -> None:
+    ctx = _ctx()
+    step = MixtureStep(top_k=top_k, top_p=top_p, min_p=min_p)
+    probs, ids = step.weights(ctx.logits)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(B))
+    best = ctx.logits.argmax(-1)
+    kept = probs.argmax(-1) if ids is None else ids.gather(-1, probs.argmax(-1, keepdim=True))[:, 0]
+    assert torch.equal(kept, best)
+    assert (probs.max(-1).values == 1).all()  # nothing else survives these thresholds
+    torch.testing.assert_close(step(ctx).embeds, ctx.embedding[best])
+
+
+def test_mixture_casts_to_the_embedding_dtype() -> None:
+    ctx = _ctx()
+    ctx.embedding = ctx.embedding.to(torch.bfloat16)
+    for top_k in (0, 4):
+        assert MixtureStep(top_k=top_k)(ctx).embeds.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0.0}, "temperature=0.0, must be > 0"),
+    ({"temperature": -1.0}, "temperature=-1.0"),
+    ({"top_k": -1}, "top_k=-1, must be >= 0"),
+])
+def test_mixture_rejects_invalid_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MixtureStep(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        build_step("mixture", **kwargs)
+
+
+# ---- stop rule, hidden, external -------------------------------------------------------------
+
+
+def test_stop_token_stops_rows_whose_argmax_it_is() -> None:
+    logits = torch.zeros(B, V)
+    logits[0, 7] = logits[1, 2] = logits[2, 7] = 5.0
+    ctx = _ctx(logits=logits)
+    for step in (MixtureStep(stop_token_id=7), HiddenStateStep(stop_token_id=7)):
+        assert step(ctx).stop.tolist() == [True, False, True]
+    assert MixtureStep()(ctx).stop is None
+
+
+def test_hidden_step_feeds_the_hidden_state_back() -> None:
+    ctx = _ctx()
+    step = HiddenStateStep()
+    assert step.needs_hidden and not MixtureStep.needs_hidden and not ExternalStep.needs_hidden
+    assert torch.equal(step(ctx).embeds, ctx.hidden)
+
+
+def test_external_step_indexes_vectors_by_step_and_stops_at_lengths() -> None:
+    vectors = torch.randn(B, 4, D)
+    step = ExternalStep(vectors, lengths=torch.tensor([0, 2, 4]))
+    stops = []
+    for t in range(4):
+        out = step(_ctx(step=t))
+        assert torch.equal(out.embeds, vectors[:, t])
+        stops.append(out.stop.tolist())
+    assert stops == [[True, False, False], [True, False, False], [True, True, False], [True, True, False]]
+    assert ExternalStep(vectors)(_ctx()).stop is None
+
+
+def test_external_step_keeps_the_graph() -> None:
+    vectors = torch.randn(B, 2, D, requires_grad=True)
+    ExternalStep(vectors)(_ctx(step=1)).embeds.sum().backward()
+    assert vectors.grad[:, 1].eq(1).all() and vectors.grad[:, 0].eq(0).all()
+
+
+def test_external_step_rejects_wrong_shape() -> None:
+    with pytest.raises(ValueError, match=r"\[B, K, D\], got shape \(3, 5\)"):
+        ExternalStep(torch.zeros(3, 5))
+
+
+def test_base_step_must_be_implemented() -> None:
+    with pytest.raises(NotImplementedError, match="LatentStep must implement __call__"):
+        LatentStep()(_ctx())
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+
+def test_registry_holds_the_built_in_steps() -> None:
+    assert {"hidden", "mixture", "external"} <= set(LATENT_STEPS.names())
+    assert isinstance(build_step("hidden"), HiddenStateStep)
+    step = build_step("mixture", top_k=3, temperature=0.5)
+    assert isinstance(step, MixtureStep) and step.top_k == 3 and step.temperature == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(LATENT_STEPS.names()))
+def test_every_registered_step_is_a_latent_step(name: str) -> None:
+    assert issubclass(LATENT_STEPS.get(name), LatentStep)
+
+
+def test_unknown_step_name_lists_valid_names() -> None:
+    with pytest.raises(RegistryError) as err:
+        build_step("mixtur")
+    message = str(err.value)
+    assert "unknown latent step 'mixtur'" in message
+    assert "Did you mean 'mixture'" in message
+    for name in LATENT_STEPS.names():
+        assert name in message
+
+
+def test_step_by_dotted_path() -> None:
+    assert isinstance(build_step("latentreason.models.steps:HiddenStateStep"), HiddenStateStep)
+    with pytest.raises(RegistryError, match="cannot import"):
+        build_step("latentreason.models.steps:NoSuchStep")
+
+
+def test_registering_a_non_step_is_refused() -> None:
+    with pytest.raises(TypeError, match="is not a LatentStep"):
+        LATENT_STEPS.register("not-a-step", object)
+    with pytest.raises(RegistryError, match="already registered"):
+        LATENT_STEPS.register("hidden", HiddenStateStep)
