@@ -7,7 +7,8 @@
   32 GSM8K-Aug prompts, same batch size 32, same max_new_tokens, eos stopping in both). The
   outputs must be identical token for token, or the comparison is void (checked).
 - batch32_over_batch1: harness questions/s at batch 32 over batch 1 on the same prompts.
-Repetitions alternate (ours, generate, ours, generate, ...) and the median is kept.
+Repetitions alternate, with the order flipped every other pair (ours/generate, generate/ours)
+so that drift on a shared machine cancels; the median of the per-pair ratios is reported.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=40)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     run = load_run_config(overrides=["model.name_or_path=smollm2-135m", "data.task=gsm8k-aug", "method.name=zero-shot",
@@ -68,23 +69,33 @@ def main() -> None:
 
     ours(args.n)  # warm-up (allocator, threads)
     ours_s, hf_s = [], []
-    for _ in range(args.reps):
+    for rep in range(args.reps):
+        if rep % 2:
+            s, hf_text = hf_generate()
+            hf_s.append(s)
         s, ours_text = ours(args.n)
         ours_s.append(s)
-        s, hf_text = hf_generate()
-        hf_s.append(s)
+        if not rep % 2:
+            s, hf_text = hf_generate()
+            hf_s.append(s)
     same = sum(a == b for a, b in zip(ours_text, hf_text))
     if same != len(ours_text):
         print(f"warning: {len(ours_text) - same} of {len(ours_text)} outputs differ from generate", file=sys.stderr)
-    b1_s = [ours(1)[0] for _ in range(max(1, args.reps // 2))]
+    b1_s, b32_s = [], []
+    for _ in range(2):  # batch 1 is slow: two pairs, each beside a fresh batch-32 run
+        b1_s.append(ours(1)[0])
+        b32_s.append(ours(args.n)[0])
     qps = lambda secs: args.n / statistics.median(secs)  # noqa: E731
+    pair_ratio = lambda num, den: statistics.median(d / n for n, d in zip(num, den))  # noqa: E731
     common = {"task": "gsm8k-aug", "model": "smollm2-135m", "n": args.n, "max_new_tokens": args.max_new_tokens,
               "reps": args.reps}
     rows = [
-        {**common, "method": "cot-decoding", "metric": "eval_over_hf_generate", "value": qps(ours_s) / qps(hf_s),
-         "batch_size": args.n, "ours_qps": qps(ours_s), "hf_generate_qps": qps(hf_s), "identical_outputs": same},
-        {**common, "method": "cot-decoding", "metric": "batch32_over_batch1", "value": qps(ours_s) / qps(b1_s),
-         "batch32_qps": qps(ours_s), "batch1_qps": qps(b1_s)},
+        {**common, "method": "cot-decoding", "metric": "eval_over_hf_generate", "value": pair_ratio(ours_s, hf_s),
+         "batch_size": args.n, "ours_qps": qps(ours_s), "hf_generate_qps": qps(hf_s), "identical_outputs": same,
+         "ours_seconds": [round(x, 2) for x in ours_s], "hf_seconds": [round(x, 2) for x in hf_s]},
+        {**common, "method": "cot-decoding", "metric": "batch32_over_batch1", "value": pair_ratio(b32_s, b1_s),
+         "batch32_qps": qps(b32_s), "batch1_qps": qps(b1_s), "batch32_seconds": [round(x, 2) for x in b32_s],
+         "batch1_seconds": [round(x, 2) for x in b1_s]},
     ]
     path = write_results("eval_throughput_smollm2", "python benchmarks/bench_eval_throughput.py " + " ".join(sys.argv[1:]), rows)
     print(path)

@@ -168,6 +168,16 @@ def test_cached_equals_uncached(lm: LoadedModel, kind: str, rows: list[int]) -> 
     assert cached.timings["forwards"] == uncached.timings["forwards"]
 
 
+@pytest.mark.parametrize("kind", STEP_KINDS)
+def test_static_cache_equals_dynamic_cache(lm: LoadedModel, kind: str) -> None:
+    """The preallocated cache (default) computes exactly what transformers' growing cache does."""
+    rows = [0, 1, 2, 3]
+    prompts = [_prompts(lm)[r] for r in rows]
+    static = _run(lm, prompts, _make_step(kind, lm, rows), cache="static")
+    dynamic = _run(lm, prompts, _make_step(kind, lm, rows), cache="dynamic")
+    _assert_same(static, dynamic)
+
+
 @pytest.mark.parametrize("feed_eot", [True, False])
 @pytest.mark.parametrize("kind", STEP_KINDS)
 def test_batched_equals_one_by_one(lm: LoadedModel, kind: str, feed_eot: bool) -> None:

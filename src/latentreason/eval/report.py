@@ -37,6 +37,7 @@ def plot_accuracy_vs_positions(summaries: list[dict[str, Any]], path: str | Path
     ax.set_xlabel("mean reasoning positions per question (latent steps + chain tokens)")
     ax.set_ylabel("accuracy (strict)")
     ax.set_ylim(-0.02, 1.05)
+    ax.margins(x=0.2)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, StaticCache
 
 from latentreason.models.steps import LatentStep, StepContext
 
@@ -33,6 +33,7 @@ class RolloutConfig:
     keep_distributions: str = field(default="topk", metadata={"help": "per latent step vocabulary distribution kept: topk, full or none"})
     distribution_topk: int = field(default=10, metadata={"help": "k for keep_distributions=topk"})
     use_cache: bool = field(default=True, metadata={"help": "False recomputes the prefix each step (reference for tests only)"})
+    cache: str = field(default="static", metadata={"help": "static (preallocated KV cache, written by index) or dynamic (transformers' growing cache)"})
 
     def __post_init__(self) -> None:
         if self.num_latent_steps < 0:
@@ -43,6 +44,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature={self.temperature}, must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p={self.top_p}, must be in (0, 1]")
+        if self.cache not in ("static", "dynamic"):
+            raise ValueError(f"rollout.cache={self.cache!r}, must be static or dynamic")
         if self.keep_distributions not in ("topk", "full", "none"):
             raise ValueError(f"rollout.keep_distributions={self.keep_distributions!r}, must be topk, full or none")
 
@@ -104,33 +107,47 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 class _Runner:
     """Runs the model on new input columns and returns last-position logits (and hidden state).
 
-    The cached runner appends to a KV cache; the uncached one re-runs the whole sequence so far.
+    Three modes: a preallocated static KV cache written by index (default: no per-step copy of
+    the whole cache, which a growing cache pays on every token), transformers' growing
+    ``DynamicCache``, or no cache at all (re-runs the whole sequence: the tests' reference).
     """
 
-    def __init__(self, model: PreTrainedModel, use_cache: bool, need_hidden: bool) -> None:
-        self.model, self.use_cache, self.need_hidden = model, use_cache, need_hidden
-        self.cache = None
+    def __init__(self, model: PreTrainedModel, cfg: RolloutConfig, need_hidden: bool, batch: int, max_len: int) -> None:
+        self.model, self.use_cache, self.need_hidden = model, cfg.use_cache, need_hidden
+        self.static = cfg.use_cache and cfg.cache == "static" and getattr(model, "_can_compile_fullgraph", False)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len) if self.static else None
+        self.mask_buf = torch.zeros(batch, max_len, dtype=torch.long, device=model.device) if self.static else None
+        self.offset = 0  # columns fed so far
         self.embeds: torch.Tensor | None = None  # uncached: everything fed so far
-        self.mask: torch.Tensor | None = None  # [B, L] attention mask over everything fed
+        self.mask: torch.Tensor | None = None  # [B, L] attention mask over everything fed (dynamic/uncached)
         self.positions: torch.Tensor | None = None
         params = inspect.signature(model.forward).parameters
         self.kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.forwards = 0
 
     def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
-        if self.use_cache:
-            feed, pos = embeds, positions
+        n = embeds.shape[1]
+        kw = dict(self.kw)
+        if self.static:
+            self.mask_buf[:, self.offset: self.offset + n] = mask
+            attention, feed, pos = self.mask_buf, embeds, positions
+            kw["cache_position"] = torch.arange(self.offset, self.offset + n, device=embeds.device)
         else:
-            self.embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds], dim=1)
-            self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
-            feed, pos = self.embeds, self.positions
+            self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
+            attention = self.mask
+            if self.use_cache:
+                feed, pos = embeds, positions
+            else:
+                self.embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds], dim=1)
+                self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+                feed, pos = self.embeds, self.positions
         out = self.model(
-            inputs_embeds=feed, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-            use_cache=self.use_cache, output_hidden_states=self.need_hidden, **self.kw,
+            inputs_embeds=feed, attention_mask=attention, position_ids=pos, past_key_values=self.cache,
+            use_cache=self.use_cache, output_hidden_states=self.need_hidden, **kw,
         )
+        self.offset += n
         self.forwards += 1
-        if self.use_cache:
+        if self.use_cache and not self.static:
             self.cache = out.past_key_values
         hidden = out.hidden_states[-1][:, -1] if self.need_hidden else None
         return out.logits[:, -1], hidden
@@ -168,10 +185,11 @@ def rollout(
     embed = model.get_input_embeddings()
     num_steps = cfg.num_latent_steps if step is not None else 0
     feed_eot = cfg.feed_eot and num_steps > 0 and eot_id is not None
-    check_context(model, [len(p) for p in prompts], num_steps + int(feed_eot) + cfg.max_new_tokens)
+    extra = num_steps + int(feed_eot) + cfg.max_new_tokens
+    check_context(model, [len(p) for p in prompts], extra)
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
-    runner = _Runner(model, cfg.use_cache, need_hidden=step is not None and step.needs_hidden)
+    runner = _Runner(model, cfg, step is not None and step.needs_hidden, batch, max_len=ids.shape[1] + extra)
     timings: dict[str, float] = {}
     ones = torch.ones(batch, 1, dtype=torch.long, device=device)
 
