@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import hardware  # also puts src/ on sys.path
 
 from latentreason.io import atomic_write_json
 from latentreason.models.loading import LoadedModel, load_model
@@ -61,18 +62,6 @@ QUESTIONS = [
     "a department store with a budget of $200. How much did she pay for the shoes?",
 ]
 INSTRUCTION = " Think step by step, then give the final answer as a number after '####'."
-
-
-def hardware() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def time_loads(reps: int) -> tuple[list[dict], LoadedModel]:

@@ -44,3 +44,11 @@ def cli_args(config: dict) -> list[str]:
 
 
 PYTHON = sys.executable
+
+# Tests on the real data in ../shared/data skip on a machine without it, but never in CI (CI=true),
+# where a missing folder must fail loudly instead of passing with the checks skipped.
+from latentreason.data.base import SHARED_DATA  # noqa: E402
+
+needs_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir() and not os.environ.get("CI"), reason=f"{SHARED_DATA} not present (outside CI)"
+)

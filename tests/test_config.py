@@ -49,6 +49,11 @@ def test_unknown_method_and_task_list_valid_names():
     assert "gsm8k" in str(err.value) and "arith" in str(err.value)
 
 
+def test_task_options_are_checked_before_any_weights_load():
+    with pytest.raises(ConfigError, match="unknown option.*num_stepz"):
+        load_run_config(overrides=["data.options.num_stepz=3"])
+
+
 def test_cross_field_validation():
     with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size"):
         load_run_config(overrides=["train.global_batch_size=10", "train.micro_batch_size=4"])

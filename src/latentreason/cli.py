@@ -79,7 +79,7 @@ def run_eval(run: RunConfig) -> dict:
     out = run.eval.output_dir or str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
     info = {
         "model": run.model.name_or_path, "task": run.data.task, "task_version": method.task.version,
-        "method": run.method.name, "split": run.eval.split, "limit": run.eval.limit,
+        "method": run.method.name, "split": run.eval.split,
         "rollout": to_dict(run)["rollout"], "method_config": to_dict(run)["method"],
         "command": "latentreason " + " ".join(sys.argv[1:]),
     }
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latentreason: {exc}", file=sys.stderr)
         return 2
     except (KeyError, ValueError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"latentreason: error: {msg}", file=sys.stderr)
         return 2

@@ -265,14 +265,15 @@ def validate(run: RunConfig) -> list[str]:
             problems.append(f"train.{name}={getattr(t, name)}, must be >= 1")
     if run.eval.batch_size < 1:
         problems.append(f"eval.batch_size={run.eval.batch_size}, must be >= 1")
-    from latentreason.data.base import TASKS, build_task
+    from latentreason.data.base import build_task
     from latentreason.methods import METHODS
 
-    if run.data.task not in TASKS and ":" not in run.data.task:
-        try:
-            build_task(run.data.task)
-        except KeyError as exc:
-            problems.append(f"data.task: {exc}")
+    try:  # cheap: tasks read their files lazily; this checks the name and every option
+        build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
+    except KeyError as exc:
+        problems.append(f"data.task: {exc}")
+    except (TypeError, ValueError) as exc:
+        problems.append(f"data.options: {exc}")
     if run.method.name in METHODS:
         problems.extend(METHODS.get(run.method.name).validate(run))
     return problems

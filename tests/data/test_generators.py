@@ -5,6 +5,8 @@ from collections import deque
 
 import pytest
 
+from tests.conftest import needs_data
+
 from latentreason.data import generators as gen
 from latentreason.data.base import SHARED_DATA
 
@@ -69,7 +71,7 @@ def test_multiplication_row_matches_worked_example() -> None:
     }
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared benchmark data not present")
+@needs_data
 @pytest.mark.parametrize("digits", [4, 5])
 def test_multiplication_generator_reproduces_shipped_rows(digits: int) -> None:
     lines = (SHARED_DATA / "multiplication" / f"{digits}x{digits}" / "valid.txt").read_text().splitlines()

@@ -10,7 +10,7 @@ from latentreason.data import answers, tasks
 from latentreason.data.base import SHARED_DATA, TASKS, DataError, Example, Task, build_task
 from latentreason.registry import RegistryError
 
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared benchmark data not present")
+from tests.conftest import needs_data  # noqa: E402
 BUILTIN = ["aqua", "arith", "gsm8k", "gsm8k-aug", "multiplication-4x4", "multiplication-5x5", "prosqa"]
 SPLITS = [(name, split) for name in TASKS.names() for split in TASKS.get(name).splits]
 # Small generated train splits keep the overlap checks fast; the exclusion logic is the same.
