@@ -25,15 +25,6 @@ from latentreason.models.tiny import tiny_model
 TINY = "tiny-llama-l2-d64"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core box spinning OpenMP threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _perturb(lm: LoadedModel, seed: int = 0) -> None:
     """Move every weight off its init so that a reload which re-initialised anything would show."""
     g = torch.Generator().manual_seed(seed)

@@ -58,15 +58,6 @@ def _load(name: str, **kwargs: object) -> LoadedModel:
     return lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core box spinning OpenMP threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def lm(request: pytest.FixtureRequest) -> LoadedModel:
     return _load(request.param)
