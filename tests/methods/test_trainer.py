@@ -120,9 +120,9 @@ def test_accelerate_two_processes_match_one_process(tmp_path):
                          env=_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     cfg2 = tiny_run(tmp_path / "two", train={"max_steps": 4, "save_every": 4, "global_batch_size": 16, "micro_batch_size": 4})
-    # accelerate names "several local processes" --multi_gpu; on a CPU machine they are gloo CPU ranks.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latentreason.cli", "train", *cli_args(cfg2)]
+    # The documented command: the shipped DDP config (CPU processes over gloo on this machine).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+              "--num_processes", "2", "-m", "latentreason.cli", "train", *cli_args(cfg2)]
     two = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "run" / "train_summary.json").read_text())
