@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from common import summary_rows, write_results  # noqa: F401  (sets sys.path)
+from common import write_results  # also puts src/ on sys.path
 
 from latentreason.config import load_run_config
 from latentreason.data.base import build_task

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common import ROOT, summary_rows, write_results
 
-from latentreason.cli import run_eval, run_train
+from latentreason.recipes import run_eval, run_train
 from latentreason.config import load_run_config
 
 

@@ -32,7 +32,7 @@ QUICK: dict[str, Any] = {"train": {"max_steps": 30, "save_every": 15, "log_every
 
 
 def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, quick: bool = False) -> list[dict]:
-    from latentreason.cli import run_eval, run_train
+    from latentreason.recipes import run_eval, run_train
     from latentreason.eval.report import plot_accuracy_vs_positions, table
 
     base = merge(DEMO_BASE, QUICK) if quick else DEMO_BASE

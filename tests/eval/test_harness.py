@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from latentreason.cli import build_method
+from latentreason.recipes import build_method
 from latentreason.config import load_run_config
 from latentreason.eval.harness import evaluate, predict
 from latentreason.eval.metrics import wilson_interval

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentreason.cli import build_method
+from latentreason.recipes import build_method
 from latentreason.config import load_run_config
 from latentreason.methods import METHODS
 from latentreason.methods.trainer import Trainer, batch_indices
