@@ -34,7 +34,7 @@ def hardware() -> str:
 def write_results(name: str, command: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
     """Write benchmarks/results/<name>.json in the project's result convention, atomically."""
     path = RESULTS / f"{name}.json"
-    doc = {"benchmark": name, "command": command, "hardware": hardware(),
+    doc = {"benchmark": name, "command": command.strip(), "hardware": hardware(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra, "rows": rows}
     atomic_write_json(path, doc)
     return path

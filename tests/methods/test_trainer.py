@@ -46,7 +46,7 @@ def test_every_trainable_method_moves_every_trainable_parameter(name, tmp_path):
     assert log[-1]["step"] == 2 and all(r["loss"] > 0 for r in log if "loss" in r)
 
 
-def test_loss_falls_and_best_is_chosen_on_validation(tmp_path):
+def test_loss_falls_and_best_follows_the_selection_metric(tmp_path):
     run = load_run_config(base=tiny_run(tmp_path, train={"max_steps": 40, "save_every": 20, "eval_every": 20}))
     method = build_method(run)
     seen_splits = []
