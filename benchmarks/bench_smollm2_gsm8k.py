@@ -31,7 +31,7 @@ def main() -> None:
     rows = []
 
     zero = load_run_config(ROOT / "configs" / "zero_shot_gsm8k_aug_smollm2.yaml",
-                           [f"eval.limit={args.limit}", f"eval.output_dir={out / 'zero-shot'}"])
+                           ["method.prompt=instruction", f"eval.limit={args.limit}", f"eval.output_dir={out / 'zero-shot'}"])
     summary = run_eval(zero)
     rows += summary_rows(summary, "smollm2-135m", "zero-shot", max_new_tokens=zero.rollout.max_new_tokens)
 

@@ -52,3 +52,18 @@ from latentreason.data.base import SHARED_DATA  # noqa: E402
 needs_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir() and not os.environ.get("CI"), reason=f"{SHARED_DATA} not present (outside CI)"
 )
+
+
+@pytest.fixture(scope="session")
+def trained_arith_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``final/`` of a cot-sft model trained ~8 s on tiny_run's arith, shared by the session.
+
+    Why: an untrained model writes the same text for every question, so a test comparing rows
+    (batch sizes, resume) passes whatever the code does; this one answers each row differently.
+    """
+    from latentreason.config import load_run_config
+    from latentreason.recipes import run_train
+
+    tmp = tmp_path_factory.mktemp("trained-arith")
+    cfg = tiny_run(tmp, train={"max_steps": 200, "save_every": 200, "log_every": 50, "select_on_valid": False})
+    return Path(run_train(load_run_config(base=cfg))) / "final"

@@ -41,13 +41,20 @@ def test_inspect(capsys):
 
 
 def test_train_then_eval_through_the_cli(tmp_path, capsys):
-    cfg = tiny_run(tmp_path)
+    cfg = tiny_run(tmp_path, train={"max_steps": 60, "save_every": 30})
     assert main(["train", *cli_args(cfg)]) == 0
     best = tmp_path / "run" / "best"
     assert (best / "model.safetensors").exists() and (best / "run_config.yaml").exists()
     assert main(["eval", *cli_args(cfg), f"model.name_or_path={best}"]) == 0
     summary = json.loads((tmp_path / "run" / "eval-valid" / "summary.json").read_text())
-    assert summary["n"] == 32 and summary["model"] == str(best) and 0 <= summary["accuracy"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval-valid" / "predictions.jsonl").read_text().splitlines()]
+    assert summary["n"] == len(rows) == 32 and summary["model"] == str(best)
+    assert all(r["correct"] == (r["prediction"] == r["gold"]) for r in rows)
+    assert summary["accuracy"] == sum(r["correct"] for r in rows) / 32
+    # The same evaluation of the untrained model (the run's starting point) scores lower.
+    assert main(["eval", *cli_args(cfg), f"eval.output_dir={tmp_path / 'untrained'}"]) == 0
+    untrained = json.loads((tmp_path / "untrained" / "summary.json").read_text())
+    assert summary["accuracy"] > untrained["accuracy"]
 
 
 def test_quick_demo_writes_table_plot_and_summaries(tmp_path, capsys):

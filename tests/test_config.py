@@ -61,6 +61,12 @@ def test_cross_field_validation():
         load_run_config(overrides=["rollout.temperature=-1"])
 
 
+@pytest.mark.parametrize("split", ["test", "Test"])
+def test_selection_on_a_test_split_is_refused(split):
+    with pytest.raises(ConfigError, match=f"data.valid_split='{split}': model selection must never use a test split"):
+        load_run_config(overrides=[f"data.valid_split={split}"])
+
+
 def test_bad_yaml_names_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("optim:\n  lr: [1, 2\n")

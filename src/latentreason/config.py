@@ -263,6 +263,9 @@ def validate(run: RunConfig) -> list[str]:
     for name in ("save_every", "log_every"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name}={getattr(t, name)}, must be >= 1")
+    if "test" in run.data.valid_split.lower():
+        problems.append(f"data.valid_split={run.data.valid_split!r}: model selection must never use a test split; "
+                        "use a validation split (e.g. valid)")
     if run.eval.batch_size < 1:
         problems.append(f"eval.batch_size={run.eval.batch_size}, must be >= 1")
     from latentreason.data.base import build_task

@@ -31,9 +31,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
-    """Move a fully written ``tmp_dir`` into place as ``final_dir``, replacing an older one."""
+    """Move a fully written ``tmp_dir`` into place as ``final_dir``, replacing an older one.
+
+    Two renames (final -> final.old, tmp -> final): a kill between them leaves only
+    ``final.old``, which :func:`recover_dir` puts back before anything reads ``final_dir``.
+    """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
+    recover_dir(final_dir)
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():
@@ -41,6 +46,18 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+def recover_dir(final_dir: str | Path) -> Path:
+    """Undo a replace that was killed between its two renames: ``final.old`` becomes ``final``."""
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.is_dir() and not final_dir.exists():
+        try:
+            os.replace(old, final_dir)
+        except FileNotFoundError:  # another process recovered it first
+            pass
+    return final_dir
 
 
 def append_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -16,23 +16,22 @@ logger = logging.getLogger("latentreason")
 
 
 def build_method(run: RunConfig, model_path: str | None = None) -> Method:
-    """Load the model, the task and the method object for ``run`` (no training)."""
-    from latentreason.data.base import build_task
-    from latentreason.methods import METHODS
-    from latentreason.models.loading import load_model
+    """Load the model, the task and the method object for ``run`` (no training).
 
-    task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
-    model_cfg = run.model if model_path is None else type(run.model)(**{**vars(run.model), "name_or_path": model_path})
-    loaded = load_model(model_cfg)
-    method_cls = METHODS.get(run.method.name)
-    return method_cls(run.method, run, loaded, task)
+    A model folder saved with extra modules (projectors, assistants) gets them back; a saved run
+    reloads as a whole with ``Method.from_pretrained(folder)``.
+    """
+    from latentreason.methods.base import build_method as build
+
+    return build(run, model_path)
 
 
 def run_train(run: RunConfig) -> Path:
     """Train, selecting ``best/`` on the validation split; returns the output folder."""
     from latentreason.eval.harness import accuracy
-    from latentreason.methods.trainer import Trainer, apply_lora
+    from latentreason.methods.trainer import Trainer, apply_lora, resumable_checkpoint
 
+    resumable_checkpoint(run)  # a checkpoint of other settings is refused before any weights load
     method = build_method(run, model_path=run.train.init_from)
     if not method.trainable:
         raise ConfigError([f"method.name={run.method.name!r} has nothing to train; use 'latentreason eval'"])
@@ -49,15 +48,22 @@ def run_train(run: RunConfig) -> Path:
 
 
 def run_eval(run: RunConfig) -> dict:
-    from latentreason.eval.harness import evaluate
+    """Evaluate ``run`` into ``eval.output_dir``, resuming only rows made with the same row settings."""
+    from latentreason.eval.harness import eval_fingerprint, evaluate, weights_identity
 
     method = build_method(run)
     examples = method.task.load(run.eval.split, limit=run.eval.limit)
     out = run.eval.output_dir or str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
+    config = to_dict(run)
     info = {
         "model": run.model.name_or_path, "task": run.data.task, "task_version": method.task.version,
         "method": run.method.name, "split": run.eval.split,
-        "rollout": to_dict(run)["rollout"], "method_config": to_dict(run)["method"],
+        "rollout": config["rollout"], "method_config": config["method"],
         "command": "latentreason " + " ".join(sys.argv[1:]),
     }
-    return evaluate(method, examples, out, batch_size=run.eval.batch_size, info=info, overwrite=run.eval.overwrite)
+    fingerprint = eval_fingerprint(config, method.task.version)
+    weights = weights_identity(run.model.name_or_path)
+    if weights is not None:
+        fingerprint["model.weight_files"] = weights
+    return evaluate(method, examples, out, batch_size=run.eval.batch_size, info=info, overwrite=run.eval.overwrite,
+                    fingerprint=fingerprint)

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from latentreason.recipes import build_method
+from latentreason.recipes import build_method, run_eval
 from latentreason.config import load_run_config
-from latentreason.eval.harness import evaluate, predict
+from latentreason.eval.harness import evaluate, predict, row_seeds
 from latentreason.eval.metrics import wilson_interval
+from latentreason.io import read_jsonl
+from latentreason.models.rollout import RolloutConfig
 from tests.conftest import cli_args, tiny_run
 from tests.methods.test_trainer import _env
 
@@ -27,27 +32,107 @@ def test_wilson_interval():
     assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)
 
 
-def test_predictions_do_not_depend_on_batch_size(tmp_path):
-    run = load_run_config(base=tiny_run(tmp_path))
-    method = build_method(run)
-    examples = method.task.load("valid", limit=12)
-    one = predict(method, examples, batch_size=1)
-    many = predict(method, examples, batch_size=5)
-    assert [p.output for p in one] == [p.output for p in many]
-    assert [p.id for p in many] == [ex.id for ex in examples]
+def _options(**extra) -> dict:
+    return {**tiny_run(Path())["data"]["options"], **extra}
 
 
-def test_rows_and_summary(tmp_path):
-    run = load_run_config(base=tiny_run(tmp_path))
+def _rows(folder) -> dict[str, dict]:
+    return {r["id"]: r for r in read_jsonl(folder / "predictions.jsonl")}
+
+
+# 3-digit operands take two tokens, shorter ones one: prompts of several lengths, so batches pad
+# and sorting by length reorders (arith's single digits give one length: neither ever happens).
+MIXED_LENGTHS = {"options": _options(num_steps=3, modulus=1000, max_operand=999)}
+
+
+def test_predictions_do_not_depend_on_batch_size(tmp_path, trained_arith_model):
+    run = load_run_config(base=tiny_run(tmp_path, model={"name_or_path": str(trained_arith_model)}, data=MIXED_LENGTHS))
     method = build_method(run)
-    examples = method.task.load("valid", limit=10)
+    examples = method.task.load("valid", limit=16)
+    assert len({len(p) for p in method.prompt_ids(examples)}) > 1, "one prompt length: nothing padded"
+    alone = predict(method, examples, batch_size=1)
+    assert len({p.output for p in alone}) >= len(examples) // 2, "rows alike: this test could not fail"
+    for size in (5, len(examples)):  # uneven batches; one batch padded to the longest prompt
+        batched = predict(method, examples, batch_size=size)
+        assert [p.output for p in batched] == [p.output for p in alone], f"batch size {size}"
+        assert [p.id for p in batched] == [ex.id for ex in examples]
+
+
+def test_sampled_evaluation_does_not_depend_on_batch_size(tmp_path, trained_arith_model):
+    rows = {}
+    for size in (4, 16):
+        cfg = tiny_run(tmp_path, model={"name_or_path": str(trained_arith_model)},
+                       rollout={"temperature": 1.0, "seed": 7},
+                       eval={"batch_size": size, "limit": 16, "output_dir": str(tmp_path / f"bs{size}")})
+        run_eval(load_run_config(base=cfg))
+        rows[size] = {i: r["output"] for i, r in _rows(tmp_path / f"bs{size}").items()}
+    assert len(rows[4]) == 16 and rows[4] == rows[16]
+    run = load_run_config(base=tiny_run(tmp_path, model={"name_or_path": str(trained_arith_model)}))
+    method = build_method(run)
+    greedy = {p.id: p.output for p in predict(method, method.task.load("valid", limit=16), batch_size=16)}
+    assert greedy != rows[16], "sampling changed no row: this test could not fail"
+
+
+def test_row_seeds_are_keyed_by_example_and_default_to_seed_0(tmp_path):
+    run = load_run_config(base=tiny_run(tmp_path))
+    examples = build_method(run).task.load("valid", limit=4)
+    assert row_seeds(RolloutConfig(temperature=0.0, seed=3), examples) is None
+    seeds = row_seeds(RolloutConfig(temperature=1.0, seed=3), examples)
+    assert len(set(seeds)) == 4 and row_seeds(RolloutConfig(temperature=1.0, seed=3), examples[2:])[0] == seeds[2]
+    assert row_seeds(RolloutConfig(temperature=1.0), examples) == row_seeds(RolloutConfig(temperature=1.0, seed=0), examples)
+    assert row_seeds(RolloutConfig(temperature=1.0, seed=4), examples) != seeds
+
+
+def test_resume_refuses_rows_of_other_settings_and_continues_the_same_ones(tmp_path, caplog):
+    out = tmp_path / "ev"
+
+    def run(**sections):
+        ev = {"output_dir": str(out), "limit": 8, **sections.pop("eval", {})}
+        return run_eval(load_run_config(base=tiny_run(tmp_path, eval=ev, **sections)))
+
+    run()
+    first = (out / "predictions.jsonl").read_text()
+    for field, change in [("data.options", {"data": {"options": _options(num_steps=5)}}),
+                          ("model.seed", {"model": {"seed": 1}}),
+                          ("model.use_chat_template", {"model": {"use_chat_template": False}})]:
+        with pytest.raises(ValueError, match="other settings") as err:
+            run(**change)
+        assert re.findall(r"(?:differs in |; )([\w.]+) \(saved", str(err.value)) == [field]
+    assert (out / "predictions.jsonl").read_text() == first
+    # Neither the limit, the batch size nor training settings change a row: these continue.
+    with caplog.at_level(logging.INFO, logger="latentreason"):
+        summary = run(eval={"limit": 16, "batch_size": 3}, train={"max_steps": 99}, optim={"lr": 1.0})
+    assert "8 of 16 examples already done" in caplog.text
+    text = (out / "predictions.jsonl").read_text()
+    assert text.startswith(first) and len(text.splitlines()) == 16 and summary["n"] == 16
+
+
+def test_resume_refuses_rows_of_a_model_retrained_into_the_same_folder(tmp_path):
+    from latentreason.recipes import run_train
+
+    train = {"max_steps": 2, "save_every": 2, "select_on_valid": False}
+    cfg = tiny_run(tmp_path, train=train)
+    run_train(load_run_config(base=cfg))
+    final = str(tmp_path / "run" / "final")
+    evaluation = {"model": {"name_or_path": final}, "eval": {"output_dir": str(tmp_path / "ev"), "limit": 4}}
+    run_eval(load_run_config(base=tiny_run(tmp_path, **evaluation)))
+    run_train(load_run_config(base=tiny_run(tmp_path, train={**train, "resume": False})))  # same path, new weights
+    with pytest.raises(ValueError, match=r"differs in model.weight_files"):
+        run_eval(load_run_config(base=tiny_run(tmp_path, **evaluation)))
+
+
+def test_rows_and_summary(tmp_path, trained_arith_model):
+    run = load_run_config(base=tiny_run(tmp_path, model={"name_or_path": str(trained_arith_model)}))
+    method = build_method(run)
+    examples = method.task.load("valid", limit=16)
     summary = evaluate(method, examples, tmp_path / "ev", batch_size=4, info={"model": "m", "task": "arith", "method": "cot-sft", "split": "valid"}, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and ROW_FIELDS <= set(rows[0])
-    assert summary["n"] == 10 and summary["accuracy"] == sum(r["correct"] for r in rows) / 10
-    lo, hi = summary["accuracy_ci95"]
-    assert lo <= summary["accuracy"] <= hi
-    for r in rows:  # an untrained model writes no answer line: chain tokens = everything generated
+    assert len(rows) == 16 and ROW_FIELDS <= set(rows[0])
+    correct = sum(r["correct"] for r in rows)
+    assert 0 < correct < 16, "all right or all wrong: the counts below could not fail"
+    assert summary["n"] == 16 and summary["accuracy"] == correct / 16
+    assert summary["accuracy_ci95"] == pytest.approx(list(wilson_interval(correct, 16)))
+    for r in rows:  # the chain is part of what was generated
         assert r["reasoning_positions"] <= r["generated_tokens"] + r["latent_steps"]
     with pytest.raises(ValueError, match="other settings"):
         evaluate(method, examples, tmp_path / "ev", batch_size=4, info={"model": "other"}, progress=False)
@@ -63,9 +148,10 @@ def test_scoring_of_a_perfect_output(tmp_path):
     assert score.correct and score.correct_flexible
 
 
-def test_eval_killed_and_restarted_loses_and_redoes_nothing(tmp_path):
-    cfg = tiny_run(tmp_path, eval={"batch_size": 2, "limit": 64, "output_dir": str(tmp_path / "ev")},
-                   rollout={"max_new_tokens": 48})
+def test_eval_killed_and_restarted_loses_and_redoes_nothing(tmp_path, trained_arith_model):
+    model = {"name_or_path": str(trained_arith_model)}
+    cfg = tiny_run(tmp_path, model=model, data=MIXED_LENGTHS,
+                   eval={"batch_size": 2, "limit": 64, "output_dir": str(tmp_path / "ev")}, rollout={"max_new_tokens": 48})
     cmd = [sys.executable, "-m", "latentreason.cli", "eval", *cli_args(cfg)]
     rows_path = tmp_path / "ev" / "predictions.jsonl"
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,13 +169,14 @@ def test_eval_killed_and_restarted_loses_and_redoes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     after = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert len(after) == 64 and len({r["id"] for r in after}) == 64, "rows lost or duplicated"
+    assert len({r["output"] for r in after}) > 8, "rows alike: this test could not fail"
     assert after[: len(before)] == before, "finished rows were redone or changed"
     assert f"{len(before)} of 64 examples already done" in done.stderr
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["n"] == 64
     # The same evaluation uninterrupted gives the same predictions.
-    ref = tiny_run(tmp_path, eval={"batch_size": 2, "limit": 64, "output_dir": str(tmp_path / "ref")},
-                   rollout={"max_new_tokens": 48})
+    ref = tiny_run(tmp_path, model=model, data=MIXED_LENGTHS,
+                   eval={"batch_size": 2, "limit": 64, "output_dir": str(tmp_path / "ref")}, rollout={"max_new_tokens": 48})
     subprocess.run([sys.executable, "-m", "latentreason.cli", "eval", *cli_args(ref)], env=_env(), check=True, capture_output=True)
     ref_rows = {r["id"]: r["output"] for r in map(json.loads, (tmp_path / "ref" / "predictions.jsonl").read_text().splitlines())}
     assert {r["id"]: r["output"] for r in after} == ref_rows

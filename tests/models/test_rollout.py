@@ -13,9 +13,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+import latentreason.models.rollout as rollout_module
 from latentreason.models.loading import LoadedModel, ModelConfig, load_model
-from latentreason.models.rollout import ContextLengthError, RolloutConfig, RolloutOutput, check_context, rollout
-from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep
+from latentreason.models.rollout import (
+    ContextLengthError,
+    NonFiniteLatentError,
+    RolloutConfig,
+    RolloutOutput,
+    _select,
+    check_context,
+    derive_seed,
+    rollout,
+)
+from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep, StepContext, StepResult
 
 ARCHS = ["tiny-llama-l2-d64", "tiny-qwen2-l2-d64", "tiny-gpt2-l2-d64"]
 TEXTS = ["hello world what", "hi", "a longer prompt here ok", "xyz"]  # uneven lengths: 16, 2, 23, 3
@@ -67,11 +77,14 @@ def _prompts(lm: LoadedModel) -> list[list[int]]:
     return [lm.tokenizer.encode(t) for t in TEXTS]
 
 
-def _run(lm: LoadedModel, prompts: list[list[int]], step: LatentStep | None, **cfg: object) -> RolloutOutput:
+def _run(
+    lm: LoadedModel, prompts: list[list[int]], step: LatentStep | None, row_seeds: list[int] | None = None, **cfg: object
+) -> RolloutOutput:
     cfg = {"num_latent_steps": NUM_LATENT, "max_new_tokens": MAX_NEW, **cfg}
     with torch.no_grad():
         return rollout(
-            lm.model, prompts, step, RolloutConfig(**cfg), eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id
+            lm.model, prompts, step, RolloutConfig(**cfg), eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id,
+            row_seeds=row_seeds,
         )
 
 
@@ -308,6 +321,61 @@ def test_greedy_is_the_limit_of_sampling(lm: LoadedModel) -> None:
     assert cold.tokens == greedy.tokens
 
 
+ROW_SEEDS = [11, 22, 33, 44]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_row_seeds_make_a_rows_sample_independent_of_its_batch(lm: LoadedModel, top_p: float) -> None:
+    """A row's sampled answer depends on its prompt and seed only: not on batch size, neighbours or position."""
+    prompts = _prompts(lm)
+    step = MixtureStep(top_k=10)
+    kw = {"temperature": 1.0, "top_p": top_p, "max_new_tokens": 12}
+    batched = _run(lm, prompts, step, row_seeds=ROW_SEEDS, **kw)
+    alone = [_run(lm, [p], step, row_seeds=[s], **kw).tokens[0] for p, s in zip(prompts, ROW_SEEDS)]
+    assert batched.tokens == alone
+    order = [2, 0, 3, 1]
+    shuffled = _run(lm, [prompts[r] for r in order], step, row_seeds=[ROW_SEEDS[r] for r in order], **kw)
+    assert shuffled.tokens == [alone[r] for r in order]
+    # a batch twice as large, the same prompts again with other seeds: the first four rows do not move
+    doubled = _run(lm, prompts + prompts, step, row_seeds=ROW_SEEDS + [s + 1000 for s in ROW_SEEDS], **kw)
+    assert doubled.tokens[:4] == alone
+    assert doubled.tokens[4:] != alone  # other seeds sample other answers (on at least some rows)
+    assert batched.tokens != _run(lm, prompts, step, max_new_tokens=12).tokens  # it really sampled
+
+
+def test_seed_without_row_seeds_seeds_each_row_by_its_index(lm: LoadedModel) -> None:
+    """cfg.seed alone stays reproducible and no longer depends on the batch size: row i uses derive_seed(seed, i)."""
+    prompts = _prompts(lm)
+    step = HiddenStateStep()
+    kw = {"temperature": 1.0, "seed": 7, "max_new_tokens": 12}
+    four = _run(lm, prompts, step, **kw)
+    assert _run(lm, prompts[:2], step, **kw).tokens == four.tokens[:2]
+    explicit = _run(lm, prompts, step, row_seeds=[derive_seed(7, i) for i in range(4)], **kw)
+    assert explicit.tokens == four.tokens
+    assert derive_seed(7, 0) != derive_seed(7, 1) != derive_seed(8, 0)
+
+
+def test_per_row_sampling_draws_from_the_nucleus() -> None:
+    """Per-row generators sample the top-p distribution: p = [.5, .3, .15, .05] (shuffled), top_p = 0.7
+    keeps .5 and .3, renormalised to .625 and .375."""
+    n = 4000
+    logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log().expand(n, 4)
+    generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    picks = _select(logits, RolloutConfig(temperature=1.0, top_p=0.7), generators)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    assert freq[0] == 0 and freq[2] == 0
+    assert abs(freq[1].item() - 0.625) < 0.03 and abs(freq[3].item() - 0.375) < 0.03
+    # the same generators again give the same draws; greedy ignores them
+    again = [torch.Generator().manual_seed(i) for i in range(n)]
+    assert torch.equal(_select(logits, RolloutConfig(temperature=1.0, top_p=0.7), again), picks)
+    assert _select(logits, RolloutConfig(), generators).eq(1).all()
+
+
+def test_row_seeds_must_match_the_batch(lm: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="row_seeds has 3 seeds for 4 prompts"):
+        _run(lm, _prompts(lm), None, row_seeds=[1, 2, 3], temperature=1.0)
+
+
 # ---- gradients -------------------------------------------------------------------------------
 
 
@@ -333,6 +401,84 @@ def test_gradients_reach_external_vectors(lm: LoadedModel) -> None:
     assert out.dist_probs is not None and not out.dist_probs.requires_grad
     with torch.no_grad():  # the graph did not change the numbers
         _assert_same(out, _run(lm, _prompts(lm), ExternalStep(vectors.detach(), lengths), max_new_tokens=3))
+
+
+@pytest.mark.parametrize("max_new", [0, 1])
+def test_gradients_through_the_model_match_the_uncached_reference(lm: LoadedModel, max_new: int) -> None:
+    """Outside no_grad the default config differentiates through the model and its KV cache (which
+    carries each hidden-state latent into the next): parameter gradients equal the uncached ones.
+
+    The loss is a random projection of the latents: |latent|² would be nearly constant after
+    Llama's final RMSNorm, leaving gradients that are rounding noise."""
+    prompts = _prompts(lm)
+    params = dict(lm.model.named_parameters())
+
+    def grads(**cfg: object) -> dict[str, torch.Tensor]:
+        config = RolloutConfig(num_latent_steps=3, max_new_tokens=max_new, **cfg)
+        out = rollout(lm.model, prompts, HiddenStateStep(), config, eos_ids=lm.eos_ids, pad_id=lm.pad_id,
+                      eot_id=lm.eot_id)
+        weights = torch.randn(out.latents.shape, generator=torch.Generator().manual_seed(3))
+        (out.latents * weights).sum().backward()
+        result = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+        lm.model.zero_grad(set_to_none=True)
+        return result
+
+    default = grads()
+    reference = grads(use_cache=False)
+    assert default.keys() == reference.keys() == params.keys()
+    for name, ref in reference.items():
+        scale = ref.abs().max().item()
+        assert scale > 0.1, f"{name}: no gradient reached it"
+        torch.testing.assert_close(default[name], ref, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def test_static_cache_only_while_grad_is_off(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation keeps the preallocated cache; a rollout under autograd does not build one."""
+    built: list[object] = []
+    real = rollout_module.StaticCache
+    monkeypatch.setattr(rollout_module, "StaticCache", lambda **kw: built.append(kw) or real(**kw))
+    cfg = RolloutConfig(num_latent_steps=2, max_new_tokens=2)
+    args = (lm.model, _prompts(lm), HiddenStateStep(), cfg)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            rollout(*args, eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id)
+    assert len(built) == 2
+    out = rollout(*args, eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id)
+    assert len(built) == 2 and out.latents.requires_grad
+
+
+# ---- non-finite vectors -----------------------------------------------------------------------
+
+
+def _external(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = lm.model.get_input_embeddings().weight.shape[1]
+    vectors = torch.randn(len(TEXTS), NUM_LATENT, dim, generator=torch.Generator().manual_seed(1)) * 0.3
+    return vectors, torch.tensor(EXTERNAL_LENGTHS)
+
+
+@pytest.mark.parametrize("cache", [{}, {"cache": "dynamic"}, {"use_cache": False}], ids=["static", "dynamic", "uncached"])
+def test_non_finite_values_past_a_rows_length_are_ignored(lm: LoadedModel, cache: dict) -> None:
+    """What a step returns for a stopped row is never fed: NaN or inf there changes nothing."""
+    vectors, lengths = _external(lm)
+    poisoned = vectors.clone()
+    for r, n in enumerate(EXTERNAL_LENGTHS):
+        poisoned[r, n:] = float("nan") if r % 2 else float("inf")
+    clean = _run(lm, _prompts(lm), ExternalStep(vectors, lengths), keep_distributions="full", **cache)
+    dirty = _run(lm, _prompts(lm), ExternalStep(poisoned, lengths), keep_distributions="full", **cache)
+    _assert_same(dirty, clean, atol=0)
+    assert any(t for t in clean.tokens) and all(lm.pad_id not in t for t in dirty.tokens)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_vector_in_a_reasoning_row_raises_naming_row_and_step(lm: LoadedModel, bad: float) -> None:
+    vectors, lengths = _external(lm)
+    vectors[2, 3, 5] = bad  # row 2 reasons for 5 steps
+    with pytest.raises(NonFiniteLatentError, match=r": row 2 at latent step 3 \(steps 0-based\)"):
+        _run(lm, _prompts(lm), ExternalStep(vectors, lengths))
+    vectors[0, 1] = bad  # row 0 reasons for 3 steps; both rows are named, each at its first bad step
+    vectors[0, 2] = bad
+    with pytest.raises(ValueError, match=r"row 0 at latent step 1, row 2 at latent step 3"):
+        _run(lm, _prompts(lm), ExternalStep(vectors, lengths), use_cache=False)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -361,11 +507,37 @@ def test_empty_prompts_raise() -> None:
         _run(lm, [[5, 6], []], HiddenStateStep())
 
 
+def test_external_step_that_does_not_fit_the_rollout_raises_before_any_compute(lm: LoadedModel) -> None:
+    prompts = _prompts(lm)  # 4 prompts, NUM_LATENT = 5 steps
+    dim = lm.model.get_input_embeddings().weight.shape[1]
+    cases = [
+        (torch.zeros(4, 3, dim), r"vectors hold 3 latent steps but rollout.num_latent_steps=5"),
+        (torch.zeros(3, NUM_LATENT, dim), r"vectors are for 3 sequences but the batch has 4 prompts"),
+        (torch.zeros(4, NUM_LATENT, dim + 1), rf"vectors have width {dim + 1} but .* have width {dim}"),
+    ]
+    for vectors, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _run(lm, prompts, ExternalStep(vectors))
+    _run(lm, prompts, ExternalStep(torch.zeros(4, NUM_LATENT + 2, dim)))  # more steps than needed is fine
+
+
+def test_step_returning_the_wrong_shape_raises_naming_it(lm: LoadedModel) -> None:
+    class Wide(LatentStep):
+        def __call__(self, ctx: StepContext) -> StepResult:
+            return StepResult(torch.cat([ctx.logits[:, :1], ctx.embedding[: ctx.logits.shape[0]]], -1))
+
+    dim = lm.model.get_input_embeddings().weight.shape[1]
+    message = rf"Wide returned vectors of shape \(4, {dim + 1}\) at latent step 0; expected \(4, {dim}\)"
+    with pytest.raises(ValueError, match=message):
+        _run(lm, _prompts(lm), Wide())
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [("num_latent_steps", -1, "num_latent_steps=-1"), ("max_new_tokens", -2, "max_new_tokens=-2"),
      ("temperature", -0.5, "temperature=-0.5"), ("top_p", 0.0, "top_p=0.0"), ("top_p", 1.5, "top_p=1.5"),
-     ("keep_distributions", "all", "keep_distributions='all'")],
+     ("keep_distributions", "all", "keep_distributions='all'"),
+     ("distribution_topk", -3, "distribution_topk=-3, must be >= 1"), ("distribution_topk", 0, "distribution_topk=0")],
 )
 def test_rollout_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

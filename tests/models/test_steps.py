@@ -84,7 +84,7 @@ def test_top_p_and_min_p_filter_as_documented() -> None:
 
 
 @pytest.mark.parametrize("top_k", [0, 4])
-@pytest.mark.parametrize("top_p, min_p", [(1e-9, 0.0), (0.01, 0.0), (1.0, 1.0), (1e-9, 0.99)])
+@pytest.mark.parametrize("top_p, min_p", [(1e-9, 0.0), (0.01, 0.0), (1.0, 0.999), (1e-9, 0.99)])
 def test_filtering_always_keeps_the_most_probable_token(top_k: int, top_p: float, min_p: float) -> None:
     ctx = _ctx()
     step = MixtureStep(top_k=top_k, top_p=top_p, min_p=min_p)
@@ -109,6 +109,11 @@ def test_mixture_casts_to_the_embedding_dtype() -> None:
     ({"temperature": 0.0}, "temperature=0.0, must be > 0"),
     ({"temperature": -1.0}, "temperature=-1.0"),
     ({"top_k": -1}, "top_k=-1, must be >= 0"),
+    ({"top_p": 0.0}, r"top_p=0.0, must be in \(0, 1\]"),
+    ({"top_p": 1.5}, "top_p=1.5"),
+    ({"top_p": -0.2}, "top_p=-0.2"),
+    ({"min_p": -0.1}, r"min_p=-0.1, must be in \[0, 1\)"),
+    ({"min_p": 1.0}, "min_p=1.0"),
 ])
 def test_mixture_rejects_invalid_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -157,6 +162,30 @@ def test_external_step_keeps_the_graph() -> None:
 def test_external_step_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError, match=r"\[B, K, D\], got shape \(3, 5\)"):
         ExternalStep(torch.zeros(3, 5))
+
+
+def test_external_step_validate_names_expected_and_given() -> None:
+    step = ExternalStep(torch.zeros(B, 4, D), lengths=torch.tensor([1, 2, 4]))
+    step.validate(B, 4, D)  # fits: no error
+    step.validate(B, 2, D)  # more steps than the rollout asks for: fine
+    with pytest.raises(ValueError, match=r"vectors hold 4 latent steps but rollout.num_latent_steps=6"):
+        step.validate(B, 6, D)
+    with pytest.raises(ValueError, match=rf"vectors are for {B} sequences but the batch has 5 prompts"):
+        step.validate(5, 4, D)
+    with pytest.raises(ValueError, match=rf"vectors have width {D} but the model's input embeddings have width 8"):
+        step.validate(B, 4, 8)
+    LatentStep().validate(B, 100, D)  # the base class accepts anything
+
+
+def test_external_step_past_its_vectors_raises_value_error() -> None:
+    step = ExternalStep(torch.zeros(B, 2, D))
+    with pytest.raises(ValueError, match="asked for latent step 2 but vectors hold 2 steps"):
+        step(_ctx(step=2))
+
+
+def test_external_step_rejects_lengths_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match=rf"lengths must be \[B\] = \({B},\) like vectors, got shape \(2,\)"):
+        ExternalStep(torch.zeros(B, 2, D), lengths=torch.tensor([1, 2]))
 
 
 def test_base_step_must_be_implemented() -> None:

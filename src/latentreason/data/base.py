@@ -95,9 +95,12 @@ class Task:
             )
 
     # -- text formats -----------------------------------------------------------------------
-    def prompt(self, ex: Example) -> str:
-        """The user-facing question text (a chat template, if any, is applied by the collator)."""
-        return f"{self.instruction}\n{ex.question}" if self.instruction else ex.question
+    def prompt(self, ex: Example, instruction: bool = True) -> str:
+        """The user-facing question text (a chat template, if any, is applied by the collator).
+
+        ``instruction=False`` gives the bare question (zero-shot baselines of chat models).
+        """
+        return f"{self.instruction}\n{ex.question}" if self.instruction and instruction else ex.question
 
     def chain_text(self, ex: Example) -> str:
         if self.chain_format:

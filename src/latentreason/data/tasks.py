@@ -235,9 +235,9 @@ class AQuA(Task):
         return Example(f"{cls.name}-valid-{index}", question.strip(), correct.strip(), chain,
                        {"rationale": chain}, options=tuple(o.strip() for o in options))
 
-    def prompt(self, ex: Example) -> str:
+    def prompt(self, ex: Example, instruction: bool = True) -> str:
         text = f"{ex.question}\nOptions: {' '.join(ex.options)}"
-        return f"{self.instruction}\n{text}" if self.instruction else text
+        return f"{self.instruction}\n{text}" if self.instruction and instruction else text
 
 
 # -- ProsQA --------------------------------------------------------------------------------------

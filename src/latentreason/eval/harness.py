@@ -25,7 +25,7 @@ from latentreason.data.base import ANSWER_DELIMITER, Example
 from latentreason.eval.metrics import mean, wilson_interval
 from latentreason.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from latentreason.methods.base import Method
-from latentreason.models.rollout import rollout
+from latentreason.models.rollout import RolloutConfig, derive_seed, rollout
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,18 @@ def _chain_tokens(texts: list[str], tokenizer: Any) -> list[int]:
     return [len(i) if h else 0 for i, h in zip(ids, heads)]
 
 
+def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
+    """Sampling seeds keyed by example id, so a row's sample is the same in any batch, order or resume.
+
+    None when decoding is greedy. Sampling with ``rollout.seed`` unset uses seed 0 rather than an
+    unseeded generator: a resumable evaluation must be reproducible; set a seed to draw others.
+    """
+    if cfg.temperature == 0:
+        return None
+    seed = 0 if cfg.seed is None else cfg.seed
+    return [derive_seed(seed, ex.id) for ex in examples]
+
+
 def predict(
     method: Method,
     examples: list[Example],
@@ -64,6 +76,7 @@ def predict(
     """Generate and score ``examples`` in batches (sorted by prompt length to save padding).
 
     ``on_batch`` receives each finished batch's predictions (the harness appends them to disk).
+    Sampled rows use :func:`row_seeds`, so no row depends on the batch size.
     """
     loaded, task = method.loaded, method.task
     model, tok = loaded.model, loaded.tokenizer
@@ -76,10 +89,12 @@ def predict(
         idx = order[start: start + batch_size]
         batch = [examples[i] for i in idx]
         t0 = time.perf_counter()
+        seeds = row_seeds(cfg, batch)
         with torch.inference_mode():
             out = rollout(
                 model, [prompt_ids[i] for i in idx], method.latent_step(batch), cfg,
                 eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
+                row_seeds=seeds,
             )
         texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
         seconds = (time.perf_counter() - t0) / len(idx)
@@ -126,6 +141,55 @@ def summarise(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any
     }
 
 
+# Config fields (``section`` or ``section.field``) known not to change a prediction row: where rows
+# go, how many are asked for (a longer limit continues), batching (rows are batch-independent,
+# sampled ones included: see row_seeds), what only training reads, and rollout outputs no row
+# stores. Every other field, including any added later, guards the rows.
+ROW_NEUTRAL_FIELDS: frozenset[str] = frozenset({
+    "eval.output_dir", "eval.overwrite", "eval.limit", "eval.batch_size",
+    "data.train_split", "data.valid_split", "data.train_limit",
+    "train", "optim", "lora",
+    "rollout.keep_distributions", "rollout.distribution_topk",
+})
+
+
+def eval_fingerprint(config: dict[str, Any], task_version: int | str | None = None) -> dict[str, Any]:
+    """``section.field -> value`` for every field of ``config`` (a ``to_dict(run)``) that can change a row.
+
+    Derived from the whole config minus :data:`ROW_NEUTRAL_FIELDS`, so a new field is covered
+    without anyone remembering to list it.
+    """
+    out: dict[str, Any] = {}
+    for section, fields in config.items():
+        if section in ROW_NEUTRAL_FIELDS:
+            continue
+        for name, value in fields.items():
+            key = f"{section}.{name}"
+            if key not in ROW_NEUTRAL_FIELDS:
+                out[key] = value
+    if task_version is not None:
+        out["task_version"] = task_version
+    return out
+
+
+def weights_identity(name_or_path: str) -> dict[str, list[int]] | None:
+    """Size and modification time of a local model folder's weight files, for the fingerprint.
+
+    Why: retraining into the same folder (``best/``, ``final/``) keeps ``model.name_or_path``;
+    without this, rows of the old weights would resume into the new model's evaluation.
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def evaluate(
     method: Method,
     examples: list[Example],
@@ -134,27 +198,34 @@ def evaluate(
     info: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate into ``output_dir`` (predictions.jsonl, summary.json), resuming finished rows.
 
-    ``info`` (model, task, method, split, rollout settings ...) is stored in the summary and must
-    match an existing run's, so that rows of different settings never mix.
+    ``info`` (model, task, method, split ...) goes into the summary. ``fingerprint`` (default:
+    ``info`` less ``command``; ``run_eval`` passes :func:`eval_fingerprint` of the whole config)
+    must match an existing run's, so that rows of different settings never mix.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows_path, meta_path = out / "predictions.jsonl", out / "eval_config.json"
     info = dict(info or {})
     info.setdefault("command", " ".join(sys.argv))
-    fingerprint = {k: v for k, v in info.items() if k != "command"}
+    if fingerprint is None:
+        fingerprint = {k: v for k, v in info.items() if k != "command"}
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
     if overwrite:
         rows_path.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
     if meta_path.exists() and rows_path.exists():
         saved = json.loads(meta_path.read_text())
         if saved != fingerprint:
-            diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+            diff = [
+                f"{k} (saved {_short(saved.get(k))}, now {_short(fingerprint.get(k))})"
+                for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)
+            ]
             raise ValueError(
-                f"{out}: holds an evaluation with other settings (differs in {', '.join(diff)}); "
+                f"{out}: holds an evaluation with other settings (differs in {'; '.join(diff)}); "
                 "use another eval.output_dir or eval.overwrite=true"
             )
     atomic_write_json(meta_path, fingerprint)

@@ -7,16 +7,21 @@ A new variant is a config subclass plus the one hook it changes.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from latentreason.config import MethodConfig
 from latentreason.data.base import Example, Task
 from latentreason.data.collate import encode_prompts
-from latentreason.models.loading import LoadedModel
+from latentreason.io import atomic_write_text
+from latentreason.models.loading import CheckpointError, LoadedModel, save_checkpoint
 from latentreason.models.rollout import RolloutConfig
 from latentreason.models.steps import LatentStep
 from latentreason.registry import Registry
@@ -72,6 +77,88 @@ class Method:
 
     def rollout_config(self) -> RolloutConfig:
         return self.run.rollout
+
+    # -- saving and loading the whole method ---------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """The LM as a ``save_pretrained`` folder (LoRA merged), its extra modules, the run config.
+
+        The folder is what :meth:`from_pretrained` (and ``latentreason eval``) reads back.
+        """
+        from latentreason.config import to_dict
+
+        path = Path(path)
+        save_checkpoint(self.loaded, path)
+        extras = self.extra_modules()
+        if extras:
+            state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items() for n, t in m.state_dict().items()}
+            save_file(state, str(path / EXTRA_MODULES_FILE))
+        atomic_write_text(path / RUN_CONFIG_FILE, yaml.safe_dump(to_dict(self.run), sort_keys=False))
+
+    def load_extra_modules(self, path: str | Path) -> None:
+        """Load ``extra_modules.safetensors`` (parameters and buffers) saved beside the LM."""
+        file = Path(path) / EXTRA_MODULES_FILE
+        extras = self.extra_modules()
+        try:
+            saved = load_file(str(file))
+        except Exception as exc:
+            raise CheckpointError(f"{file}: unreadable ({exc}); save the method again") from exc
+        for key, module in extras.items():
+            part = {n[len(key) + 1:]: t for n, t in saved.items() if n.startswith(key + ".")}
+            try:
+                module.load_state_dict(part, strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{file}: does not match module {key!r} of {self.name!r}: {exc}") from exc
+        unknown = sorted({n.split(".")[0] for n in saved} - set(extras))
+        if unknown:
+            raise CheckpointError(f"{file}: holds modules {unknown} that method {self.name!r} does not have")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, overrides: list[str] | None = None) -> Method:
+        """Reload a saved method (``best/``, ``final/``): its config, LM and extra modules.
+
+        ``overrides`` (``section.field=value``) change the saved config, e.g. the rollout.
+        """
+        from latentreason.config import build_run_config, merge, parse_overrides
+
+        path = Path(path)
+        cfg_file = path / RUN_CONFIG_FILE
+        if not cfg_file.exists():
+            raise CheckpointError(f"{cfg_file}: missing; {path} is not a folder saved by latentreason")
+        data = yaml.safe_load(cfg_file.read_text())
+        data = merge(data, parse_overrides(list(overrides or [])))
+        data.setdefault("train", {})["init_from"] = None
+        data.setdefault("model", {})["name_or_path"] = str(path)
+        run = build_run_config(data, str(cfg_file))
+        method = build_method(run)
+        if method.extra_modules() and not (path / EXTRA_MODULES_FILE).exists():
+            raise CheckpointError(f"{path / EXTRA_MODULES_FILE}: missing; method {run.method.name!r} needs its "
+                                  f"modules {sorted(method.extra_modules())}")
+        if cls is not Method and not isinstance(method, cls):
+            raise CheckpointError(f"{path}: holds method {run.method.name!r}, not {cls.name!r}")
+        return method
+
+
+EXTRA_MODULES_FILE = "extra_modules.safetensors"
+RUN_CONFIG_FILE = "run_config.yaml"
+
+
+def build_method(run: RunConfig, model_path: str | None = None) -> Method:
+    """Load the model, the task and the method object for ``run`` (no training).
+
+    A model folder saved with extra modules (projectors, assistants, encoders) gets them back.
+    """
+    import latentreason.methods  # noqa: F401  (registers the built-in methods)
+    from latentreason.data.base import build_task
+    from latentreason.models.loading import load_model
+
+    task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
+    model_cfg = run.model if model_path is None else dataclasses.replace(run.model, name_or_path=model_path)
+    loaded = load_model(model_cfg)
+    method = METHODS.get(run.method.name)(run.method, run, loaded, task)
+    folder = Path(model_cfg.name_or_path)
+    if (folder / EXTRA_MODULES_FILE).exists():
+        method.load_extra_modules(folder)
+    return method
 
 
 METHODS: Registry[type[Method]] = Registry("method", base=Method)

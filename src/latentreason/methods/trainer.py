@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -35,9 +36,9 @@ from tqdm.auto import tqdm
 
 from latentreason.config import RunConfig, to_dict
 from latentreason.data.base import Example
-from latentreason.io import atomic_replace_dir, atomic_write_json, atomic_write_text, read_jsonl
+from latentreason.io import atomic_replace_dir, atomic_write_json, atomic_write_text, read_jsonl, recover_dir
 from latentreason.methods.base import Method
-from latentreason.models.loading import save_checkpoint
+from latentreason.models.loading import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +65,42 @@ class _LossModule(nn.Module):
 
 
 def apply_lora(method: Method, run: RunConfig) -> None:
-    """Wrap the LM with peft LoRA adapters in place (``method.loaded.model``)."""
+    """Wrap the LM with peft LoRA adapters in place (``method.loaded.model``).
+
+    When the input embedding is adapted (a LoRA target, or ``train_embeddings``) on a model that
+    ties it to the output layer, peft changes only the input lookup, so the model trained computes
+    logits with the *base* table. The output layer is untied first (a frozen copy of the base
+    table), so that the merged model saved computes exactly what was trained.
+    """
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model
 
     cfg = run.lora
-    targets: str | list[str] = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
-    extra = None
-    if cfg.train_embeddings:
-        extra = [n for n, m in method.loaded.model.named_modules() if m is method.loaded.model.get_input_embeddings()]
+    model = method.loaded.model
+    targets: str | list[str] = cfg.target_modules if cfg.target_modules == "all-linear" else [
+        t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    targets_embedding = isinstance(targets, list) and any(
+        embed_name == t or embed_name.endswith("." + t) for t in targets)
+    if cfg.train_embeddings or targets_embedding:
+        untie_output_embeddings(model)
     peft_cfg = PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                        modules_to_save=[e.split(".")[-1] for e in extra] if extra else None, task_type="CAUSAL_LM")
-    method.loaded.model = get_peft_model(method.loaded.model, peft_cfg)
+                        modules_to_save=[embed_name.split(".")[-1]] if cfg.train_embeddings else None,
+                        task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):  # the adapters' initialisation is a function of the seed
+        torch.manual_seed(run.train.seed)
+        method.loaded.model = get_peft_model(model, peft_cfg)
+
+
+def untie_output_embeddings(model: nn.Module) -> None:
+    """Give the output layer its own (frozen) copy of a tied input embedding table."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or out.weight is not inp.weight:
+        return
+    out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
+    model.config.get_text_config().tie_word_embeddings = False
+    model.config.tie_word_embeddings = False
 
 
 def _schedule(run: RunConfig) -> Callable[[int], float]:
@@ -106,8 +131,89 @@ def batch_indices(n_examples: int, step: int, global_batch: int, seed: int) -> l
     return out
 
 
-def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+def _resumable_state(module: _LossModule) -> dict[str, torch.Tensor]:
+    """Trainable parameters, plus every buffer of the extra modules (running statistics, etc.).
+
+    Frozen LM weights and the LM's own buffers (rotary tables) are rebuilt by loading the model,
+    so they are not copied into every checkpoint.
+    """
+    state = {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    for key, part in module.parts.items():
+        if key != "lm":
+            state.update({f"parts.{key}.{n}": b.detach().contiguous() for n, b in part.named_buffers()})
+    return state
+
+
+#: Settings a run may change when it resumes: they alter neither the trajectory nor the selection.
+RESUME_SAFE = ("train.max_steps", "train.save_every", "train.log_every", "train.eval_every", "train.resume",
+               "train.output_dir", "eval.")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted fields that differ between a checkpoint's config and this run's, unsafe ones only."""
+    a, b = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _restart_hint(ckpt: Path) -> str:
+    return (f"the checkpoint is truncated or corrupt. Delete {ckpt} (or set train.resume=false) to "
+            "start again from step 0, or use a new train.output_dir")
+
+
+def resumable_checkpoint(run: RunConfig) -> Path | None:
+    """The checkpoint this run will resume from (None: a fresh start); refuses other settings.
+
+    Cheap (reads one YAML file), so entry points call it before loading any weights, and the
+    trainer again before it writes anything: ``run_config.yaml`` always holds the config in force.
+    """
+    ckpt = Path(run.train.output_dir) / "checkpoint"
+    if not run.train.resume:
+        return None
+    recover_dir(ckpt)  # a save killed between its two renames left only checkpoint.old
+    if not (ckpt / "trainer_state.pt").exists():
+        return None
+    cfg_file = ckpt / "config.yaml"
+    try:
+        saved = yaml.safe_load(cfg_file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{cfg_file}: unreadable ({exc}); {_restart_hint(ckpt)}") from exc
+    current = to_dict(run)
+    changed = config_changes(saved, current)
+    if changed:
+        old, new = _flatten(saved), _flatten(current)
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        raise CheckpointError(
+            f"{ckpt} was written with other settings ({diffs}); resuming would mix two runs. Rerun with "
+            "the saved values, use a new train.output_dir, or set train.resume=false to start over. "
+            f"Safe to change on resume: {', '.join(RESUME_SAFE)}"
+        )
+    return ckpt
 
 
 class Trainer:
@@ -135,6 +241,12 @@ class Trainer:
                 f"train.micro_batch_size ({t.micro_batch_size}); e.g. set train.micro_batch_size="
                 f"{max(1, t.global_batch_size // world)}"
             )
+        # Per-rank seed: dropout and sampled noise must differ between processes (and are
+        # restored exactly on resume). Model initialisation has happened already, seeded apart.
+        seed = t.seed * 1000 + self.acc.process_index
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
         self.out = Path(t.output_dir)
         self.ckpt = self.out / "checkpoint"
         self.log_path = self.out / "log.jsonl"
@@ -151,18 +263,21 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_resumable(self) -> None:
+        # Every rank's RNG (dropout masks, sampled noise differ per rank), gathered to the writer.
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([_rng_state()]) if self.acc.num_processes > 1 else [_rng_state()]
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".checkpoint-"))
-            module = self.acc.unwrap_model(self.wrapped)
-            save_file(_trainable_state(module), str(tmp / "trainable.safetensors"))
+            save_file(_resumable_state(self.acc.unwrap_model(self.wrapped)), str(tmp / "trainable.safetensors"))
             torch.save(
                 {
                     "step": self.step,
                     "best": self.best,
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                    "rng": rngs,
                 },
                 tmp / "trainer_state.pt",
             )
@@ -170,28 +285,49 @@ class Trainer:
             atomic_replace_dir(tmp, self.ckpt)
         self.acc.wait_for_everyone()
 
+    def _read_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The checkpoint's tensors and trainer state, or an error naming the unreadable file."""
+        files = self.ckpt / "trainable.safetensors", self.ckpt / "trainer_state.pt"
+        try:
+            saved = load_file(str(files[0]))
+        except Exception as exc:
+            raise CheckpointError(f"{files[0]}: unreadable ({exc}); {self._restart_hint()}") from exc
+        try:
+            state = torch.load(files[1], weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{files[1]}: unreadable ({exc}); {self._restart_hint()}") from exc
+        return saved, state
+
+    def _restart_hint(self) -> str:
+        return _restart_hint(self.ckpt)
+
+    def check_resume(self) -> bool:
+        return resumable_checkpoint(self.run) is not None
+
     def try_resume(self) -> bool:
-        if not (self.run.train.resume and (self.ckpt / "trainer_state.pt").exists()):
+        if not self.check_resume():
             return False
         module = self.acc.unwrap_model(self.wrapped)
-        saved = load_file(str(self.ckpt / "trainable.safetensors"))
-        expected = _trainable_state(module)
+        saved, state = self._read_checkpoint()
+        expected = _resumable_state(module)
         if set(saved) != set(expected):
             missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.ckpt}: checkpoint does not match this run's trainable parameters "
                 f"(missing {missing[:5]}, unexpected {extra[:5]}); use a new train.output_dir or train.resume=false"
             )
         with torch.no_grad():
-            for name, p in module.named_parameters():
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
                 if name in saved:
-                    p.copy_(saved[name])
-        state = torch.load(self.ckpt / "trainer_state.pt", weights_only=False)
+                    t.copy_(saved[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) == self.acc.num_processes:
+            _set_rng_state(rngs[self.acc.process_index])
+        else:
+            logger.warning("checkpoint written by %d processes, resumed on %d: random streams (dropout) restart "
+                           "from the seed; the data order is unchanged", len(rngs), self.acc.num_processes)
         self.step, self.best = state["step"], state["best"]
         if self.acc.is_main_process and self.log_path.exists():
             rows = [r for r in read_jsonl(self.log_path, drop_torn_tail=True) if r.get("step", 0) <= self.step]
@@ -199,16 +335,18 @@ class Trainer:
         logger.info("resumed from %s at step %d", self.ckpt, self.step)
         return True
 
+    def _start_fresh_log(self) -> None:
+        """A fresh run never appends to an earlier run's log: that log is kept under another name."""
+        if self.acc.is_main_process and self.log_path.exists():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            kept = self.log_path.with_name(f"log.previous-{stamp}.jsonl")
+            os.replace(self.log_path, kept)
+            logger.info("starting a fresh run in %s; the earlier log is kept as %s", self.out, kept.name)
+
     def save_model(self, name: str) -> None:
-        """A ``save_pretrained`` folder users load directly (LoRA merged), plus extra modules."""
+        """``best/`` or ``final/``: what ``Method.from_pretrained`` and ``latentreason eval`` read."""
         if self.acc.is_main_process:
-            loaded = self.method.loaded
-            save_checkpoint(loaded, self.out / name)
-            extras = self.method.extra_modules()
-            if extras:
-                state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items() for n, t in m.state_dict().items()}
-                save_file(state, str(self.out / name / "extra_modules.safetensors"))
-            atomic_write_text(self.out / name / "run_config.yaml", yaml.safe_dump(to_dict(self.run), sort_keys=False))
+            self.method.save_pretrained(self.out / name)
         self.acc.wait_for_everyone()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -239,10 +377,12 @@ class Trainer:
     def train(self) -> TrainResult:
         t = self.run.train
         start = time.perf_counter()
+        resumed = self.try_resume()  # first: refuses a checkpoint of other settings before writing
+        if not resumed:
+            self._start_fresh_log()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "run_config.yaml", yaml.safe_dump(to_dict(self.run), sort_keys=False))
-        self.try_resume()
         self.wrapped.train()
         bar = tqdm(total=t.max_steps, initial=self.step, desc=f"train {self.method.name}",
                    disable=not self.acc.is_main_process, dynamic_ncols=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from latentreason.io import atomic_replace_dir
+from latentreason.io import atomic_replace_dir, recover_dir
 from latentreason.models import tiny
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype={self.dtype!r}, must be one of float32, bfloat16, float16")
+
+
+class CheckpointError(ValueError):
+    """A saved model or checkpoint exists but cannot be read; the message names the file."""
 
 
 @dataclass
@@ -133,15 +137,26 @@ def _resolve(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         path: str | Path = materialise_smollm2()
     else:
         path = name
+        recover_dir(name)  # a save killed between its two renames left only <name>.old
         if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise FileNotFoundError(
                 f"model {name!r}: no such local folder; use a hub name (owner/model), a folder, "
                 f"or one of {', '.join(BUILTIN_NAMES)}"
             )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    # output_loading_info: transformers only logs missing/unexpected keys (and sets no attribute
-    # on the model), so ask for the report explicitly and check it.
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype), output_loading_info=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # output_loading_info: transformers only logs missing/unexpected keys (and sets no
+        # attribute on the model), so ask for the report explicitly and check it.
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype), output_loading_info=True)
+    except Exception as exc:
+        if not Path(path).is_dir():
+            raise
+        # A truncated or corrupt file surfaces as a raw safetensors/json/torch error: name it.
+        raise CheckpointError(
+            f"model folder {path} could not be read ({type(exc).__name__}: {str(exc)[:200]}); the files are "
+            "truncated or corrupt: save it again (rerun the training that wrote it, or use best/ or "
+            "checkpoint/ from the same run)"
+        ) from exc
     _check_complete(model, info, path)
     return model, tokenizer
 

@@ -10,6 +10,7 @@ recomputes the whole prefix each step: a slow reference used by the tests, not a
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.cache={self.cache!r}, must be static or dynamic")
         if self.keep_distributions not in ("topk", "full", "none"):
             raise ValueError(f"rollout.keep_distributions={self.keep_distributions!r}, must be topk, full or none")
+        if self.distribution_topk < 1:
+            raise ValueError(f"rollout.distribution_topk={self.distribution_topk}, must be >= 1")
 
 
 @dataclass
@@ -65,6 +68,19 @@ class RolloutOutput:
 
 class ContextLengthError(ValueError):
     """A prompt plus the latent and answer budget does not fit the model's context."""
+
+
+class NonFiniteLatentError(ValueError):
+    """A reasoning row was fed a latent vector with NaN or inf (it would silently decode garbage)."""
+
+
+def derive_seed(seed: int, key: int | str) -> int:
+    """A well-mixed 63-bit seed for one row from a base seed and a key (row index, example id).
+
+    Why hashed: ``seed + index`` makes nearby (seed, index) pairs collide across runs.
+    """
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def max_positions(model: PreTrainedModel) -> int | None:
@@ -110,11 +126,17 @@ class _Runner:
     Three modes: a preallocated static KV cache written by index (default: no per-step copy of
     the whole cache, which a growing cache pays on every token), transformers' growing
     ``DynamicCache``, or no cache at all (re-runs the whole sequence: the tests' reference).
+    The static cache is written in place, which autograd cannot differentiate through, so it is
+    only used while grad is disabled; with grad enabled the growing cache (new tensors per step)
+    takes its place.
     """
 
     def __init__(self, model: PreTrainedModel, cfg: RolloutConfig, need_hidden: bool, batch: int, max_len: int) -> None:
         self.model, self.use_cache, self.need_hidden = model, cfg.use_cache, need_hidden
-        self.static = cfg.use_cache and cfg.cache == "static" and getattr(model, "_can_compile_fullgraph", False)
+        self.static = (
+            cfg.use_cache and cfg.cache == "static" and not torch.is_grad_enabled()
+            and getattr(model, "_can_compile_fullgraph", False)
+        )
         self.cache = StaticCache(config=model.config, max_cache_len=max_len) if self.static else None
         self.mask_buf = torch.zeros(batch, max_len, dtype=torch.long, device=model.device) if self.static else None
         self.offset = 0  # columns fed so far
@@ -153,7 +175,12 @@ class _Runner:
         return out.logits[:, -1], hidden
 
 
-def _select(logits: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator | None) -> torch.Tensor:
+def _select(logits: torch.Tensor, cfg: RolloutConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row: argmax, or a sample (top-p filtered) from each row's own generator.
+
+    One generator per row makes a row's sample independent of the rest of the batch; without
+    generators the global RNG samples the whole batch at once (not reproducible).
+    """
     if cfg.temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / cfg.temperature).softmax(-1)
@@ -162,7 +189,24 @@ def _select(logits: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator
         keep = (sorted_probs.cumsum(-1) - sorted_probs) < cfg.top_p
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def _row_generators(
+    cfg: RolloutConfig, row_seeds: list[int] | None, batch: int, device: torch.device
+) -> list[torch.Generator] | None:
+    """One seeded generator per row, or None (greedy, or sampling with no seed at all)."""
+    if row_seeds is not None and len(row_seeds) != batch:
+        raise ValueError(f"rollout: row_seeds has {len(row_seeds)} seeds for {batch} prompts; pass one per prompt")
+    if cfg.temperature == 0:
+        return None
+    if row_seeds is None:
+        if cfg.seed is None:
+            return None
+        row_seeds = [derive_seed(cfg.seed, row) for row in range(batch)]
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
 
 
 def rollout(
@@ -174,12 +218,22 @@ def rollout(
     eos_ids: list[int],
     pad_id: int,
     eot_id: int | None = None,
+    row_seeds: list[int] | None = None,
 ) -> RolloutOutput:
     """Run prompts (token id lists, any lengths) through latent steps and answer decoding.
 
-    The latent phase tracks gradients unless the caller disables them (``latents`` then carries
-    them); answer decoding never does. Training losses on latent positions use a teacher-forced
-    forward instead. Evaluation wraps this in ``torch.inference_mode()``.
+    Gradients: with grad enabled the latent phase keeps the graph, so ``latents`` is
+    differentiable in the model's parameters and in vectors a step returns; the KV cache is then
+    transformers' ``DynamicCache`` whatever ``cfg.cache`` says (the static cache is written in
+    place, which breaks backward). Under ``no_grad`` / ``inference_mode`` (evaluation) the static
+    cache is used. Answer decoding never tracks gradients.
+
+    Sampling: ``row_seeds`` (one per prompt) gives each row its own generator, so a row's sampled
+    answer does not depend on the batch it is in or its position; without it ``cfg.seed`` seeds
+    row i with ``derive_seed(cfg.seed, i)``. Greedy decoding ignores both.
+
+    Raises ``NonFiniteLatentError`` (checked once, after the latent phase: no per-step sync) if a
+    reasoning row was fed NaN or inf; rows that stopped are fed zeros, whatever the step returned.
     """
     device = model.device
     embed = model.get_input_embeddings()
@@ -189,6 +243,10 @@ def rollout(
     check_context(model, [len(p) for p in prompts], extra)
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
+    dim = embed.weight.shape[1]
+    generators = _row_generators(cfg, row_seeds, batch, device)
+    if step is not None:
+        step.validate(batch, num_steps, dim)
     runner = _Runner(model, cfg, step is not None and step.needs_hidden, batch, max_len=ids.shape[1] + extra)
     timings: dict[str, float] = {}
     ones = torch.ones(batch, 1, dtype=torch.long, device=device)
@@ -201,7 +259,6 @@ def rollout(
 
     # ---- latent phase -------------------------------------------------------------------------
     t0 = time.perf_counter()
-    dim = embed.weight.shape[1]
     latents = torch.zeros(batch, num_steps, dim, device=device, dtype=embed.weight.dtype)
     n_latent = torch.zeros(batch, dtype=torch.long, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
@@ -213,6 +270,7 @@ def rollout(
     elif keep == "full":
         dist_probs = torch.zeros(batch, num_steps, logits.shape[-1], device=device)
     latent_list = []
+    first_bad = torch.full((batch,), -1, dtype=torch.long, device=device)  # [B] first non-finite step fed
     for t in range(num_steps):
         result = step(StepContext(t, hidden, logits, embed.weight, active))
         if result.stop is not None:
@@ -220,7 +278,16 @@ def rollout(
         if not bool(active.any()):
             break
         z = result.embeds
-        latent_list.append(torch.where(active[:, None], z, torch.zeros_like(z)))
+        if tuple(z.shape) != (batch, dim):
+            raise ValueError(
+                f"{type(step).__name__} returned vectors of shape {tuple(z.shape)} at latent step {t}; "
+                f"expected ({batch}, {dim}) (batch, hidden size)"
+            )
+        # Stopped rows get zeros, not the raw vector: under a zero mask 0 * NaN is still NaN.
+        fed = torch.where(active[:, None], z, torch.zeros_like(z)).to(embed.weight.dtype)
+        latent_list.append(fed)
+        bad = active & ~torch.isfinite(fed).all(-1)
+        first_bad = torch.where(bad & (first_bad < 0), t, first_bad)
         if keep != "none":
             with torch.no_grad():
                 probs = logits.detach().float().softmax(-1) * active[:, None]
@@ -231,13 +298,20 @@ def rollout(
                 else:
                     dist_probs[:, t] = probs
         step_mask = active.long()[:, None]
-        new_logits, new_hidden = runner(z[:, None].to(embed.weight.dtype), step_mask, lengths[:, None].clone())
+        new_logits, new_hidden = runner(fed[:, None], step_mask, lengths[:, None].clone())
         # Stopped rows keep their last real outputs: that is where their answer continues from.
         logits = torch.where(active[:, None], new_logits, logits)
         if new_hidden is not None:
             hidden = torch.where(active[:, None], new_hidden, hidden)
         lengths = lengths + active.long()
         n_latent = n_latent + active.long()
+    if num_steps and bool((first_bad >= 0).any()):  # one sync for the whole latent phase
+        rows = (first_bad >= 0).nonzero()[:, 0].tolist()
+        where = ", ".join(f"row {r} at latent step {int(first_bad[r])}" for r in rows[:5])
+        more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
+        raise NonFiniteLatentError(
+            f"{type(step).__name__} fed a NaN or inf latent vector to a reasoning row: {where}{more} (steps 0-based)"
+        )
     if latent_list:
         latents = torch.cat([torch.stack(latent_list, 1), latents[:, len(latent_list):]], 1)
     if feed_eot:
@@ -248,16 +322,13 @@ def rollout(
 
     # ---- answer decoding, same cache ----------------------------------------------------------
     t0 = time.perf_counter()
-    generator = None
-    if cfg.temperature > 0 and cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
     eos = torch.tensor(eos_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     produced = 0
     with torch.no_grad():
         for i in range(cfg.max_new_tokens):
-            nxt = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), _select(logits, cfg, generator))
+            nxt = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), _select(logits, cfg, generators))
             out[:, i] = nxt
             produced = i + 1
             done = done | torch.isin(nxt, eos)

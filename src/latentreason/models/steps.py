@@ -41,6 +41,10 @@ class LatentStep:
     def __call__(self, ctx: StepContext) -> StepResult:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
+    def validate(self, batch: int, num_steps: int, dim: int) -> None:
+        """Called once by the rollout before the loop: raise ValueError if this step cannot serve
+        ``batch`` rows for ``num_steps`` steps of width ``dim`` (a clear error, not a mid-loop crash)."""
+
     def stop_mask(self, ctx: StepContext) -> torch.Tensor | None:
         if self.stop_token_id is None:
             return None
@@ -85,6 +89,10 @@ class MixtureStep(LatentStep):
             raise ValueError(f"mixture step: temperature={temperature}, must be > 0")
         if top_k < 0:
             raise ValueError(f"mixture step: top_k={top_k}, must be >= 0 (0 = full vocabulary)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"mixture step: top_p={top_p}, must be in (0, 1]")
+        if not 0 <= min_p < 1:
+            raise ValueError(f"mixture step: min_p={min_p}, must be in [0, 1)")
         self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
         self.stop_token_id = stop_token_id
 
@@ -141,10 +149,31 @@ class ExternalStep(LatentStep):
     def __init__(self, vectors: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         if vectors.dim() != 3:
             raise ValueError(f"external step: vectors must be [B, K, D], got shape {tuple(vectors.shape)}")
+        if lengths is not None and tuple(lengths.shape) != (vectors.shape[0],):
+            raise ValueError(
+                f"external step: lengths must be [B] = ({vectors.shape[0]},) like vectors, "
+                f"got shape {tuple(lengths.shape)}"
+            )
         self.vectors = vectors
         self.lengths = lengths
 
+    def validate(self, batch: int, num_steps: int, dim: int) -> None:
+        b, k, d = self.vectors.shape
+        if b != batch:
+            raise ValueError(f"external step: vectors are for {b} sequences but the batch has {batch} prompts")
+        if k < num_steps:
+            raise ValueError(
+                f"external step: vectors hold {k} latent steps but rollout.num_latent_steps={num_steps}; "
+                f"pass [B, >= {num_steps}, D] vectors (lengths stop rows early) or lower num_latent_steps"
+            )
+        if d != dim:
+            raise ValueError(f"external step: vectors have width {d} but the model's input embeddings have width {dim}")
+
     def __call__(self, ctx: StepContext) -> StepResult:
+        if ctx.step >= self.vectors.shape[1]:
+            raise ValueError(
+                f"external step: asked for latent step {ctx.step} but vectors hold {self.vectors.shape[1]} steps"
+            )
         stop = None
         if self.lengths is not None:
             stop = self.lengths.to(ctx.logits.device) <= ctx.step

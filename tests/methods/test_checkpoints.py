@@ -1,0 +1,258 @@
+"""What a run leaves on disk and how it comes back: resume rules, extra modules, LoRA round trips,
+kills between renames, truncated files, the model's context during training."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from latentreason.config import load_run_config
+from latentreason.data.base import Example
+from latentreason.methods.base import Method
+from latentreason.methods.sft import CoTSFT, SFTConfig
+from latentreason.methods.trainer import Trainer, apply_lora
+from latentreason.models.loading import CheckpointError, load_model
+from latentreason.recipes import build_method, run_train
+from tests.conftest import tiny_run
+
+
+def _train(run_dict: dict, examples_limit: int = 64) -> Method:
+    run = load_run_config(base=run_dict)
+    method = build_method(run, model_path=run.train.init_from)
+    if run.lora.enabled:
+        apply_lora(method, run)
+    Trainer(run, method, method.task.load("train", limit=examples_limit)).train()
+    return method
+
+
+def _logits(model: nn.Module, lm_ids: list[int]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([lm_ids])).logits
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+# -- 3: a resume with other settings is refused; safe changes resume ---------------------------------
+def test_resume_with_a_changed_learning_rate_is_refused_naming_the_field(tmp_path):
+    cfg = tiny_run(tmp_path, train={"max_steps": 3, "save_every": 3, "select_on_valid": False})
+    run_train(load_run_config(base=cfg))
+    changed = tiny_run(tmp_path, optim={"lr": 1e-4}, train={"max_steps": 5, "save_every": 3, "select_on_valid": False})
+    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.003 -> 0\.0001"):
+        run_train(load_run_config(base=changed))
+    saved = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
+    assert saved["optim"]["lr"] == 3e-3, "run_config.yaml must hold the config in force, not the refused one"
+
+
+def test_resume_with_more_steps_continues_and_records_the_new_config(tmp_path):
+    base = {"optim": {"scheduler": "constant"}}
+    run_train(load_run_config(base=tiny_run(tmp_path, **base, train={"max_steps": 3, "save_every": 3, "select_on_valid": False})))
+    run_train(load_run_config(base=tiny_run(tmp_path, **base, train={"max_steps": 6, "save_every": 3, "select_on_valid": False})))
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 3, 4, 6]
+    assert yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())["train"]["max_steps"] == 6
+    ref = tmp_path / "ref"
+    run_train(load_run_config(base=tiny_run(ref, **base, train={"max_steps": 6, "save_every": 3, "select_on_valid": False})))
+    a, b = _weights(tmp_path / "run" / "final"), _weights(ref / "run" / "final")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+# -- 9: every random stream resumes: LoRA dropout gives the uninterrupted weights -----------------------
+def test_resume_restores_the_random_state_so_dropout_continues_exactly(tmp_path):
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}
+    common = {"lora": lora, "optim": {"scheduler": "constant", "lr": 1e-2}}
+    _train(tiny_run(tmp_path, **common, train={"max_steps": 2, "save_every": 2, "select_on_valid": False}))
+    resumed = _train(tiny_run(tmp_path, **common, train={"max_steps": 4, "save_every": 2, "select_on_valid": False}))
+    ref = _train(tiny_run(tmp_path / "ref", **common, train={"max_steps": 4, "save_every": 2, "select_on_valid": False}))
+    a, b = dict(resumed.loaded.model.named_parameters()), dict(ref.loaded.model.named_parameters())
+    lora_names = [n for n in a if "lora_" in n]
+    assert lora_names
+    for name in lora_names:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+# -- 8: a kill between the two renames; a fresh start keeps the old log apart -------------------------
+def test_a_kill_between_the_renames_resumes_from_checkpoint_old(tmp_path):
+    cfg = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 2, "log_every": 1, "select_on_valid": False})
+    run = load_run_config(base=cfg)
+    method = build_method(run)
+    trainer = Trainer(run, method, method.task.load("train", limit=64))
+    # Stop the first run right after its step-2 checkpoint, as a kill would.
+    orig = trainer.save_resumable
+
+    def save_then_stop() -> None:
+        orig()
+        raise KeyboardInterrupt
+
+    trainer.save_resumable = save_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    ckpt = tmp_path / "run" / "checkpoint"
+    os.replace(ckpt, ckpt.with_name("checkpoint.old"))  # the state the kill leaves between the renames
+    before = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    run_train(load_run_config(base=cfg))
+    after = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert after[:2] == before and [json.loads(x)["step"] for x in after] == [1, 2, 3, 4], \
+        "restarted at step 0 or duplicated the log"
+    assert not ckpt.with_name("checkpoint.old").exists()
+
+
+def test_a_fresh_start_does_not_append_to_the_previous_log(tmp_path):
+    cfg = tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "log_every": 1, "select_on_valid": False})
+    run_train(load_run_config(base=cfg))
+    first = (tmp_path / "run" / "log.jsonl").read_text()
+    again = tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "log_every": 1, "select_on_valid": False,
+                                      "resume": False})
+    run_train(load_run_config(base=again))
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    kept = list((tmp_path / "run").glob("log.previous-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == first
+
+
+# -- 11: truncated files are named ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["trainable.safetensors", "trainer_state.pt"])
+def test_a_truncated_checkpoint_file_is_named(tmp_path, name):
+    cfg = tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "select_on_valid": False})
+    run_train(load_run_config(base=cfg))
+    path = tmp_path / "run" / "checkpoint" / name
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size // 2)
+    more = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 2, "select_on_valid": False})
+    with pytest.raises(CheckpointError, match=rf"{name}: unreadable.*train\.resume=false"):
+        run_train(load_run_config(base=more))
+
+
+def test_a_truncated_saved_model_is_named(tmp_path):
+    cfg = tiny_run(tmp_path, train={"max_steps": 1, "save_every": 1, "select_on_valid": False})
+    run_train(load_run_config(base=cfg))
+    path = tmp_path / "run" / "final" / "model.safetensors"
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"final could not be read"):
+        load_model(str(tmp_path / "run" / "final"))
+
+
+# -- 4: LoRA saves the model it trained, for every configuration -----------------------------------------
+@pytest.mark.parametrize("model,targets,train_embeddings", [
+    ("tiny-llama-l2-d64", "all-linear", False),
+    ("tiny-llama-l2-d64", "q_proj,v_proj,embed_tokens", False),  # the Latent-SFT recipe's targets
+    ("tiny-llama-l2-d64", "all-linear", True),
+    ("tiny-gpt2-l2-d64", "c_attn,wte", False),
+])
+def test_lora_final_model_computes_what_was_trained(tmp_path, model, targets, train_embeddings):
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": targets,
+            "train_embeddings": train_embeddings}
+    method = _train(tiny_run(tmp_path, model={"name_or_path": model}, lora=lora, optim={"lr": 3e-2},
+                             train={"max_steps": 3, "save_every": 3, "select_on_valid": False}), 32)
+    ids = method.loaded.tokenizer.encode("3*4*5 | 3*4=2")
+    trained = _logits(method.loaded.model, ids)
+    base = _logits(load_model(replace(method.run.model, name_or_path=model)).model, ids)
+    assert (trained - base).abs().max() > 1e-2, "training did not change the model: the test would be vacuous"
+    saved = load_model(str(tmp_path / "run" / "final"))
+    assert not any("lora" in k for k in _weights(tmp_path / "run" / "final"))
+    torch.testing.assert_close(_logits(saved.model, ids), trained, rtol=0, atol=1e-5)
+
+
+# -- 7: extra modules (projectors, assistants) with buffers save, resume and reload as a whole -----------
+class _Adapter(nn.Module):
+    """A residual linear map on the input embeddings, and a buffer counting examples seen."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen += x.shape[0]
+        return x + self.proj(x)
+
+
+@dataclass
+class AdapterConfig(SFTConfig):
+    name: str = "tests.methods.test_checkpoints:AdaptedSFT"
+
+
+class AdaptedSFT(CoTSFT):
+    """CoT-SFT through a trained input adapter: stands in for SoftCoT's or DLR's projector."""
+
+    name = "adapted-sft"
+    config_cls = AdapterConfig
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        torch.manual_seed(0)
+        self.adapter = _Adapter(self.loaded.model.get_input_embeddings().weight.shape[1])
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"adapter": self.adapter}
+
+    def loss(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        embeds = modules["adapter"](modules["lm"].get_input_embeddings()(batch["input_ids"]))
+        out = modules["lm"](inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        return {"loss_sum": nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                        ignore_index=-100, reduction="sum")}
+
+
+ADAPTED = "tests.methods.test_checkpoints:AdaptedSFT"
+
+
+def test_extra_modules_resume_with_their_buffers(tmp_path):
+    common = {"optim": {"scheduler": "constant"}}
+    _train(tiny_run(tmp_path, ADAPTED, **common, train={"max_steps": 2, "save_every": 2, "select_on_valid": False}))
+    resumed = _train(tiny_run(tmp_path, ADAPTED, **common, train={"max_steps": 4, "save_every": 2, "select_on_valid": False}))
+    ref = _train(tiny_run(tmp_path / "ref", ADAPTED, **common, train={"max_steps": 4, "save_every": 2, "select_on_valid": False}))
+    assert float(ref.adapter.seen) == 4 * 16
+    assert float(resumed.adapter.seen) == float(ref.adapter.seen), "buffer lost on resume"
+    torch.testing.assert_close(resumed.adapter.proj.weight, ref.adapter.proj.weight, rtol=0, atol=1e-6)
+
+
+def test_a_saved_method_reloads_whole_through_from_pretrained(tmp_path):
+    trained = _train(tiny_run(tmp_path, ADAPTED, train={"max_steps": 2, "save_every": 2, "select_on_valid": False}))
+    assert trained.adapter.proj.weight.abs().sum() > 0
+    again = Method.from_pretrained(tmp_path / "run" / "final")
+    assert isinstance(again, AdaptedSFT)
+    assert float(again.adapter.seen) == float(trained.adapter.seen) == 2 * 16
+    torch.testing.assert_close(again.adapter.proj.weight, trained.adapter.proj.weight, rtol=0, atol=0)
+    batch = trained.collate(trained.task.load("valid", limit=4))
+    trained.adapter.eval()
+    again.adapter.eval()
+    with torch.no_grad():
+        a = trained.loss(nn.ModuleDict({"lm": trained.loaded.model, "adapter": trained.adapter}), batch)["loss_sum"]
+        b = again.loss(nn.ModuleDict({"lm": again.loaded.model, "adapter": again.adapter}), batch)["loss_sum"]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # Without its modules file the folder is refused, naming the file.
+    (tmp_path / "run" / "final" / "extra_modules.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="extra_modules.safetensors: missing"):
+        Method.from_pretrained(tmp_path / "run" / "final")
+
+
+# -- 6: training respects the model's context ---------------------------------------------------------
+def test_training_drops_and_counts_sequences_past_the_model_context(tmp_path):
+    cfg = tiny_run(tmp_path, model={"name_or_path": "tiny-gpt2-l2-d64", "max_positions": 40},
+                   train={"max_steps": 2, "save_every": 2, "log_every": 1, "select_on_valid": False})
+    run = load_run_config(base=cfg)
+    method = build_method(run)
+    short = method.task.load("train", limit=32)
+    long = [Example(f"long-{i}", ex.question, ex.answer, ex.chain + " " + "1*1=1 " * 6) for i, ex in enumerate(short)]
+    batch = method.collate(short[:4] + long[:4])
+    assert batch["dropped"] == 4 and batch["input_ids"].shape[1] <= 40
+    Trainer(run, method, short + long).train()  # a gpt2 indexed past its table raised IndexError here
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["dropped_examples"] > 0
+    with pytest.raises(ValueError, match="model context 40"):
+        method.collate(long[:4])
