@@ -42,7 +42,8 @@ def write_results(name: str, command: str, rows: list[dict[str, Any]], **extra: 
 
 def summary_rows(summary: dict[str, Any], model: str, method: str, **fields: Any) -> list[dict[str, Any]]:
     """accuracy, accuracy_flexible and mean reasoning positions rows from a harness summary."""
-    base = {"task": summary["task"], "model": model, "method": method, "split": summary["split"], **fields}
+    base = {"task": summary["task"], "model": model, "method": method, "split": summary["split"],
+            **{k: summary[k] for k in ("device", "dtype") if k in summary}, **fields}
     return [
         {**base, "metric": "accuracy", "value": summary["accuracy"], "n": summary["n"], "ci95": summary["accuracy_ci95"]},
         {**base, "metric": "accuracy_flexible", "value": summary["accuracy_flexible"], "n": summary["n"]},

@@ -15,7 +15,7 @@ from latentreason.methods.base import Method
 logger = logging.getLogger("latentreason")
 
 
-def build_method(run: RunConfig, model_path: str | None = None) -> Method:
+def build_method(run: RunConfig, model_path: str | None = None, training: bool = False) -> Method:
     """Load the model, the task and the method object for ``run`` (no training).
 
     A model folder saved with extra modules (projectors, assistants) gets them back; a saved run
@@ -23,7 +23,7 @@ def build_method(run: RunConfig, model_path: str | None = None) -> Method:
     """
     from latentreason.methods.base import build_method as build
 
-    return build(run, model_path)
+    return build(run, model_path, training)
 
 
 def run_train(run: RunConfig) -> Path:
@@ -32,7 +32,7 @@ def run_train(run: RunConfig) -> Path:
     from latentreason.methods.trainer import Trainer, apply_lora, resumable_checkpoint
 
     resumable_checkpoint(run)  # a checkpoint of other settings is refused before any weights load
-    method = build_method(run, model_path=run.train.init_from)
+    method = build_method(run, model_path=run.train.init_from, training=True)
     if not method.trainable:
         raise ConfigError([f"method.name={run.method.name!r} has nothing to train; use 'latentreason eval'"])
     if run.lora.enabled:
@@ -59,9 +59,13 @@ def run_eval(run: RunConfig) -> dict:
         "model": run.model.name_or_path, "task": run.data.task, "task_version": method.task.version,
         "method": run.method.name, "split": run.eval.split,
         "rollout": config["rollout"], "method_config": config["method"],
+        "device": str(method.loaded.model.device), "dtype": str(method.loaded.model.dtype).replace("torch.", ""),
         "command": "latentreason " + " ".join(sys.argv[1:]),
     }
     fingerprint = eval_fingerprint(config, method.task.version)
+    # What auto resolved to, not "auto": rows made in bfloat16 on a GPU never mix with float32 CPU rows.
+    fingerprint["model.device"] = method.loaded.model.device.type
+    fingerprint["model.dtype"] = info["dtype"]
     weights = weights_identity(run.model.name_or_path)
     if weights is not None:
         fingerprint["model.weight_files"] = weights

@@ -170,7 +170,8 @@ def test_eval_killed_and_restarted_loses_and_redoes_nothing(tmp_path, trained_ar
     after = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert len(after) == 64 and len({r["id"] for r in after}) == 64, "rows lost or duplicated"
     assert len({r["output"] for r in after}) > 8, "rows alike: this test could not fail"
-    assert after[: len(before)] == before, "finished rows were redone or changed"
+    by_id = {r["id"]: r for r in after}
+    assert all(by_id[r["id"]] == r for r in before), "finished rows were redone or changed"
     assert f"{len(before)} of 64 examples already done" in done.stderr
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["n"] == 64
@@ -178,5 +179,58 @@ def test_eval_killed_and_restarted_loses_and_redoes_nothing(tmp_path, trained_ar
     ref = tiny_run(tmp_path, model=model, data=MIXED_LENGTHS,
                    eval={"batch_size": 2, "limit": 64, "output_dir": str(tmp_path / "ref")}, rollout={"max_new_tokens": 48})
     subprocess.run([sys.executable, "-m", "latentreason.cli", "eval", *cli_args(ref)], env=_env(), check=True, capture_output=True)
-    ref_rows = {r["id"]: r["output"] for r in map(json.loads, (tmp_path / "ref" / "predictions.jsonl").read_text().splitlines())}
-    assert {r["id"]: r["output"] for r in after} == ref_rows
+    ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["output"]) for r in after] == [(r["id"], r["output"]) for r in ref_rows]
+    # Both files are in question order, not in the length-sorted order the batches ran in.
+    from latentreason.data.base import build_task
+
+    task = build_task("arith", **MIXED_LENGTHS["options"])
+    assert [r["id"] for r in after] == [ex.id for ex in task.load("valid", limit=64)]
+
+
+def test_rows_left_by_killed_processes_are_merged_in_question_order_and_not_redone(tmp_path, trained_arith_model):
+    """A multi-process run killed mid-way leaves predictions.rank<i>.jsonl files (torn tails too)."""
+    cfg = tiny_run(tmp_path, model={"name_or_path": str(trained_arith_model)}, data=MIXED_LENGTHS,
+                   eval={"batch_size": 4, "limit": 12, "output_dir": str(tmp_path / "ev")})
+    ref = run_eval(load_run_config(base={**cfg, "eval": {**cfg["eval"], "output_dir": str(tmp_path / "ref")}}))
+    ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "predictions.jsonl").read_text().splitlines()]
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "eval_config.json").write_text((tmp_path / "ref" / "eval_config.json").read_text())
+    planted = {r["id"]: {**r, "seconds": -1.0} for r in ref_rows[1::3]}  # marked: must survive unchanged
+    rank0 = [planted[r["id"]] for r in ref_rows[1::6]]
+    rank1 = [planted[r["id"]] for r in ref_rows[4::6]]
+    (ev / "predictions.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rank0))
+    (ev / "predictions.rank1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rank1) + '{"id": "torn')
+    summary = run_eval(load_run_config(base=cfg))
+    rows = [json.loads(x) for x in (ev / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in ref_rows], "not in question order"
+    assert [r["id"] for r in rows if r["seconds"] == -1.0] == list(planted), "planted rows redone or lost"
+    assert [r["output"] for r in rows] == [r["output"] for r in ref_rows]
+    assert not list(ev.glob("predictions.rank*.jsonl"))
+    assert summary["n"] == ref["n"] == 12 and summary["accuracy"] == ref["accuracy"]
+
+
+def test_accelerate_launch_splits_the_questions_and_writes_one_file_in_order(tmp_path, trained_arith_model):
+    """`accelerate launch --num_processes 2 -m latentreason.cli eval`: the rows of one process."""
+    from tests.conftest import ROOT
+
+    model = {"name_or_path": str(trained_arith_model)}
+    one = tiny_run(tmp_path, model=model, data=MIXED_LENGTHS,
+                   eval={"batch_size": 4, "limit": 24, "output_dir": str(tmp_path / "one")})
+    run_eval(load_run_config(base=one))
+    # Resume across process counts: one process did the first 10, two processes finish 24.
+    two = tiny_run(tmp_path, model=model, data=MIXED_LENGTHS,
+                   eval={"batch_size": 4, "limit": 24, "output_dir": str(tmp_path / "two")})
+    run_eval(load_run_config(base={**two, "eval": {**two["eval"], "limit": 10}}))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+              "-m", "latentreason.cli", "eval", *cli_args(two)]
+    proc = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "10 of 24 examples already done" in proc.stderr
+    a = [json.loads(x) for x in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["output"]) for r in b] == [(r["id"], r["output"]) for r in a]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["n"] == 24 and summary["processes"] == 2

@@ -208,3 +208,46 @@ def test_smollm2_loads_from_the_packaged_gguf() -> None:
         out = rollout(lm.model, [prompt], None, RolloutConfig(max_new_tokens=12), eos_ids=lm.eos_ids, pad_id=lm.pad_id)
     answer = lm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
     assert answer.strip(), f"empty answer: {out.tokens[0]}"
+
+
+# -- device and dtype: auto is the accelerator when there is one ------------------------------------
+def test_device_and_dtype_resolve_to_cpu_float32_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentreason.models.loading import resolve_device, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="model.device='cuda:1' but no CUDA device is visible"):
+        resolve_device("cuda:1")
+    lm = load_model(ModelConfig(name_or_path="tiny-llama-l2-d64"))
+    assert lm.model.device.type == "cpu" and lm.model.dtype == torch.float32
+
+
+def test_auto_dtype_is_bfloat16_for_gpu_inference_and_float32_for_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentreason.models.loading import resolve_dtype
+
+    cuda = torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    assert resolve_dtype("auto", cuda, training=True) == torch.float32
+    assert resolve_dtype("float16", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", cuda) == torch.float32
+
+
+def test_trainer_autocasts_to_bfloat16_only_on_a_gpu_under_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentreason.config import load_run_config
+    from latentreason.methods import trainer
+
+    monkeypatch.setattr("latentreason.models.loading.resolve_device", lambda name: torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert trainer.accelerator_options(load_run_config()) == {"cpu": False, "mixed_precision": "bf16"}
+    assert trainer.accelerator_options(load_run_config(overrides=["model.dtype=float32"]))["mixed_precision"] == "no"
+    monkeypatch.setattr("latentreason.models.loading.resolve_device", lambda name: torch.device("cpu"))
+    assert trainer.accelerator_options(load_run_config()) == {"cpu": True, "mixed_precision": "no"}
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x"])
+def test_bad_device_names_are_refused(device: str) -> None:
+    with pytest.raises(ValueError, match=f"model.device='{device}', must be auto, cpu, cuda or cuda:N"):
+        ModelConfig(device=device)

@@ -205,46 +205,92 @@ def evaluate(
     ``info`` (model, task, method, split ...) goes into the summary. ``fingerprint`` (default:
     ``info`` less ``command``; ``run_eval`` passes :func:`eval_fingerprint` of the whole config)
     must match an existing run's, so that rows of different settings never mix.
+
+    Under ``accelerate launch`` each process takes every N-th unfinished question, batches its
+    own share and appends to ``predictions.rank<i>.jsonl``; the first process then merges them.
+    ``predictions.jsonl`` ends in question order, whatever the number of processes; a run
+    killed at any point (one process or several) resumes with nothing lost or redone.
     """
+    from latentreason.models.loading import process_state
+
+    state = process_state()
+    world, rank, main = state.num_processes, state.process_index, state.is_main_process
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows_path, meta_path = out / "predictions.jsonl", out / "eval_config.json"
     info = dict(info or {})
     info.setdefault("command", " ".join(sys.argv))
+    info.setdefault("processes", world)
     if fingerprint is None:
-        fingerprint = {k: v for k, v in info.items() if k != "command"}
+        fingerprint = {k: v for k, v in info.items() if k not in ("command", "processes")}
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
-    if overwrite:
-        rows_path.unlink(missing_ok=True)
-        meta_path.unlink(missing_ok=True)
-    if meta_path.exists() and rows_path.exists():
-        saved = json.loads(meta_path.read_text())
-        if saved != fingerprint:
-            diff = [
-                f"{k} (saved {_short(saved.get(k))}, now {_short(fingerprint.get(k))})"
-                for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)
-            ]
-            raise ValueError(
-                f"{out}: holds an evaluation with other settings (differs in {'; '.join(diff)}); "
-                "use another eval.output_dir or eval.overwrite=true"
-            )
-    atomic_write_json(meta_path, fingerprint)
-    done = {r["id"]: r for r in read_jsonl(rows_path, drop_torn_tail=True)} if rows_path.exists() else {}
-    if done:  # rewrite without a torn tail before appending
-        atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in done.values()))
+    if not overwrite:
+        _check_fingerprint(out, fingerprint)  # every process, before any waits: all refuse alike
+    if main:
+        if overwrite:
+            for path in [rows_path, meta_path, *_rank_files(out)]:
+                path.unlink(missing_ok=True)
+        atomic_write_json(meta_path, fingerprint)
+        _merge_rows(out, examples)  # rows of an earlier run, including a killed multi-process one
+    state.wait_for_everyone()
+    done = {r["id"]: r for r in read_jsonl(rows_path)} if rows_path.exists() else {}
     todo = [ex for ex in examples if ex.id not in done]
-    if done:
+    if done and main:
         logger.info("resuming %s: %d of %d examples already done", out, len(examples) - len(todo), len(examples))
+    mine = todo[rank::world]
+    own_path = rows_path if world == 1 else out / f"predictions.rank{rank}.jsonl"
 
     def write(preds: list[Prediction]) -> None:
-        rows = [asdict(p) for p in preds]
-        append_jsonl(rows_path, rows)
-        done.update((r["id"], r) for r in rows)
+        append_jsonl(own_path, [asdict(p) for p in preds])
 
-    if todo:
-        predict(method, todo, batch_size, progress=progress, on_batch=write)
-    wanted = {ex.id for ex in examples}
-    rows = [r for r in done.values() if r["id"] in wanted]
-    summary = summarise(rows, info)
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    if mine:
+        predict(method, mine, batch_size, progress=progress and main, on_batch=write)
+    state.wait_for_everyone()
+    if main:
+        rows = _merge_rows(out, examples)
+        wanted = {ex.id for ex in examples}
+        summary = summarise([r for r in rows if r["id"] in wanted], info)
+        atomic_write_json(out / "summary.json", summary)
+    state.wait_for_everyone()
+    return json.loads((out / "summary.json").read_text())
+
+
+def _rank_files(out: Path) -> list[Path]:
+    return sorted(out.glob("predictions.rank*.jsonl"))
+
+
+def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
+    meta_path = out / "eval_config.json"
+    has_rows = (out / "predictions.jsonl").exists() or bool(_rank_files(out))
+    if not (meta_path.exists() and has_rows):
+        return
+    saved = json.loads(meta_path.read_text())
+    if saved != fingerprint:
+        diff = [
+            f"{k} (saved {_short(saved.get(k))}, now {_short(fingerprint.get(k))})"
+            for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)
+        ]
+        raise ValueError(
+            f"{out}: holds an evaluation with other settings (differs in {'; '.join(diff)}); "
+            "use another eval.output_dir or eval.overwrite=true"
+        )
+
+
+def _merge_rows(out: Path, examples: list[Example]) -> list[dict[str, Any]]:
+    """Fold per-process files into ``predictions.jsonl``, in question order, atomically.
+
+    Torn last lines (a kill during an append) are dropped; rows of questions outside
+    ``examples`` (an earlier, longer run) are kept after them in their previous order.
+    """
+    rows_path = out / "predictions.jsonl"
+    rows: dict[str, dict[str, Any]] = {}
+    for path in ([rows_path] if rows_path.exists() else []) + _rank_files(out):
+        for row in read_jsonl(path, drop_torn_tail=True):
+            rows.setdefault(row["id"], row)
+    order = {ex.id: i for i, ex in enumerate(examples)}
+    merged = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
+    if rows or rows_path.exists():
+        atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in merged))
+    for path in _rank_files(out):
+        path.unlink()
+    return merged

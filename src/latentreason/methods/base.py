@@ -142,10 +142,11 @@ EXTRA_MODULES_FILE = "extra_modules.safetensors"
 RUN_CONFIG_FILE = "run_config.yaml"
 
 
-def build_method(run: RunConfig, model_path: str | None = None) -> Method:
+def build_method(run: RunConfig, model_path: str | None = None, training: bool = False) -> Method:
     """Load the model, the task and the method object for ``run`` (no training).
 
     A model folder saved with extra modules (projectors, assistants, encoders) gets them back.
+    ``training`` keeps float32 weights under ``model.dtype=auto`` (the trainer autocasts).
     """
     import latentreason.methods  # noqa: F401  (registers the built-in methods)
     from latentreason.data.base import build_task
@@ -153,7 +154,7 @@ def build_method(run: RunConfig, model_path: str | None = None) -> Method:
 
     task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
     model_cfg = run.model if model_path is None else dataclasses.replace(run.model, name_or_path=model_path)
-    loaded = load_model(model_cfg)
+    loaded = load_model(model_cfg, training=training)
     method = METHODS.get(run.method.name)(run.method, run, loaded, task)
     folder = Path(model_cfg.name_or_path)
     if (folder / EXTRA_MODULES_FILE).exists():

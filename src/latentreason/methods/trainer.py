@@ -216,6 +216,16 @@ def resumable_checkpoint(run: RunConfig) -> Path | None:
     return ckpt
 
 
+def accelerator_options(run: RunConfig) -> dict[str, Any]:
+    """CPU or the accelerator as ``model.device`` says; bfloat16 autocast under ``model.dtype=auto``
+    on a GPU that supports it (float32 weights and optimizer state, the usual mixed precision)."""
+    from latentreason.models.loading import resolve_device
+
+    device = resolve_device(run.model.device)
+    bf16 = run.model.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return {"cpu": device.type == "cpu", "mixed_precision": "bf16" if bf16 else "no"}
+
+
 class Trainer:
     """Runs ``method`` on ``examples`` for ``run.train.max_steps`` optimizer steps."""
 
@@ -232,7 +242,7 @@ class Trainer:
         if not examples:
             raise ValueError(f"no training examples for task {run.data.task!r} split {run.data.train_split!r}")
         self.run, self.method, self.examples, self.select = run, method, examples, select
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or Accelerator(**accelerator_options(run))
         world = self.acc.num_processes
         t = run.train
         if t.global_batch_size % (world * t.micro_batch_size):

@@ -35,15 +35,21 @@ class ModelConfig:
     """Which model to load and how."""
 
     name_or_path: str = field(default="tiny", metadata={"help": "hub name, local folder, 'smollm2-135m', or tiny[-llama|-qwen2|-gpt2][-l<L>][-d<D>]"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on a GPU that supports it, else float32; training keeps float32 weights and autocasts to bfloat16), float32, bfloat16 or float16"})
+    device: str = field(default="auto", metadata={"help": "auto (this process's accelerator when one is visible, else cpu; one GPU per process under accelerate launch), cpu, cuda or cuda:N"})
     add_latent_tokens: bool = field(default=True, metadata={"help": "add <bot>, <eot>, <latent> as single special tokens"})
     use_chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template when it has one"})
     max_positions: int = field(default=512, metadata={"help": "context length of tiny models built in code"})
     seed: int = field(default=0, metadata={"help": "initialisation seed of tiny models"})
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype={self.dtype!r}, must be one of float32, bfloat16, float16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype={self.dtype!r}, must be one of auto, float32, bfloat16, float16")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"model.device={self.device!r}, must be auto, cpu, cuda or cuda:N") from None
 
 
 class CheckpointError(ValueError):
@@ -124,7 +130,42 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _resolve(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def process_state():  # -> accelerate.PartialState
+    """This process's place among those ``accelerate launch`` started (one, outside a launch).
+
+    ``cpu=True`` where no GPU is visible: Accelerate then joins CPU processes over gloo instead
+    of treating a multi-GPU launch config as one process. The state is shared and set once, so
+    every caller (loading, trainer, harness) must ask for it the same way: through here.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the device Accelerate gives this process (``cuda:<local rank>`` under
+    ``accelerate launch``, the GPU when one is visible, else the CPU); otherwise as named."""
+    if name == "auto":
+        return process_state().device
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device={name!r} but no CUDA device is visible; use model.device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"model.device={name!r} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """``auto``: bfloat16 for inference on a GPU that supports it, float32 otherwise and for
+    training (whose weights stay float32; the trainer autocasts to bfloat16 on such a GPU)."""
+    if name != "auto":
+        return _dtype(name)
+    if not training and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _resolve(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     name = cfg.name_or_path
     if tiny.is_tiny_name(name):
         tokenizer = tiny.char_tokenizer()
@@ -147,7 +188,7 @@ def _resolve(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         tokenizer = AutoTokenizer.from_pretrained(path)
         # output_loading_info: transformers only logs missing/unexpected keys (and sets no
         # attribute on the model), so ask for the report explicitly and check it.
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg.dtype), output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except Exception as exc:
         if not Path(path).is_dir():
             raise
@@ -179,18 +220,20 @@ def add_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
 
-def load_model(cfg: ModelConfig | str) -> LoadedModel:
-    """Load a model and tokenizer ready for training and the latent rollout."""
+def load_model(cfg: ModelConfig | str, training: bool = False) -> LoadedModel:
+    """Load a model and tokenizer ready for training and the latent rollout, on ``cfg.device``."""
     cfg = ModelConfig(name_or_path=cfg) if isinstance(cfg, str) else cfg
     start = time.perf_counter()
-    model, tokenizer = _resolve(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, training)
+    model, tokenizer = _resolve(cfg, dtype)
     if cfg.add_latent_tokens:
         # mean_resizing samples the new rows from the global RNG: seed it so every load of the
         # same checkpoint gets the same <bot>/<eot>/<latent> embeddings.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             add_latent_tokens(model, tokenizer)
-    model.to(_dtype(cfg.dtype))
+    model.to(device=device, dtype=dtype)
     model.eval()
     vocab = tokenizer.get_vocab()
     ids = {k: vocab.get(v) for k, v in LATENT_TOKENS.items()}
