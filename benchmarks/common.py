@@ -31,9 +31,9 @@ def hardware() -> str:
     return f"{model}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def write_results(name: str, command: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
-    """Write benchmarks/results/<name>.json in the project's result convention, atomically."""
-    path = RESULTS / f"{name}.json"
+def write_results(name: str, command: str, rows: list[dict[str, Any]], *, path: Path | None = None, **extra: Any) -> Path:
+    """Write benchmarks/results/<name>.json (or ``path``) in the project's result convention, atomically."""
+    path = RESULTS / f"{name}.json" if path is None else Path(path)
     doc = {"benchmark": name, "command": command.strip(), "hardware": hardware(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra, "rows": rows}
     atomic_write_json(path, doc)

@@ -10,8 +10,12 @@ equal" vacuous. ``_randomise`` re-draws the weights so the outputs vary with the
 """
 from __future__ import annotations
 
+import itertools
+import types
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import latentreason.models.rollout as rollout_module
 from latentreason.models.loading import LoadedModel, ModelConfig, load_model
@@ -26,6 +30,7 @@ from latentreason.models.rollout import (
     rollout,
 )
 from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep, StepContext, StepResult
+from tests.models.host_syncs import HostSyncs
 
 ARCHS = ["tiny-llama-l2-d64", "tiny-qwen2-l2-d64", "tiny-gpt2-l2-d64"]
 TEXTS = ["hello world what", "hi", "a longer prompt here ok", "xyz"]  # uneven lengths: 16, 2, 23, 3
@@ -78,13 +83,14 @@ def _prompts(lm: LoadedModel) -> list[list[int]]:
 
 
 def _run(
-    lm: LoadedModel, prompts: list[list[int]], step: LatentStep | None, row_seeds: list[int] | None = None, **cfg: object
+    lm: LoadedModel, prompts: list[list[int]], step: LatentStep | None, row_seeds: list[int] | None = None,
+    eos_ids: list[int] | None = None, **cfg: object,
 ) -> RolloutOutput:
     cfg = {"num_latent_steps": NUM_LATENT, "max_new_tokens": MAX_NEW, **cfg}
     with torch.no_grad():
         return rollout(
-            lm.model, prompts, step, RolloutConfig(**cfg), eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id,
-            row_seeds=row_seeds,
+            lm.model, prompts, step, RolloutConfig(**cfg), eos_ids=lm.eos_ids if eos_ids is None else eos_ids,
+            pad_id=lm.pad_id, eot_id=lm.eot_id, row_seeds=row_seeds,
         )
 
 
@@ -537,9 +543,180 @@ def test_step_returning_the_wrong_shape_raises_naming_it(lm: LoadedModel) -> Non
     [("num_latent_steps", -1, "num_latent_steps=-1"), ("max_new_tokens", -2, "max_new_tokens=-2"),
      ("temperature", -0.5, "temperature=-0.5"), ("top_p", 0.0, "top_p=0.0"), ("top_p", 1.5, "top_p=1.5"),
      ("keep_distributions", "all", "keep_distributions='all'"),
-     ("distribution_topk", -3, "distribution_topk=-3, must be >= 1"), ("distribution_topk", 0, "distribution_topk=0")],
+     ("distribution_topk", -3, "distribution_topk=-3, must be >= 1"), ("distribution_topk", 0, "distribution_topk=0"),
+     ("sync_every", -1, "sync_every=-1, must be >= 0")],
 )
 def test_rollout_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RolloutConfig(**{field: value})
+
+
+@pytest.mark.parametrize("other", [{"cache": "dynamic"}, {"use_cache": False}])
+def test_compile_needs_the_static_cache(other: dict) -> None:
+    with pytest.raises(ValueError, match="rollout.compile=true needs the static cache"):
+        RolloutConfig(compile=True, **other)
+
+
+# ---- one forward: decoder + output layer --------------------------------------------------------
+
+
+def test_decoder_and_head_run_only_where_they_compute_what_the_model_does() -> None:
+    """The rollout runs the decoder and applies the output layer to the last position itself (no
+    per-layer hidden states); a model that changes its logits after the output layer (here a
+    per-token bias, standing in for softcapping or scaling) is caught and runs its own forward."""
+    for name in ARCHS:
+        lm = _load(name)
+        split = rollout_module._split(lm.model, lm.model.get_input_embeddings()(torch.tensor([[5, 6, 7]])))
+        assert split is not None and split.base is lm.model.base_model, name
+    lm = _load("tiny-llama-l2-d64")
+    prompts = _prompts(lm)
+    plain = _run(lm, prompts, None, num_latent_steps=0, max_new_tokens=8)
+    lm = _load("tiny-llama-l2-d64")  # the same weights, in a model the rollout has not seen yet
+    bias = torch.randn(lm.model.config.vocab_size, generator=torch.Generator().manual_seed(5)) * 3
+    forward = type(lm.model).forward
+
+    def biased(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits + bias
+        return out
+
+    lm.model.forward = types.MethodType(biased, lm.model)
+    out = _run(lm, prompts, None, num_latent_steps=0, max_new_tokens=8)
+    assert rollout_module._SPLITS[lm.model] is None
+    assert out.tokens != plain.tokens, "the bias should change the answer"
+    width = max(map(len, prompts))
+    ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        ref = lm.model.generate(input_ids=ids, attention_mask=(ids != lm.pad_id).long(), max_new_tokens=8,
+                                do_sample=False, pad_token_id=lm.pad_id, eos_token_id=lm.eos_ids)
+    for ours, theirs in zip(out.tokens, ref[:, width:].tolist()):
+        assert ours == theirs[: next((j for j, t in enumerate(theirs) if t in lm.eos_ids), len(theirs))]
+
+
+# ---- host syncs: checked every sync_every steps ---------------------------------------------------
+
+
+def _eos_finishing_rows_apart(free: RolloutOutput, margin: int) -> list[int]:
+    """Token ids that, as eos, end every row of ``free`` (a run that never stopped) at least
+    ``margin`` tokens before its budget, at >= 2 different steps (asserted: the tests using them
+    cannot pass without rows finishing apart, early)."""
+    max_new = len(free.tokens[0])
+    seen = sorted({t for row in free.tokens for t in row})
+    for size in range(1, len(free.tokens) + 1):
+        for eos in itertools.combinations(seen, size):
+            ends = [next((j for j, t in enumerate(row) if t in eos), max_new) for row in free.tokens]
+            if max(ends) < max_new - margin and len(set(ends)) >= 2:
+                return list(eos)
+    raise AssertionError(f"no eos set ends every row early, at different steps: {free.tokens}")
+
+
+@pytest.mark.parametrize("sync_every", [3, 4, 16])
+@pytest.mark.parametrize("kind", ["external-lengths", "mixture-stop", "none"])
+def test_deferred_stop_checks_change_nothing(lm: LoadedModel, kind: str, sync_every: int) -> None:
+    """Checking 'all rows stopped' every N steps (N not dividing the token budget) gives what the
+    per-step check gives, with rows ending their latent phase and their answer at different steps
+    (all before the budget, so the steps between a stop and the next check run, masked)."""
+    prompts, rows = _prompts(lm), [0, 1, 2, 3]
+
+    def run(n: int, eos: list[int], **kw: object) -> RolloutOutput:
+        step = None if kind == "none" else _make_step(kind, lm, rows)
+        if kind == "external-lengths":  # every row stops before the budget (3 < NUM_LATENT)
+            step = ExternalStep(step.vectors, lengths=torch.tensor([3, 0, 2, 1]))
+        return _run(lm, prompts, step, eos_ids=eos, max_new_tokens=11, sync_every=n, keep_distributions="full", **kw)
+
+    eos = _eos_finishing_rows_apart(run(1, [-1]), margin=4)
+    every, deferred = run(1, eos), run(sync_every, eos)
+    _assert_same(deferred, every, atol=0)
+    assert deferred.finished.all() and len({len(t) for t in every.tokens}) >= 2
+    assert deferred.timings["forwards"] >= every.timings["forwards"]
+    if sync_every > 11:  # no check before the budget runs out: every step runs, the done rows masked
+        assert deferred.timings["forwards"] > every.timings["forwards"]
+    _assert_same(run(sync_every, eos, use_cache=False), every)
+
+
+@pytest.mark.parametrize("sync_every, expected", [(1, 5 + 1 + 9), (0, 5 + 1 + 9), (4, 2 + 1 + 2)])
+def test_the_host_waits_every_sync_every_steps(sync_every: int, expected: int) -> None:
+    """5 latent steps and 10 tokens that never stop: the rollout reads a device value at latent steps
+    0 and 4 and after tokens 4 and 8 with sync_every=4 (plus the one non-finite check), at every
+    step with 1 or with 0 (= auto, which is 1 on CPU)."""
+    lm = _load("tiny-llama-l2-d64")
+    cfg = RolloutConfig(num_latent_steps=5, max_new_tokens=10, sync_every=sync_every)
+    with torch.no_grad(), HostSyncs() as syncs:
+        out = rollout(lm.model, _prompts(lm), HiddenStateStep(), cfg, eos_ids=[-1], pad_id=lm.pad_id, eot_id=lm.eot_id)
+    assert syncs.count("rollout.py", "rollout") == expected
+    assert all(len(t) == 10 for t in out.tokens)
+
+
+# ---- compiled step (rollout.compile) ---------------------------------------------------------------
+
+COMPILED_KINDS = ["hidden", "mixture-topk", "mixture-full", "external", "external-lengths", "mixture-stop"]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """A tiny Llama compiled once (CPU: tens of seconds): every compiled rollout below shares one
+    compilation (batch bucket 4, cache bucket 64). The compiled runs check 'all done' every 3 steps
+    (the GPU default is 8); the eager references every step. Graph counts come from dynamo."""
+    lm = _load("tiny-llama-l2-d64")
+    prompts = _prompts(lm)
+    graphs = counters["stats"]["unique_graphs"]
+    runs = {}
+    for kind in COMPILED_KINDS:
+        rows = [0, 1, 2, 3]
+        step = _make_step(kind, lm, rows)
+        runs[kind] = (
+            _run(lm, prompts, step, keep_distributions="full", compile=True, sync_every=3),
+            _run(lm, prompts, step, keep_distributions="full"),
+        )
+    entries = list(rollout_module._COMPILED[lm.model].values())
+    return {"lm": lm, "runs": runs, "graphs": counters["stats"]["unique_graphs"] - graphs, "entries": entries}
+
+
+@pytest.mark.parametrize("kind", COMPILED_KINDS)
+def test_compiled_step_equals_eager(compiled: dict, kind: str) -> None:
+    fast, eager = compiled["runs"][kind]
+    _assert_same(fast, eager)
+    assert fast.timings["forwards"] >= eager.timings["forwards"]
+    if kind == "mixture-stop":
+        assert len(set(fast.num_latent_steps.tolist())) >= 2, "rows should stop at different steps"
+    if kind == "external-lengths":
+        assert fast.num_latent_steps.tolist() == EXTERNAL_LENGTHS
+
+
+def test_compiled_step_compiles_once_and_runs_every_step(compiled: dict) -> None:
+    """One graph for all six rollouts (latent and answer positions, every step kind), and every
+    forward after the prefill ran it."""
+    assert compiled["graphs"] == 1
+    (entry,) = compiled["entries"]
+    assert (entry.batch, entry.max_len) == (4, 64)
+    runs = [fast for fast, _ in compiled["runs"].values()]
+    assert entry.calls == sum(r.timings["forwards"] - 1 for r in runs)
+
+
+def test_a_second_batch_of_the_same_bucket_does_not_recompile(compiled: dict) -> None:
+    """3 prompts of other widths fit the same bucket (4 rows, 64 columns): no new graph; the padded
+    row changes nothing."""
+    lm = compiled["lm"]
+    (entry,) = compiled["entries"]
+    rows = [2, 0, 3]
+    prompts = [_prompts(lm)[r] for r in rows]
+    graphs, calls = counters["stats"]["unique_graphs"], entry.calls
+    for kind in ("hidden", "mixture-stop"):
+        fast = _run(lm, prompts, _make_step(kind, lm, rows), keep_distributions="full", compile=True)
+        _assert_same(fast, _run(lm, prompts, _make_step(kind, lm, rows), keep_distributions="full"))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert list(rollout_module._COMPILED[lm.model].values()) == [entry] and entry.calls > calls
+
+
+def test_compile_with_grad_enabled_runs_eagerly_and_keeps_the_graph(compiled: dict) -> None:
+    lm = compiled["lm"]
+    (entry,) = compiled["entries"]
+    calls = entry.calls
+    vectors, lengths = _external(lm)
+    vectors.requires_grad_()
+    out = rollout(lm.model, _prompts(lm), ExternalStep(vectors, lengths), RolloutConfig(
+        num_latent_steps=NUM_LATENT, max_new_tokens=3, compile=True), eos_ids=lm.eos_ids, pad_id=lm.pad_id,
+        eot_id=lm.eot_id)
+    out.latents.sum().backward()
+    assert vectors.grad is not None and entry.calls == calls
 

@@ -14,6 +14,7 @@ from latentreason.models.steps import (
     build_step,
 )
 from latentreason.registry import RegistryError
+from tests.models.host_syncs import HostSyncError, HostSyncs
 
 B, V, D = 3, 12, 5
 
@@ -191,6 +192,51 @@ def test_external_step_rejects_lengths_of_the_wrong_shape() -> None:
 def test_base_step_must_be_implemented() -> None:
     with pytest.raises(NotImplementedError, match="LatentStep must implement __call__"):
         LatentStep()(_ctx())
+
+
+# ---- no host sync (the rule in steps.py's docstring) ------------------------------------------
+
+SYNC_FREE_STEPS = {
+    "hidden": lambda: HiddenStateStep(),
+    "hidden-stop": lambda: HiddenStateStep(stop_token_id=3),
+    "mixture-topk": lambda: MixtureStep(top_k=4, temperature=0.7),
+    "mixture-full": lambda: MixtureStep(top_k=0),
+    "mixture-topk-filtered-stop": lambda: MixtureStep(top_k=4, top_p=0.8, min_p=0.1, stop_token_id=3),
+    "mixture-full-filtered": lambda: MixtureStep(top_k=0, top_p=0.8, min_p=0.1),
+    "external": lambda: ExternalStep(torch.randn(B, 4, D)),
+    "external-lengths": lambda: ExternalStep(torch.randn(B, 4, D), lengths=torch.tensor([0, 2, 4])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_FREE_STEPS))
+def test_built_in_steps_never_make_the_host_wait(name: str) -> None:
+    """Every built-in step computes on the device: no op that would read a value back to the host."""
+    step = SYNC_FREE_STEPS[name]()
+    for t in range(4):
+        ctx = _ctx(step=t, seed=t)
+        ctx.active = torch.tensor([True, t < 2, t != 1])
+        with HostSyncs(forbid=True):
+            out = step(ctx)
+        assert out.embeds.shape == (B, D)
+
+
+def test_the_host_sync_check_catches_a_step_that_branches_on_values() -> None:
+    class Branchy(MixtureStep):
+        def __call__(self, ctx: StepContext):  # noqa: ANN204
+            out = super().__call__(ctx)
+            if ctx.active.any():  # a branch on a device value: the host waits
+                return out
+            return out
+
+    class Indexing(MixtureStep):
+        def __call__(self, ctx: StepContext):  # noqa: ANN204
+            out = super().__call__(ctx)
+            out.embeds[ctx.active] = 0.0  # boolean-mask indexing: the host sizes the result
+            return out
+
+    for step in (Branchy(), Indexing()):
+        with pytest.raises(HostSyncError, match="test_steps.py"), HostSyncs(forbid=True):
+            step(_ctx())
 
 
 # ---- registry --------------------------------------------------------------------------------

@@ -7,12 +7,22 @@ positions after padding), so the loop lives once. Batching: prompts are left-pad
 that stops reasoning early keeps "holes" in its KV cache that the attention mask hides and that do
 not advance its position ids, so every row computes what it would compute alone. ``use_cache=False``
 recomputes the whole prefix each step: a slow reference used by the tests, not a mode to run.
+
+Speed: after the prefill every forward feeds one column per row (a latent vector or a token's
+embedding) through the same static cache, so one function serves latent and answer positions;
+``rollout.compile`` compiles it (CUDA graphs on a GPU, where the eager loop is bound by kernel
+launches). Each forward runs the decoder and applies the output layer to the last position only
+(no per-layer hidden states). The host reads a device value ("every row stopped?") only every
+``rollout.sync_every`` steps; rows that stop in between are masked, so results do not change.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
 import time
+import types
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +45,14 @@ class RolloutConfig:
     distribution_topk: int = field(default=10, metadata={"help": "k for keep_distributions=topk"})
     use_cache: bool = field(default=True, metadata={"help": "False recomputes the prefix each step (reference for tests only)"})
     cache: str = field(default="static", metadata={"help": "static (preallocated KV cache, written by index) or dynamic (transformers' growing cache)"})
+    compile: bool = field(default=False, metadata={"help": (
+        "compile the one-column step (latent and answer positions alike) with torch.compile: CUDA graphs on a GPU, "
+        "where the eager loop is launch-bound; needs cache=static and applies under no_grad/inference_mode "
+        "(with grad enabled the rollout runs eagerly). The first batch of each shape bucket (batch and length "
+        "rounded up to powers of two) compiles, taking tens of seconds; later ones reuse it")})
+    sync_every: int = field(default=0, metadata={"help": (
+        "steps between host checks of 'every row stopped' (each check waits for the device); rows that stop "
+        "in between are masked, so results do not change. 0 = auto: 1 on CPU (a check is free), 8 elsewhere")})
 
     def __post_init__(self) -> None:
         if self.num_latent_steps < 0:
@@ -51,6 +69,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.keep_distributions={self.keep_distributions!r}, must be topk, full or none")
         if self.distribution_topk < 1:
             raise ValueError(f"rollout.distribution_topk={self.distribution_topk}, must be >= 1")
+        if self.sync_every < 0:
+            raise ValueError(f"rollout.sync_every={self.sync_every}, must be >= 0 (0 = auto)")
+        if self.compile and (self.cache != "static" or not self.use_cache):
+            raise ValueError("rollout.compile=true needs the static cache (rollout.cache=static, rollout.use_cache=true)")
 
 
 @dataclass
@@ -120,40 +142,288 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids, mask
 
 
+# ---- one forward over new input columns -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The model as its decoder stack plus its output layer (checked to compute what the model does)."""
+
+    base: torch.nn.Module  # the decoder: inputs_embeds -> last hidden state (after the final norm)
+    head: torch.nn.Module  # the output layer: hidden state -> logits
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Split | None
+
+
+def _split(model: PreTrainedModel, probe: torch.Tensor) -> _Split | None:
+    """Decoder + output layer of ``model``, or None where running them is not what the model runs.
+
+    Why: the rollout needs the last position's logits and last hidden state. Asking the model for
+    hidden states (``output_hidden_states=True``) materialises every layer's; running the decoder
+    and applying the output layer to the last position gives both at the price of the logits. It is
+    generic (``base_model`` and ``get_output_embeddings`` exist on every transformers model; a peft
+    wrapper is looked through, its LoRA layers live inside), but some models post-process between
+    the two (logit softcapping or scaling, a rescaled hidden state): a check on a short probe,
+    once per model object, compares both ways exactly and keeps the model's own forward where they
+    differ.
+    """
+    if model in _SPLITS:
+        return _SPLITS[model]
+    get_base = getattr(model, "get_base_model", None)  # peft
+    hf = get_base() if callable(get_base) else model
+    base = getattr(hf, "base_model", None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    split = None
+    if base is not None and base is not hf and head is not None:
+        params = inspect.signature(base.forward).parameters
+        if "inputs_embeds" in params and ("cache" in params or "past_key_values" in params):
+            split = _Split(base, head)
+    if split is not None:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # dropout would make the two ways differ
+        same = False
+        try:
+            with torch.no_grad():
+                full = model(inputs_embeds=probe, output_hidden_states=True, use_cache=False)
+                try:
+                    hidden = split.base(inputs_embeds=probe, use_cache=False)[0]
+                    logits = split.head(hidden)
+                except Exception:  # noqa: BLE001 - a decoder that cannot run alone: the model's forward
+                    hidden = logits = None
+            same = (
+                logits is not None and full.hidden_states is not None
+                and hidden.shape == full.hidden_states[-1].shape and logits.shape == full.logits.shape
+                and logits.dtype == full.logits.dtype
+                and torch.equal(hidden, full.hidden_states[-1]) and torch.equal(logits, full.logits)
+            )
+        finally:
+            for m, training in modes:
+                m.training = training
+        if not same:
+            split = None
+    _SPLITS[model] = split
+    return split
+
+
+def _returned_cache(out: object) -> object:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+class _Forward:
+    """One forward over new columns: last-position logits [B, V], last hidden state [B, D] (or None),
+    and the cache transformers returns. Keyword names are looked up once, here, so that the call
+    itself traces cleanly under torch.compile."""
+
+    def __init__(self, model: PreTrainedModel, split: _Split | None, need_hidden: bool) -> None:
+        # Only the fallback holds the model itself: a compiled step kept for a model (weakly keyed)
+        # then holds only its submodules, so dropping the model frees its compiled steps too.
+        self.model = model if split is None else None
+        self.split, self.need_hidden = split, need_hidden
+        params = inspect.signature((split.base if split is not None else model).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.takes_cache_position = "cache_position" in params
+        self.extra = {"logits_to_keep": 1} if split is None and "logits_to_keep" in params else {}
+
+    def __call__(
+        self, feed: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: object, use_cache: bool,
+        cache_position: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+        kw = {self.cache_kw: cache, **self.extra}
+        if cache_position is not None and self.takes_cache_position:
+            kw["cache_position"] = cache_position
+        if self.split is not None:
+            out = self.split.base(inputs_embeds=feed, attention_mask=attention, position_ids=positions,
+                                  use_cache=use_cache, **kw)
+            hidden = out[0][:, -1]
+            logits = self.split.head(hidden)
+        else:
+            out = self.model(inputs_embeds=feed, attention_mask=attention, position_ids=positions, use_cache=use_cache,
+                             output_hidden_states=self.need_hidden, **kw)
+            hidden = out.hidden_states[-1][:, -1] if self.need_hidden else None
+            logits = out.logits[:, -1]
+        return logits, hidden, _returned_cache(out) if use_cache else None
+
+
+def _bucket(n: int, floor: int = 1) -> int:
+    """The power of two >= max(n, floor): shapes that share a compiled step."""
+    return 1 << (max(n, floor) - 1).bit_length()
+
+
+class _CompiledStep:
+    """A compiled one-column forward with its own static cache, reused by every rollout of its shape.
+
+    One function serves latent and answer positions: both feed one [B, 1, D] column (a latent vector
+    or a token's embedding) through the same cache. Shapes are bucketed (batch and cache length
+    rounded up to powers of two) so that batches of nearby shapes share one compilation: the
+    padded rows (zero inputs, every column visible: finite, never read) and the cache columns past
+    the end (masked) change no real row's result. The cache, the attention-mask buffer and the
+    input buffers keep their addresses across rollouts (CUDA graphs replay on fixed addresses);
+    a rollout resets them. Not re-entrant: one rollout at a time per model and shape.
+    """
+
+    def __init__(self, model: PreTrainedModel, split: _Split | None, need_hidden: bool, batch: int, max_len: int) -> None:
+        device, dtype = model.device, model.get_input_embeddings().weight.dtype
+        self.forward = forward = _Forward(model, split, need_hidden)
+        self.batch, self.max_len, self.rows = batch, max_len, batch
+        self.cuda = device.type == "cuda"
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        dim = model.get_input_embeddings().weight.shape[1]
+        self.mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.embeds = torch.zeros(batch, 1, dim, dtype=dtype, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device) if forward.takes_cache_position else None
+        for t in (self.mask, self.embeds, self.positions, self.cache_position):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+        self.offset = 0
+        self.calls = 0  # compiled calls, over every rollout
+
+        cache = self.cache
+
+        def one_column(embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                       cache_position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            logits, hidden, _ = forward(embeds, attention, positions, cache, True, cache_position)
+            return logits, hidden
+
+        options: dict = {"fullgraph": True, "dynamic": False}
+        if self.cuda:
+            options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
+        # Each shape compiles its own entry: dynamo counts compilations per code object against a
+        # limit (8 by default; with fullgraph=True, going past it raises), so shapes must not share.
+        fn = one_column
+        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+            options["isolate_recompiles"] = True
+        else:  # older torch: a code object of its own
+            code = one_column.__code__.replace(co_name=f"one_column_{len(_COMPILED_NAMES)}")
+            _COMPILED_NAMES.append(code.co_name)
+            fn = types.FunctionType(code, one_column.__globals__, code.co_name, None, one_column.__closure__)
+        self.fn = torch.compile(fn, **options)
+
+    def begin(self, rows: int) -> None:
+        """Start a rollout of ``rows`` real rows (<= the bucket): empty cache, padded rows see everything."""
+        self.rows, self.offset = rows, 0
+        self.cache.reset()
+        self.mask.zero_()
+        self.mask[rows:] = 1
+        self.embeds.zero_()
+        self.positions.zero_()
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows up to the bucket: zeros (zero embeddings, position 0) for the padded rows."""
+        if x.shape[0] == self.batch:
+            return x
+        return torch.cat([x, x.new_zeros((self.batch - x.shape[0], *x.shape[1:]))])
+
+    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n, rows, end = embeds.shape[1], self.rows, self.offset + embeds.shape[1]
+        self.mask[:rows, self.offset: end] = mask
+        cache_position = None
+        if self.cache_position is not None:
+            cache_position = torch.arange(self.offset, end, device=embeds.device) if n > 1 else self.cache_position
+            if n == 1:
+                self.cache_position.fill_(self.offset)
+        if n > 1:  # the prefill: prompt widths vary, so it runs eagerly
+            logits, hidden, _ = self.forward(self._pad(embeds), self.mask, self._pad(positions), self.cache, True,
+                                             cache_position)
+            self.offset = end
+            return logits[:rows], None if hidden is None else hidden[:rows]
+        self.embeds[:rows].copy_(embeds)
+        self.positions[:rows].copy_(positions)
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, hidden = self.fn(self.embeds, self.mask, self.positions, cache_position)
+        self.offset, self.calls = end, self.calls + 1
+        # CUDA graph outputs are overwritten by the next replay: keep copies of the real rows.
+        logits = logits[:rows].clone() if self.cuda else logits[:rows]
+        if hidden is not None:
+            hidden = hidden[:rows].clone() if self.cuda else hidden[:rows]
+        return logits, hidden
+
+
+MAX_COMPILED_PER_MODEL = 8
+_COMPILED_NAMES: list[str] = []
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict[key, _CompiledStep]
+
+
+def clear_compiled(model: PreTrainedModel | None = None) -> None:
+    """Drop the compiled steps (and their KV caches) kept for ``model``, or for every model.
+
+    They go with the model otherwise, except for a model whose own forward runs (see ``_split``):
+    its steps hold it, so call this before dropping such a model to free the device memory."""
+    if model is None:
+        _COMPILED.clear()
+    else:
+        _COMPILED.pop(model, None)
+
+
+def _compiled_step(model: PreTrainedModel, split: _Split | None, need_hidden: bool, batch: int, max_len: int) -> _CompiledStep:
+    """The compiled step for this model and shape bucket, built on first use (the least recently used
+    of more than ``MAX_COMPILED_PER_MODEL`` is dropped, with its cache)."""
+    rows, length = _bucket(batch), _bucket(max_len, 64)
+    limit = max_positions(model)
+    if limit is not None and max_len <= limit < length:
+        length = limit  # no more cache than the model has positions
+    key = (rows, length, split is None and need_hidden, str(model.device), model.get_input_embeddings().weight.dtype,
+           torch.is_inference_mode_enabled(), model.training)
+    entries = _COMPILED.setdefault(model, OrderedDict())
+    if key not in entries:
+        entries[key] = _CompiledStep(model, split, need_hidden or split is not None, rows, length)
+        while len(entries) > MAX_COMPILED_PER_MODEL:
+            entries.popitem(last=False)
+    entries.move_to_end(key)
+    return entries[key]
+
+
 class _Runner:
     """Runs the model on new input columns and returns last-position logits (and hidden state).
 
-    Three modes: a preallocated static KV cache written by index (default: no per-step copy of
-    the whole cache, which a growing cache pays on every token), transformers' growing
+    Four modes: a preallocated static KV cache written by index (default: no per-step copy of
+    the whole cache, which a growing cache pays on every token), the same with the one-column
+    step compiled (``cfg.compile``: see ``_CompiledStep``), transformers' growing
     ``DynamicCache``, or no cache at all (re-runs the whole sequence: the tests' reference).
-    The static cache is written in place, which autograd cannot differentiate through, so it is
-    only used while grad is disabled; with grad enabled the growing cache (new tensors per step)
-    takes its place.
+    The static cache is written in place, which autograd cannot differentiate through, so it (and
+    the compiled step) is only used while grad is disabled; with grad enabled the growing cache
+    (new tensors per step) takes its place.
     """
 
-    def __init__(self, model: PreTrainedModel, cfg: RolloutConfig, need_hidden: bool, batch: int, max_len: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, cfg: RolloutConfig, need_hidden: bool, batch: int, max_len: int,
+        probe: torch.Tensor,
+    ) -> None:
         self.model, self.use_cache, self.need_hidden = model, cfg.use_cache, need_hidden
         self.static = (
             cfg.use_cache and cfg.cache == "static" and not torch.is_grad_enabled()
             and getattr(model, "_can_compile_fullgraph", False)
         )
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len) if self.static else None
-        self.mask_buf = torch.zeros(batch, max_len, dtype=torch.long, device=model.device) if self.static else None
+        split = _split(model, probe)
+        self.forward = _Forward(model, split, need_hidden)
+        self.compiled = _compiled_step(model, split, need_hidden, batch, max_len) if self.static and cfg.compile else None
+        if self.compiled is not None:
+            self.compiled.begin(batch)
+        use_static = self.static and self.compiled is None
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len) if use_static else None
+        self.mask_buf = torch.zeros(batch, max_len, dtype=torch.long, device=model.device) if use_static else None
+        self.cache_position = use_static and self.forward.takes_cache_position
         self.offset = 0  # columns fed so far
         self.embeds: torch.Tensor | None = None  # uncached: everything fed so far
         self.mask: torch.Tensor | None = None  # [B, L] attention mask over everything fed (dynamic/uncached)
         self.positions: torch.Tensor | None = None
-        params = inspect.signature(model.forward).parameters
-        self.kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.forwards = 0
 
     def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = embeds.shape[1]
-        kw = dict(self.kw)
+        self.forwards += 1
+        if self.compiled is not None:
+            logits, hidden = self.compiled(embeds, mask, positions)
+            return logits, hidden if self.need_hidden else None
+        cache_position = None
         if self.static:
             self.mask_buf[:, self.offset: self.offset + n] = mask
             attention, feed, pos = self.mask_buf, embeds, positions
-            kw["cache_position"] = torch.arange(self.offset, self.offset + n, device=embeds.device)
+            if self.cache_position:
+                cache_position = torch.arange(self.offset, self.offset + n, device=embeds.device)
         else:
             self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
             attention = self.mask
@@ -163,16 +433,11 @@ class _Runner:
                 self.embeds = embeds if self.embeds is None else torch.cat([self.embeds, embeds], dim=1)
                 self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
                 feed, pos = self.embeds, self.positions
-        out = self.model(
-            inputs_embeds=feed, attention_mask=attention, position_ids=pos, past_key_values=self.cache,
-            use_cache=self.use_cache, output_hidden_states=self.need_hidden, **kw,
-        )
+        logits, hidden, cache = self.forward(feed, attention, pos, self.cache, self.use_cache, cache_position)
         self.offset += n
-        self.forwards += 1
         if self.use_cache and not self.static:
-            self.cache = out.past_key_values
-        hidden = out.hidden_states[-1][:, -1] if self.need_hidden else None
-        return out.logits[:, -1], hidden
+            self.cache = cache
+        return logits, hidden if self.need_hidden else None
 
 
 def _select(logits: torch.Tensor, cfg: RolloutConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -234,6 +499,13 @@ def rollout(
 
     Raises ``NonFiniteLatentError`` (checked once, after the latent phase: no per-step sync) if a
     reasoning row was fed NaN or inf; rows that stopped are fed zeros, whatever the step returned.
+
+    Speed: ``cfg.compile`` runs each one-column forward compiled (under no_grad/inference_mode;
+    with grad enabled the rollout stays eager); a step function runs between two compiled
+    forwards and must not sync the host (see ``steps.py``). "Every row stopped" is checked every
+    ``cfg.sync_every`` steps (auto: every step on CPU, every 8 elsewhere); in between, stopped rows
+    keep stepping masked (holes in the cache, pad tokens cut from the answer), so the outputs are
+    those of a check at every step (``timings["forwards"]`` counts the extra forwards).
     """
     device = model.device
     embed = model.get_input_embeddings()
@@ -247,7 +519,9 @@ def rollout(
     generators = _row_generators(cfg, row_seeds, batch, device)
     if step is not None:
         step.validate(batch, num_steps, dim)
-    runner = _Runner(model, cfg, step is not None and step.needs_hidden, batch, max_len=ids.shape[1] + extra)
+    runner = _Runner(model, cfg, step is not None and step.needs_hidden, batch, max_len=ids.shape[1] + extra,
+                     probe=embed(ids[:1, -4:]))
+    sync_every = cfg.sync_every or (1 if device.type == "cpu" else 8)
     timings: dict[str, float] = {}
     ones = torch.ones(batch, 1, dtype=torch.long, device=device)
 
@@ -275,7 +549,9 @@ def rollout(
         result = step(StepContext(t, hidden, logits, embed.weight, active))
         if result.stop is not None:
             active = active & ~result.stop
-        if not bool(active.any()):
+        # A host check waits for the device, so it runs every sync_every steps; until it runs, a
+        # stopped batch keeps stepping with every row masked: holes in the cache, nothing recorded.
+        if t % sync_every == 0 and not bool(active.any()):
             break
         z = result.embeds
         if tuple(z.shape) != (batch, dim):
@@ -332,8 +608,8 @@ def rollout(
             out[:, i] = nxt
             produced = i + 1
             done = done | torch.isin(nxt, eos)
-            if i == cfg.max_new_tokens - 1 or bool(done.all()):
-                break
+            if i == cfg.max_new_tokens - 1 or ((i + 1) % sync_every == 0 and bool(done.all())):
+                break  # rows done before the check decode pad, cut below: the tokens do not change
             logits, _ = runner(embed(nxt[:, None]), ones, lengths[:, None].clone())
             lengths = lengths + 1
     timings["decode_s"] = time.perf_counter() - t0

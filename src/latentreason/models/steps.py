@@ -4,6 +4,17 @@ A step receives the model's output at the last position (hidden state and logits
 next input vector for every sequence in the batch, and optionally which sequences stop reasoning.
 Every method's latent mechanism is one of these (or a subclass), registered in ``LATENT_STEPS``;
 the rollout loop itself never changes per method.
+
+Rule for a new step: no host sync. A step runs between two forwards of the model, which on a GPU
+is a CUDA graph replay (``rollout.compile``) that the host queues ahead of the device; anything
+that makes the host wait for the device (``.item()``, ``bool(t)``, ``if t.any():``, ``.tolist()``,
+``.cpu()``, ``nonzero()`` / boolean-mask indexing, ``torch.unique``, a copy from pageable host
+memory each step) stalls that queue on every latent step. Compute with tensor ops on the device
+(masks and ``torch.where`` rather than branches on values: ``topk``, ``softmax``, ``einsum``,
+``argmax ==`` all stay queued), keep per-row data on the model's device (move it once, not per
+step), and branch only on Python values (the step index, shapes, settings). Values are checked
+once: ``validate`` before the loop, and the rollout's own non-finite check after it. The built-in
+steps follow this rule (``tests/models/test_steps.py`` runs them with syncs made to fail).
 """
 from __future__ import annotations
 
@@ -156,6 +167,7 @@ class ExternalStep(LatentStep):
             )
         self.vectors = vectors
         self.lengths = lengths
+        self._lengths_on: dict[torch.device, torch.Tensor] = {}  # lengths moved once per device, not per step
 
     def validate(self, batch: int, num_steps: int, dim: int) -> None:
         b, k, d = self.vectors.shape
@@ -176,7 +188,10 @@ class ExternalStep(LatentStep):
             )
         stop = None
         if self.lengths is not None:
-            stop = self.lengths.to(ctx.logits.device) <= ctx.step
+            device = ctx.logits.device
+            if device not in self._lengths_on:
+                self._lengths_on[device] = self.lengths.to(device)
+            stop = self._lengths_on[device] <= ctx.step
         return StepResult(self.vectors[:, ctx.step], stop)
 
 
