@@ -2,6 +2,8 @@
 #   make demo   train + evaluate tiny no-CoT and CoT models on arith, print the table, write the plot
 #   make test   the test suite (slow tests: make test-slow)
 # Uses the active virtual environment if there is one, else creates .venv here.
+#   make test-min   the suite again on the lowest versions pyproject.toml declares
+#                   (.ci/constraints-min.txt), in its own .venv-min here; CI runs it after make test
 
 ifdef VIRTUAL_ENV
 PY := $(VIRTUAL_ENV)/bin/python
@@ -9,8 +11,10 @@ else
 PY := $(CURDIR)/.venv/bin/python
 endif
 STAMP := $(dir $(PY)).latentreason-setup
+MIN_PY := $(CURDIR)/.venv-min/bin/python
+MIN_STAMP := $(CURDIR)/.venv-min/.latentreason-setup
 
-.PHONY: setup demo test test-slow bench check-results
+.PHONY: setup demo test test-slow test-min bench check-results
 
 $(PY):
 	python3 -m venv $(CURDIR)/.venv
@@ -29,6 +33,16 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+$(MIN_PY):
+	python3 -m venv $(CURDIR)/.venv-min
+
+$(MIN_STAMP): pyproject.toml scripts/setup.sh .ci/constraints-min.txt | $(MIN_PY)
+	bash scripts/setup.sh $(MIN_PY) .ci/constraints-min.txt
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_PY) -m pytest -q
 
 check-results:
 	$(PY) ../shared/tools/check_results.py

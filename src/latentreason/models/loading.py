@@ -15,12 +15,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from latentreason.io import atomic_replace_dir, recover_dir
 from latentreason.models import tiny
+from latentreason.models.compat import add_extra_special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,70 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_tokenizer_metadata(path: Path) -> dict[str, int | bool]:
+    """The scalar ``tokenizer.ggml.*`` entries of a GGUF file (special token ids, add_bos_token).
+
+    Reads only the key/value header, skipping the vocabulary arrays: milliseconds, where the gguf
+    package's reader parses every token into numpy views first (~8 s for SmolLM2).
+    """
+    import struct
+
+    out: dict[str, int | bool] = {}
+
+    def unpack(f: BinaryIO, fmt: str) -> Any:
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def skip(f: BinaryIO, kind: int) -> None:
+        if kind == 8:
+            f.seek(unpack(f, "<Q"), 1)
+        elif kind == 9:
+            item, count = unpack(f, "<I"), unpack(f, "<Q")
+            if item in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF" or unpack(f, "<I") < 2:
+            return out
+        unpack(f, "<Q")  # tensor count
+        for _ in range(unpack(f, "<Q")):
+            key = f.read(unpack(f, "<Q")).decode("utf-8", "replace")
+            kind = unpack(f, "<I")
+            if key.startswith("tokenizer.ggml.") and kind in _GGUF_SCALARS:
+                out[key.removeprefix("tokenizer.ggml.")] = unpack(f, _GGUF_SCALARS[kind])
+            else:
+                skip(f, kind)
+    return out
+
+
+def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file holds, with the special tokens and bos behaviour its metadata names.
+
+    Why not ``AutoTokenizer`` alone: transformers 4.x builds a GGUF Llama-family tokenizer with the
+    bos token as eos (SmolLM2: eos ``<|im_start|>`` instead of ``<|im_end|>``), no pad token, and a
+    bos prepended that the file says not to add; 5.24 reads them right, and then nothing changes here.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    meta = gguf_tokenizer_metadata(path)
+    fixes = {}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        want = meta.get(key)
+        if isinstance(want, int) and 0 <= want < len(tokenizer) and getattr(tokenizer, f"{name}_token_id") != want:
+            fixes[f"{name}_token"] = tokenizer.convert_ids_to_tokens(want)
+    if fixes:
+        tokenizer.add_special_tokens(fixes)  # tokens already in the vocabulary: no new ids
+    if meta.get("add_bos_token") is False and getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
+    return tokenizer
+
+
 def materialise_smollm2(force: bool = False) -> Path:
     """Dequantise the GGUF once into a float32 safetensors folder and return that folder.
 
@@ -106,7 +172,7 @@ def materialise_smollm2(force: bool = False) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("loading the SmolLM2 GGUF needs the 'gguf' package: pip install gguf")
     logger.info("dequantising %s (first load only) into %s", gguf, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = gguf_tokenizer(gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain float32; drop the GGUF quantisation marker so they can be saved.
     if hasattr(model.config, "quantization_config"):
@@ -171,7 +237,7 @@ def _resolve(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         tokenizer = tiny.char_tokenizer()
         # Reserve the latent tokens before building so the embedding has its final size.
         if cfg.add_latent_tokens:
-            tokenizer.add_special_tokens({"additional_special_tokens": list(LATENT_TOKENS.values())})
+            add_extra_special_tokens(tokenizer, list(LATENT_TOKENS.values()))
         model = tiny.tiny_model(name, vocab_size=len(tokenizer), max_positions=cfg.max_positions, seed=cfg.seed)
         return model, tokenizer
     if name == SMOLLM2_NAME:
@@ -212,10 +278,13 @@ def _check_complete(model: PreTrainedModel, info: dict, path: str | Path) -> Non
 
 
 def add_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Add <bot>/<eot>/<latent> as single special tokens and grow the embeddings to match."""
+    """Add <bot>/<eot>/<latent> as single special tokens and grow the embeddings to match.
+
+    The tokenizer's own extra special tokens (a chat model's role markers) stay special.
+    """
     missing = [t for t in LATENT_TOKENS.values() if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        add_extra_special_tokens(tokenizer, missing)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, StaticCache
 
+from latentreason.models.compat import forward_args, returned_cache
 from latentreason.models.steps import LatentStep, StepContext
 
 
@@ -206,11 +207,6 @@ def _split(model: PreTrainedModel, probe: torch.Tensor) -> _Split | None:
     return split
 
 
-def _returned_cache(out: object) -> object:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
 class _Forward:
     """One forward over new columns: last-position logits [B, V], last hidden state [B, D] (or None),
     and the cache transformers returns. Keyword names are looked up once, here, so that the call
@@ -221,19 +217,17 @@ class _Forward:
         # then holds only its submodules, so dropping the model frees its compiled steps too.
         self.model = model if split is None else None
         self.split, self.need_hidden = split, need_hidden
-        params = inspect.signature((split.base if split is not None else model).forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.takes_cache_position = "cache_position" in params
-        self.extra = {"logits_to_keep": 1} if split is None and "logits_to_keep" in params else {}
+        # The cache's keyword and cache_position differ across transformers versions: compat.py.
+        self.args = forward_args(split.base if split is not None else model)
+        self.takes_cache_position = self.args.cache_position
 
     def __call__(
         self, feed: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: object, use_cache: bool,
         cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
-        kw = {self.cache_kw: cache, **self.extra}
-        if cache_position is not None and self.takes_cache_position:
-            kw["cache_position"] = cache_position
+        kw = self.args.kwargs(cache, cache_position)
         if self.split is not None:
+            kw.pop("logits_to_keep", None)  # a decoder has no output layer
             out = self.split.base(inputs_embeds=feed, attention_mask=attention, position_ids=positions,
                                   use_cache=use_cache, **kw)
             hidden = out[0][:, -1]
@@ -243,7 +237,7 @@ class _Forward:
                              output_hidden_states=self.need_hidden, **kw)
             hidden = out.hidden_states[-1][:, -1] if self.need_hidden else None
             logits = out.logits[:, -1]
-        return logits, hidden, _returned_cache(out) if use_cache else None
+        return logits, hidden, returned_cache(out) if use_cache else None
 
 
 def _bucket(n: int, floor: int = 1) -> int:
