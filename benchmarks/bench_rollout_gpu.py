@@ -190,16 +190,17 @@ def main() -> None:
     print(f"device {device}, dtype {args.dtype_name}, threads {torch.get_num_threads()}", flush=True)
 
     rows: list[dict] = []
+    command = "python benchmarks/bench_rollout_gpu.py " + " ".join(a for a in sys.argv[1:])
     for name in args.models:
         model = build(name, device, dtype)
         for batch in args.batch_sizes:
             rows += measure(name, model, batch, args, device)
+            write_results("rollout_gpu", command, rows, path=args.out)  # a run stopped later keeps these
         clear_compiled(model)
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    command = "python benchmarks/bench_rollout_gpu.py " + " ".join(a for a in sys.argv[1:])
     path = write_results("rollout_gpu", command, rows, path=args.out)
     for row in rows:
         if row["metric"] == "ms_per_token":

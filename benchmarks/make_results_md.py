@@ -29,6 +29,8 @@ def main() -> None:
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         doc = json.loads(path.read_text())
         parts.append(f"## {doc['benchmark']}\n\n`{doc['command']}`  \n{doc['hardware']}, {doc['date']}\n")
+        if doc.get("note"):
+            parts.append(f"{doc['note']}\n")
         parts.append("| task | model | method | metric | value | n | details |\n|---|---|---|---|---|---|---|")
         for row in doc["rows"]:
             skip = {"task", "model", "method", "metric", "value", "n"}

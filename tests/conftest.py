@@ -10,6 +10,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# model.device=auto means the CPU in the default suite, on a GPU machine too (subprocesses inherit
+# it): its tolerances are float32 CPU ones. GPU checks live in benchmarks/ (bench_rollout_gpu.py).
+os.environ.setdefault("LATENTREASON_DEVICE", "cpu")
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads per
 # process make OpenMP spin-wait against every other process.
 torch.set_num_threads(1)

@@ -251,3 +251,16 @@ def test_trainer_autocasts_to_bfloat16_only_on_a_gpu_under_auto(monkeypatch: pyt
 def test_bad_device_names_are_refused(device: str) -> None:
     with pytest.raises(ValueError, match=f"model.device='{device}', must be auto, cpu, cuda or cuda:N"):
         ModelConfig(device=device)
+
+
+def test_the_environment_can_keep_auto_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite sets LATENTREASON_DEVICE=cpu so that a GPU machine runs it as a CPU one does."""
+    from latentreason.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LATENTREASON_DEVICE", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("LATENTREASON_DEVICE", "cuda:3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="only 1 CUDA devices are visible"):
+        resolve_device("auto")

@@ -205,12 +205,20 @@ def process_state():  # -> accelerate.PartialState
     """
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available() or os.environ.get(DEVICE_ENV) == "cpu")
+
+
+#: Overrides what ``model.device=auto`` means (``cpu`` keeps everything on the CPU; the test suite
+#: sets it, its float32 tolerances being CPU ones).
+DEVICE_ENV = "LATENTREASON_DEVICE"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: the device Accelerate gives this process (``cuda:<local rank>`` under
-    ``accelerate launch``, the GPU when one is visible, else the CPU); otherwise as named."""
+    ``accelerate launch``, the GPU when one is visible, else the CPU), unless ``$LATENTREASON_DEVICE``
+    names one; otherwise as named."""
+    if name == "auto" and os.environ.get(DEVICE_ENV):
+        name = os.environ[DEVICE_ENV]
     if name == "auto":
         return process_state().device
     device = torch.device(name)
