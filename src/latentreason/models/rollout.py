@@ -526,19 +526,16 @@ def rollout(
     timings["prefill_s"] = time.perf_counter() - t0
 
     # ---- latent phase -------------------------------------------------------------------------
+    # Per step only what the next forward needs; the non-finite check, the kept distributions'
+    # masking and the stacking run once after the loop (each op here is a kernel launch per step,
+    # and on a GPU the step is launch-bound).
     t0 = time.perf_counter()
-    latents = torch.zeros(batch, num_steps, dim, device=device, dtype=embed.weight.dtype)
     n_latent = torch.zeros(batch, dtype=torch.long, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    dist_probs = dist_ids = None
     keep = cfg.keep_distributions if num_steps else "none"
-    if keep == "topk":
-        dist_probs = torch.zeros(batch, num_steps, cfg.distribution_topk, device=device)
-        dist_ids = torch.zeros(batch, num_steps, cfg.distribution_topk, dtype=torch.long, device=device)
-    elif keep == "full":
-        dist_probs = torch.zeros(batch, num_steps, logits.shape[-1], device=device)
-    latent_list = []
-    first_bad = torch.full((batch,), -1, dtype=torch.long, device=device)  # [B] first non-finite step fed
+    latent_list: list[torch.Tensor] = []
+    active_list: list[torch.Tensor] = []  # [B] rows fed at each step
+    kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     for t in range(num_steps):
         result = step(StepContext(t, hidden, logits, embed.weight, active))
         if result.stop is not None:
@@ -556,37 +553,57 @@ def rollout(
         # Stopped rows get zeros, not the raw vector: under a zero mask 0 * NaN is still NaN.
         fed = torch.where(active[:, None], z, torch.zeros_like(z)).to(embed.weight.dtype)
         latent_list.append(fed)
-        bad = active & ~torch.isfinite(fed).all(-1)
-        first_bad = torch.where(bad & (first_bad < 0), t, first_bad)
+        active_list.append(active)
         if keep != "none":
             with torch.no_grad():
-                probs = logits.detach().float().softmax(-1) * active[:, None]
+                probs = logits.detach().float().softmax(-1)
                 if keep == "topk":
                     top = probs.topk(cfg.distribution_topk, dim=-1)
-                    # ids of a stopped row are 0, as if it ran alone (topk of zeros picks any ids)
-                    dist_probs[:, t], dist_ids[:, t] = top.values, top.indices * active[:, None]
+                    kept.append((top.values, top.indices))
                 else:
-                    dist_probs[:, t] = probs
-        step_mask = active.long()[:, None]
-        new_logits, new_hidden = runner(fed[:, None], step_mask, lengths[:, None].clone())
+                    kept.append((probs, None))
+        step_long = active.long()
+        new_logits, new_hidden = runner(fed[:, None], step_long[:, None], lengths[:, None])
         # Stopped rows keep their last real outputs: that is where their answer continues from.
         logits = torch.where(active[:, None], new_logits, logits)
         if new_hidden is not None:
             hidden = torch.where(active[:, None], new_hidden, hidden)
-        lengths = lengths + active.long()
-        n_latent = n_latent + active.long()
-    if num_steps and bool((first_bad >= 0).any()):  # one sync for the whole latent phase
-        rows = (first_bad >= 0).nonzero()[:, 0].tolist()
-        where = ", ".join(f"row {r} at latent step {int(first_bad[r])}" for r in rows[:5])
-        more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
-        raise NonFiniteLatentError(
-            f"{type(step).__name__} fed a NaN or inf latent vector to a reasoning row: {where}{more} (steps 0-based)"
-        )
+        lengths = lengths + step_long  # a new tensor: the positions fed above are never overwritten
+        n_latent = n_latent + step_long
+    latents = torch.zeros(batch, num_steps, dim, device=device, dtype=embed.weight.dtype)
+    dist_probs = dist_ids = None
     if latent_list:
-        latents = torch.cat([torch.stack(latent_list, 1), latents[:, len(latent_list):]], 1)
+        ran = len(latent_list)
+        fed_all = torch.stack(latent_list, 1)  # [B, ran, D]
+        was_active = torch.stack(active_list, 1)  # [B, ran]
+        bad = was_active & ~torch.isfinite(fed_all).all(-1)
+        if bool(bad.any()):  # one sync for the whole latent phase
+            rows = bad.any(-1).nonzero()[:, 0].tolist()
+            first = bad.long().argmax(-1).tolist()
+            where = ", ".join(f"row {r} at latent step {first[r]}" for r in rows[:5])
+            more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
+            raise NonFiniteLatentError(
+                f"{type(step).__name__} fed a NaN or inf latent vector to a reasoning row: {where}{more} (steps 0-based)"
+            )
+        latents = torch.cat([fed_all, latents[:, ran:]], 1)
+        if keep != "none":
+            with torch.no_grad():
+                on = was_active[..., None]
+                width = cfg.distribution_topk if keep == "topk" else logits.shape[-1]
+                dist_probs = torch.zeros(batch, num_steps, width, device=device)
+                dist_probs[:, :ran] = torch.stack([p for p, _ in kept], 1) * on
+                if keep == "topk":
+                    # ids of a stopped row are 0, as if it ran alone (topk of zeros picks any ids)
+                    dist_ids = torch.zeros(batch, num_steps, width, dtype=torch.long, device=device)
+                    dist_ids[:, :ran] = torch.stack([i for _, i in kept], 1) * on
+    elif keep == "topk":
+        dist_probs = torch.zeros(batch, num_steps, cfg.distribution_topk, device=device)
+        dist_ids = torch.zeros(batch, num_steps, cfg.distribution_topk, dtype=torch.long, device=device)
+    elif keep == "full":
+        dist_probs = torch.zeros(batch, num_steps, logits.shape[-1], device=device)
     if feed_eot:
         eot = embed(torch.full((batch, 1), eot_id, dtype=torch.long, device=device))
-        logits, _ = runner(eot, ones, lengths[:, None].clone())
+        logits, _ = runner(eot, ones, lengths[:, None])
         lengths = lengths + 1
     timings["latent_s"] = time.perf_counter() - t0
 
@@ -594,17 +611,18 @@ def rollout(
     t0 = time.perf_counter()
     eos = torch.tensor(eos_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    pads = torch.full((batch,), pad_id, dtype=torch.long, device=device)
     out = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     produced = 0
     with torch.no_grad():
         for i in range(cfg.max_new_tokens):
-            nxt = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), _select(logits, cfg, generators))
+            nxt = torch.where(done, pads, _select(logits, cfg, generators))
             out[:, i] = nxt
             produced = i + 1
             done = done | torch.isin(nxt, eos)
             if i == cfg.max_new_tokens - 1 or ((i + 1) % sync_every == 0 and bool(done.all())):
                 break  # rows done before the check decode pad, cut below: the tokens do not change
-            logits, _ = runner(embed(nxt[:, None]), ones, lengths[:, None].clone())
+            logits, _ = runner(embed(nxt[:, None]), ones, lengths[:, None])
             lengths = lengths + 1
     timings["decode_s"] = time.perf_counter() - t0
     timings["forwards"] = float(runner.forwards)

@@ -109,7 +109,7 @@ class MixtureStep(LatentStep):
 
     def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mixture weights: ([B, k] probabilities, [B, k] ids) or ([B, V] probabilities, None)."""
-        scaled = logits.float() / self.temperature
+        scaled = logits.float() if self.temperature == 1.0 else logits.float() / self.temperature
         if self.top_k:
             values, ids = scaled.topk(min(self.top_k, scaled.shape[-1]), dim=-1)  # sorted, descending
             probs = values.softmax(-1)
