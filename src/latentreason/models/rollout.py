@@ -433,6 +433,22 @@ class _Runner:
             self.cache = cache
         return logits, hidden if self.need_hidden else None
 
+    def forward_all(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                    need_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every new column's logits (and last hidden states) over the cache: teacher forcing after
+        the latent phase, in one pass. Needs the growing cache (``cache=dynamic``, or grad enabled)."""
+        if self.static or not self.use_cache:
+            raise ValueError("forward_all needs the growing cache: rollout.cache=dynamic with use_cache=true")
+        self.forwards += 1
+        attention = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
+        kw = forward_args(self.model).kwargs(self.cache)
+        kw.pop("logits_to_keep", None)  # every position
+        out = self.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+                         output_hidden_states=need_hidden, **kw)
+        self.mask, self.cache = attention, returned_cache(out)
+        self.offset += embeds.shape[1]
+        return out.logits, out.hidden_states[-1] if need_hidden else None
+
 
 def _select(logits: torch.Tensor, cfg: RolloutConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
     """Next token per row: argmax, or a sample (top-p filtered) from each row's own generator.
@@ -466,6 +482,105 @@ def _row_generators(
             return None
         row_seeds = [derive_seed(cfg.seed, row) for row in range(batch)]
     return [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
+
+
+@dataclass
+class LatentPhase:
+    """The state after the latent phase: where answer decoding (or teacher forcing) continues."""
+
+    logits: torch.Tensor  # [B, V] last real output of each row
+    hidden: torch.Tensor | None  # [B, D]
+    lengths: torch.Tensor  # [B] next real position id
+    latents: torch.Tensor  # [B, K, D] fed vectors (zeros in holes)
+    num_latent_steps: torch.Tensor  # [B]
+    dist_probs: torch.Tensor | None
+    dist_ids: torch.Tensor | None
+
+
+def latent_phase(
+    runner: _Runner, step: LatentStep | None, num_steps: int, logits: torch.Tensor, hidden: torch.Tensor | None,
+    lengths: torch.Tensor, embedding: torch.Tensor, *, keep: str = "none", keep_topk: int = 10, sync_every: int = 1,
+) -> LatentPhase:
+    """Up to ``num_steps`` latent steps after a prefill: the loop shared by the rollout (inference)
+    and :func:`latentreason.models.latent_forward.latent_forward` (training, with gradients).
+
+    Per step only what the next forward needs runs; the non-finite check, the kept distributions'
+    masking and the stacking run once after the loop (each op here is a kernel launch per step,
+    and on a GPU the step is launch-bound).
+    """
+    batch, dim, device = logits.shape[0], embedding.shape[1], logits.device
+    n_latent = torch.zeros(batch, dtype=torch.long, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    keep = keep if num_steps else "none"
+    latent_list: list[torch.Tensor] = []
+    active_list: list[torch.Tensor] = []  # [B] rows fed at each step
+    kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for t in range(num_steps):
+        result = step(StepContext(t, hidden, logits, embedding, active))
+        if result.stop is not None:
+            active = active & ~result.stop
+        # A host check waits for the device, so it runs every sync_every steps; until it runs, a
+        # stopped batch keeps stepping with every row masked: holes in the cache, nothing recorded.
+        if t % sync_every == 0 and not bool(active.any()):
+            break
+        z = result.embeds
+        if tuple(z.shape) != (batch, dim):
+            raise ValueError(
+                f"{type(step).__name__} returned vectors of shape {tuple(z.shape)} at latent step {t}; "
+                f"expected ({batch}, {dim}) (batch, hidden size)"
+            )
+        # Stopped rows get zeros, not the raw vector: under a zero mask 0 * NaN is still NaN.
+        fed = torch.where(active[:, None], z, torch.zeros_like(z)).to(embedding.dtype)
+        latent_list.append(fed)
+        active_list.append(active)
+        if keep != "none":
+            with torch.no_grad():
+                probs = logits.detach().float().softmax(-1)
+                if keep == "topk":
+                    top = probs.topk(keep_topk, dim=-1)
+                    kept.append((top.values, top.indices))
+                else:
+                    kept.append((probs, None))
+        step_long = active.long()
+        new_logits, new_hidden = runner(fed[:, None], step_long[:, None], lengths[:, None])
+        # Stopped rows keep their last real outputs: that is where their answer continues from.
+        logits = torch.where(active[:, None], new_logits, logits)
+        if new_hidden is not None:
+            hidden = torch.where(active[:, None], new_hidden, hidden)
+        lengths = lengths + step_long  # a new tensor: the positions fed above are never overwritten
+        n_latent = n_latent + step_long
+    latents = torch.zeros(batch, num_steps, dim, device=device, dtype=embedding.dtype)
+    dist_probs = dist_ids = None
+    if latent_list:
+        ran = len(latent_list)
+        fed_all = torch.stack(latent_list, 1)  # [B, ran, D]
+        was_active = torch.stack(active_list, 1)  # [B, ran]
+        bad = was_active & ~torch.isfinite(fed_all).all(-1)
+        if bool(bad.any()):  # one sync for the whole latent phase
+            rows = bad.any(-1).nonzero()[:, 0].tolist()
+            first = bad.long().argmax(-1).tolist()
+            where = ", ".join(f"row {r} at latent step {first[r]}" for r in rows[:5])
+            more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
+            raise NonFiniteLatentError(
+                f"{type(step).__name__} fed a NaN or inf latent vector to a reasoning row: {where}{more} (steps 0-based)"
+            )
+        latents = torch.cat([fed_all, latents[:, ran:]], 1)
+        if keep != "none":
+            with torch.no_grad():
+                on = was_active[..., None]
+                width = keep_topk if keep == "topk" else logits.shape[-1]
+                dist_probs = torch.zeros(batch, num_steps, width, device=device)
+                dist_probs[:, :ran] = torch.stack([p for p, _ in kept], 1) * on
+                if keep == "topk":
+                    # ids of a stopped row are 0, as if it ran alone (topk of zeros picks any ids)
+                    dist_ids = torch.zeros(batch, num_steps, width, dtype=torch.long, device=device)
+                    dist_ids[:, :ran] = torch.stack([i for _, i in kept], 1) * on
+    elif keep == "topk":
+        dist_probs = torch.zeros(batch, num_steps, keep_topk, device=device)
+        dist_ids = torch.zeros(batch, num_steps, keep_topk, dtype=torch.long, device=device)
+    elif keep == "full":
+        dist_probs = torch.zeros(batch, num_steps, logits.shape[-1], device=device)
+    return LatentPhase(logits, hidden, lengths, latents, n_latent, dist_probs, dist_ids)
 
 
 def rollout(
@@ -526,81 +641,11 @@ def rollout(
     timings["prefill_s"] = time.perf_counter() - t0
 
     # ---- latent phase -------------------------------------------------------------------------
-    # Per step only what the next forward needs; the non-finite check, the kept distributions'
-    # masking and the stacking run once after the loop (each op here is a kernel launch per step,
-    # and on a GPU the step is launch-bound).
     t0 = time.perf_counter()
-    n_latent = torch.zeros(batch, dtype=torch.long, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    keep = cfg.keep_distributions if num_steps else "none"
-    latent_list: list[torch.Tensor] = []
-    active_list: list[torch.Tensor] = []  # [B] rows fed at each step
-    kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    for t in range(num_steps):
-        result = step(StepContext(t, hidden, logits, embed.weight, active))
-        if result.stop is not None:
-            active = active & ~result.stop
-        # A host check waits for the device, so it runs every sync_every steps; until it runs, a
-        # stopped batch keeps stepping with every row masked: holes in the cache, nothing recorded.
-        if t % sync_every == 0 and not bool(active.any()):
-            break
-        z = result.embeds
-        if tuple(z.shape) != (batch, dim):
-            raise ValueError(
-                f"{type(step).__name__} returned vectors of shape {tuple(z.shape)} at latent step {t}; "
-                f"expected ({batch}, {dim}) (batch, hidden size)"
-            )
-        # Stopped rows get zeros, not the raw vector: under a zero mask 0 * NaN is still NaN.
-        fed = torch.where(active[:, None], z, torch.zeros_like(z)).to(embed.weight.dtype)
-        latent_list.append(fed)
-        active_list.append(active)
-        if keep != "none":
-            with torch.no_grad():
-                probs = logits.detach().float().softmax(-1)
-                if keep == "topk":
-                    top = probs.topk(cfg.distribution_topk, dim=-1)
-                    kept.append((top.values, top.indices))
-                else:
-                    kept.append((probs, None))
-        step_long = active.long()
-        new_logits, new_hidden = runner(fed[:, None], step_long[:, None], lengths[:, None])
-        # Stopped rows keep their last real outputs: that is where their answer continues from.
-        logits = torch.where(active[:, None], new_logits, logits)
-        if new_hidden is not None:
-            hidden = torch.where(active[:, None], new_hidden, hidden)
-        lengths = lengths + step_long  # a new tensor: the positions fed above are never overwritten
-        n_latent = n_latent + step_long
-    latents = torch.zeros(batch, num_steps, dim, device=device, dtype=embed.weight.dtype)
-    dist_probs = dist_ids = None
-    if latent_list:
-        ran = len(latent_list)
-        fed_all = torch.stack(latent_list, 1)  # [B, ran, D]
-        was_active = torch.stack(active_list, 1)  # [B, ran]
-        bad = was_active & ~torch.isfinite(fed_all).all(-1)
-        if bool(bad.any()):  # one sync for the whole latent phase
-            rows = bad.any(-1).nonzero()[:, 0].tolist()
-            first = bad.long().argmax(-1).tolist()
-            where = ", ".join(f"row {r} at latent step {first[r]}" for r in rows[:5])
-            more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
-            raise NonFiniteLatentError(
-                f"{type(step).__name__} fed a NaN or inf latent vector to a reasoning row: {where}{more} (steps 0-based)"
-            )
-        latents = torch.cat([fed_all, latents[:, ran:]], 1)
-        if keep != "none":
-            with torch.no_grad():
-                on = was_active[..., None]
-                width = cfg.distribution_topk if keep == "topk" else logits.shape[-1]
-                dist_probs = torch.zeros(batch, num_steps, width, device=device)
-                dist_probs[:, :ran] = torch.stack([p for p, _ in kept], 1) * on
-                if keep == "topk":
-                    # ids of a stopped row are 0, as if it ran alone (topk of zeros picks any ids)
-                    dist_ids = torch.zeros(batch, num_steps, width, dtype=torch.long, device=device)
-                    dist_ids[:, :ran] = torch.stack([i for _, i in kept], 1) * on
-    elif keep == "topk":
-        dist_probs = torch.zeros(batch, num_steps, cfg.distribution_topk, device=device)
-        dist_ids = torch.zeros(batch, num_steps, cfg.distribution_topk, dtype=torch.long, device=device)
-    elif keep == "full":
-        dist_probs = torch.zeros(batch, num_steps, logits.shape[-1], device=device)
+    phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, embed.weight,
+                         keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every)
+    logits, lengths = phase.logits, phase.lengths
+    latents, n_latent, dist_probs, dist_ids = phase.latents, phase.num_latent_steps, phase.dist_probs, phase.dist_ids
     if feed_eot:
         eot = embed(torch.full((batch, 1), eot_id, dtype=torch.long, device=device))
         logits, _ = runner(eot, ones, lengths[:, None])
