@@ -112,6 +112,14 @@ class Task:
             return ex.chains[self.chain_format]
         return ex.chain
 
+    def chain_steps(self, ex: Example) -> list[str]:
+        """The chain as reasoning steps (Coconut's curriculum replaces them one by one).
+
+        Default: whitespace-separated units, which is a step in ``arith`` (``3+4=7``), GSM8K-Aug
+        (``<<48/2=24>>``) and iCoT multiplication; tasks whose steps are sentences override it.
+        """
+        return self.chain_text(ex).split()
+
     def answer_text(self, ex: Example) -> str:
         """The answer line every method is trained to write: ``#### <answer>``."""
         return f"{ANSWER_DELIMITER} {ex.answer}"

@@ -11,7 +11,8 @@ Split decisions (see each class for details):
   Both tasks' ``train`` exclude them, so neither trains on the other's validation questions.
 * ``aqua`` ships only ``valid`` (alias ``dev``); it is an evaluation task.
 * ``prosqa``, ``multiplication-*``: ``valid`` from the shipped file, ``train`` generated with the
-  same recipe and format, minus the valid questions.
+  same recipe and format, minus the valid questions. ``prosqa`` also has a generated ``dev``
+  split (excluded from ``train``) to select models on, leaving ``valid`` to report on.
 * ``arith``: every split generated from disjoint seeds; ``train`` excludes valid and test.
 
 Tasks meant for pretrained LMs (GSM8K, GSM8K-Aug, AQuA, ProsQA) carry a one-line instruction that
@@ -143,6 +144,10 @@ class GSM8K(Task):
     version = 1
     instruction = "Solve the math word problem step by step. End with the final answer as '#### <number>'."
     option_defaults: ClassVar[dict[str, Any]] = {"holdout": None}
+
+    def chain_steps(self, ex: Example) -> list[str]:
+        """Equation chains step by annotation; natural chains by sentence."""
+        return self.chain_text(ex).split() if self.chain_format == "equations" else _sentences(self.chain_text(ex))
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         self.check_split(split)
@@ -285,11 +290,14 @@ class ProsQA(Task):
     """
 
     name = "prosqa"
-    version = 1
+    # v2: a generated ``dev`` split for model selection (train excludes it), so that the shipped
+    # valid.json can be the report split that selection never sees.
+    version = 2
+    splits: ClassVar[tuple[str, ...]] = ("train", "dev", "valid")
     instruction = ("Answer the question by chaining the given facts. "
                    "End with the answer as '#### <name> is a <concept>.'")
     answer_kind = "text"
-    option_defaults: ClassVar[dict[str, Any]] = {"train_size": 17886, "seed": 0}
+    option_defaults: ClassVar[dict[str, Any]] = {"train_size": 17886, "dev_size": 500, "seed": 0}
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         self.check_split(split)
@@ -297,13 +305,28 @@ class ProsQA(Task):
         valid = _parsed("prosqa", source, "json", parse_prosqa)
         if split == "valid":
             return _take(valid, limit)
+        shipped = {e.question for e in valid}
+        dev_seed, dev_n = f"prosqa-dev-{self.options['seed']}", self.options["dev_size"]
+
+        def make(seed: str, n: int, exclude: set[str], name: str) -> list[Example]:
+            rows = generators.generate_prosqa(n, seed=seed, exclude=exclude)
+            return [parse_prosqa(i, (f"{seed} row {i}", row), name) for i, row in enumerate(rows)]
+
+        dev = memo(("prosqa-dev", *source_key(source), dev_seed, dev_n), lambda: make(dev_seed, dev_n, shipped, "dev"))
+        if split == "dev":
+            return _take(list(dev), limit)
         n, seed = _count(limit, self.options["train_size"]), f"prosqa-train-{self.options['seed']}"
+        held = shipped | {e.question for e in dev}
+        return list(memo(("prosqa-train", *source_key(source), seed, n, dev_seed, dev_n),
+                         lambda: make(seed, n, held, "train")))
 
-        def make_train() -> list[Example]:
-            rows = generators.generate_prosqa(n, seed=seed, exclude={e.question for e in valid})
-            return [parse_prosqa(i, (f"{seed} row {i}", row), "train") for i, row in enumerate(rows)]
+    def chain_steps(self, ex: Example) -> list[str]:
+        """One sentence per step ("Tom is a terpus.", "Every terpus is a gerpus.")."""
+        return _sentences(self.chain_text(ex))
 
-        return list(memo(("prosqa-train", *source_key(source), seed, n), make_train))
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
 
 
 # -- multiplication ------------------------------------------------------------------------------
