@@ -210,15 +210,17 @@ def _soft_logits(temperature: float) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("max_topk, expected", [
+@pytest.mark.parametrize("min_p, max_topk, expected", [
     # top_k=6 drops 0.05 and renormalises (/0.95); top_p=0.8 keeps ranks whose preceding mass is
-    # < 0.8 (0, .316, .526, .684: four; on the unrenormalised p it would be five); min_p=0.45
-    # drops p < 0.45 * max (the fourth); max_topk then keeps the best survivors, renormalised.
-    (4, [0.30 / 0.65, 0.20 / 0.65, 0.15 / 0.65]),
-    (2, [0.6, 0.4]),
+    # < 0.8 (0, .316, .526, .684: four; on the unrenormalised p, i.e. top-p before top-k, it would
+    # be five); min_p=0.45 drops p < 0.45 * max (the fourth); max_topk then keeps the best
+    # survivors, renormalised.
+    (0.0, 6, [0.30 / 0.77, 0.20 / 0.77, 0.15 / 0.77, 0.12 / 0.77]),
+    (0.45, 4, [0.30 / 0.65, 0.20 / 0.65, 0.15 / 0.65]),
+    (0.45, 2, [0.6, 0.4]),
 ])
-def test_soft_thinking_weights_match_a_hand_computation(max_topk: int, expected: list[float]) -> None:
-    step = SoftThinkingStep(temperature=0.5, top_k=6, top_p=0.8, min_p=0.45, max_topk=max_topk)
+def test_soft_thinking_weights_match_a_hand_computation(min_p: float, max_topk: int, expected: list[float]) -> None:
+    step = SoftThinkingStep(temperature=0.5, top_k=6, top_p=0.8, min_p=min_p, max_topk=max_topk)
     logits = _soft_logits(0.5)
     probs, ids = step.weights(logits)
     kept = probs[0] > 0
