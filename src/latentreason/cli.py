@@ -4,6 +4,7 @@
     latentreason train --config configs/cot_sft_arith.yaml optim.lr=3e-4
     latentreason eval  model.name_or_path=runs/arith-cot/best method.name=cot-sft data.task=arith
     latentreason inspect tasks|methods|steps|config [--config F] [overrides]
+    latentreason compare runs/a/eval-valid runs/b/eval-valid=label --out runs/compare
 
 Every verb takes ``--config FILE.yaml`` and ``section.field=value`` overrides; ``--help`` lists
 every field with its default and meaning. Nothing else in the package imports this module.
@@ -50,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(_config(args))
     keys = ("model", "task", "method", "split", "device", "dtype", "n", "accuracy", "accuracy_ci95",
-            "accuracy_flexible", "mean_reasoning_positions", "questions_per_second")
+            "accuracy_flexible", "mean_reasoning_positions", "mean_latent_steps", "questions_per_second", "probe")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
 
@@ -93,6 +94,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from latentreason.eval.report import compare
+
+    result = compare(args.eval_dirs, args.out, title=args.title)
+    print(result.markdown)
+    print(f"\nwrote {result.table_path}, {result.json_path}, {result.figure_path}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentreason", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,6 +128,17 @@ def make_parser() -> argparse.ArgumentParser:
     insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples",
                first={"name": "what", "choices": ["tasks", "methods", "steps", "config", "example"]})
     insp.add_argument("-n", type=int, default=3, help="examples to print with 'example'")
+    comp = sub.add_parser(
+        "compare", help="table and figure comparing finished evaluations of one task and split",
+        description="Read evaluation folders (summary.json + predictions.jsonl from latentreason eval) of ONE "
+                    "task and split; print a markdown table (accuracy with 95%% interval, n, mean reasoning "
+                    "positions, seconds per question, probe) and write compare.md, compare.json and compare.png "
+                    "(accuracy against reasoning positions and against seconds per question).")
+    comp.add_argument("eval_dirs", nargs="+", metavar="FOLDER[=LABEL]",
+                      help="evaluation folder, optionally =label (default label: the method name)")
+    comp.add_argument("--out", default="runs/compare", help="where compare.md, compare.json and compare.png go")
+    comp.add_argument("--title", default=None, help="table and figure title (default: task and split)")
+    comp.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -88,6 +88,16 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata={"help": "prompts per rollout batch"})
     output_dir: str | None = field(default=None, metadata={"help": "predictions.jsonl + summary.json (default: <train.output_dir>/eval-<split>)"})
     overwrite: bool = field(default=False, metadata={"help": "discard finished rows instead of resuming"})
+    probe: str = field(default="none", metadata={"help": (
+        "causal probe of a latent method's latents (rows still stop where the real step says): none; zero "
+        "(zeros fed); noise (Gaussian, each vector's L2 norm, seeded per question); shuffle (row i is fed "
+        "the latent of the batch's next question at the same step: needs eval.batch_size >= 2, and rows "
+        "then depend on how questions are batched)")})
+    probe_seed: int = field(default=0, metadata={"help": "seed of eval.probe=noise (each question's draws are keyed by its id)"})
+
+    def __post_init__(self) -> None:
+        if self.probe not in ("none", "zero", "noise", "shuffle"):
+            raise ValueError(f"eval.probe={self.probe!r}, must be none, zero, noise or shuffle")
 
 
 @dataclass
@@ -268,6 +278,9 @@ def validate(run: RunConfig) -> list[str]:
                         "use a validation split (e.g. valid)")
     if run.eval.batch_size < 1:
         problems.append(f"eval.batch_size={run.eval.batch_size}, must be >= 1")
+    elif run.eval.probe == "shuffle" and run.eval.batch_size < 2:
+        problems.append("eval.probe=shuffle takes each question's latents from another question of its batch; "
+                        f"eval.batch_size={run.eval.batch_size} leaves none: use eval.batch_size >= 2")
     from latentreason.data.base import build_task
     from latentreason.methods import METHODS
 

@@ -70,4 +70,4 @@ def run_eval(run: RunConfig) -> dict:
     if weights is not None:
         fingerprint["model.weight_files"] = weights
     return evaluate(method, examples, out, batch_size=run.eval.batch_size, info=info, overwrite=run.eval.overwrite,
-                    fingerprint=fingerprint)
+                    fingerprint=fingerprint, probe=run.eval.probe, probe_seed=run.eval.probe_seed)

@@ -10,6 +10,8 @@ from latentreason.models.steps import (
     HiddenStateStep,
     LatentStep,
     MixtureStep,
+    ProbeStep,
+    SoftThinkingStep,
     StepContext,
     build_step,
 )
@@ -194,6 +196,148 @@ def test_base_step_must_be_implemented() -> None:
         LatentStep()(_ctx())
 
 
+# ---- soft thinking ---------------------------------------------------------------------------
+
+# Probabilities after temperature (logits are T * log p, so softmax(logits / T) = p exactly),
+# listed by rank; the vocabulary is permuted so that ids are not ranks.
+SOFT_P = torch.tensor([0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05])
+SOFT_VOCAB = torch.tensor([4, 0, 6, 2, 5, 1, 3])  # token id of rank r
+
+
+def _soft_logits(temperature: float) -> torch.Tensor:
+    logits = torch.empty(1, len(SOFT_P))
+    logits[0, SOFT_VOCAB] = temperature * SOFT_P.log()
+    return logits
+
+
+@pytest.mark.parametrize("min_p, max_topk, expected", [
+    # top_k=6 drops 0.05 and renormalises (/0.95); top_p=0.8 keeps ranks whose preceding mass is
+    # < 0.8 (0, .316, .526, .684: four; on the unrenormalised p, i.e. top-p before top-k, it would
+    # be five); min_p=0.45 drops p < 0.45 * max (the fourth); max_topk then keeps the best
+    # survivors, renormalised.
+    (0.0, 6, [0.30 / 0.77, 0.20 / 0.77, 0.15 / 0.77, 0.12 / 0.77]),
+    (0.45, 4, [0.30 / 0.65, 0.20 / 0.65, 0.15 / 0.65]),
+    (0.45, 2, [0.6, 0.4]),
+])
+def test_soft_thinking_weights_match_a_hand_computation(min_p: float, max_topk: int, expected: list[float]) -> None:
+    step = SoftThinkingStep(temperature=0.5, top_k=6, top_p=0.8, min_p=min_p, max_topk=max_topk)
+    logits = _soft_logits(0.5)
+    probs, ids = step.weights(logits)
+    kept = probs[0] > 0
+    assert ids[0, kept].tolist() == SOFT_VOCAB[: len(expected)].tolist()
+    torch.testing.assert_close(probs[0, kept], torch.tensor(expected))
+    emb = torch.randn(len(SOFT_P), D, generator=torch.Generator().manual_seed(0))
+    ctx = StepContext(0, None, logits, emb, torch.ones(1, dtype=torch.bool))
+    manual = sum(w * emb[SOFT_VOCAB[r]] for r, w in enumerate(expected))
+    torch.testing.assert_close(step(ctx).embeds[0], manual)
+    # top_k = 0 filters the whole vocabulary: here top_p keeps five ranks, max_topk the best two.
+    probs, ids = SoftThinkingStep(temperature=0.5, top_k=0, top_p=0.8, min_p=0.0, max_topk=2).weights(logits)
+    assert ids[0].tolist() == SOFT_VOCAB[:2].tolist()
+    torch.testing.assert_close(probs[0], torch.tensor([0.6, 0.4]))
+
+
+def test_soft_thinking_entropy_is_that_of_the_temperature_scaled_distribution() -> None:
+    step = SoftThinkingStep(temperature=0.5)
+    torch.testing.assert_close(step.entropy(_soft_logits(0.5)), -(SOFT_P * SOFT_P.log()).sum()[None])
+
+
+def _low_high(pattern: str) -> torch.Tensor:
+    """One row of logits per character: L = one token at +50 (entropy ~0), H = uniform (log V)."""
+    logits = torch.zeros(len(pattern), V)
+    for i, c in enumerate(pattern):
+        if c == "L":
+            logits[i, 1] = 50.0
+    return logits
+
+
+def test_cold_stop_fires_after_exactly_l_low_entropy_steps_and_not_before() -> None:
+    step = SoftThinkingStep(entropy_threshold=0.01, cold_stop_steps=3, stop_token_id=7)
+    rows = ["LLHLLLLH", "LLHLLHLL", "HHHHHHHH"]  # row 0: third low in a row at step 5
+    per_step = torch.stack([_low_high(r) for r in rows], 1)  # [steps, B, V]
+    for attempt in range(2):  # a second rollout starts counting afresh
+        stops = [step(_ctx(step=t, logits=per_step[t])).stop.tolist() for t in range(per_step.shape[0])]
+        assert [s[0] for s in stops] == [False] * 5 + [True, True, False], attempt
+        assert not any(s[1] or s[2] for s in stops), "stopped before L consecutive low-entropy steps"
+
+
+def test_soft_thinking_stops_rows_whose_top_token_is_eot() -> None:
+    logits = torch.zeros(B, V)
+    logits[0, 7] = logits[2, 7] = 2.0  # entropy still high: only the eot rule can stop these
+    logits[1, 2] = 2.0
+    out = SoftThinkingStep(stop_token_id=7, cold_stop_steps=1)(_ctx(logits=logits))
+    assert out.stop.tolist() == [True, False, True]
+    assert SoftThinkingStep(cold_stop_steps=1)(_ctx(logits=logits)).stop.tolist() == [False] * B
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0.0}, "temperature=0.0, must be > 0 .*greedy"),
+    ({"max_topk": 0}, "max_topk=0, must be >= 1"),
+    ({"cold_stop_steps": 0}, "cold_stop_steps=0, must be >= 1"),
+    ({"entropy_threshold": -1.0}, "entropy_threshold=-1.0"),
+])
+def test_soft_thinking_rejects_invalid_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_step("soft-thinking", **kwargs)
+
+
+# ---- causal probes ---------------------------------------------------------------------------
+
+
+def _probe(kind: str, inner: LatentStep | None = None, batch: int = B, **kwargs) -> ProbeStep:
+    step = ProbeStep(inner or HiddenStateStep(), kind, **kwargs)
+    step.validate(batch, 4, D)
+    return step
+
+
+def test_zero_probe_feeds_zeros_and_keeps_the_inner_stops() -> None:
+    inner = ExternalStep(torch.randn(B, 4, D), lengths=torch.tensor([0, 2, 4]))
+    step = _probe("zero", inner)
+    for t in range(4):
+        out = step(_ctx(step=t))
+        assert torch.equal(out.embeds, torch.zeros(B, D))
+        assert torch.equal(out.stop, inner(_ctx(step=t)).stop)
+
+
+def test_noise_probe_matches_each_norm_differs_and_is_seeded_per_row() -> None:
+    ctx = _ctx()
+    out = _probe("noise", row_keys=["a", "b", "c"]).__call__(ctx).embeds
+    torch.testing.assert_close(out.norm(dim=-1), ctx.hidden.norm(dim=-1))
+    assert not torch.allclose(out, ctx.hidden) and not torch.allclose(out[0], out[1])
+    again = _probe("noise", row_keys=["a", "b", "c"])(ctx).embeds
+    assert torch.equal(out, again), "not reproducible"
+    # row "a" gets the same direction in another batch and position; another seed changes it
+    moved = _probe("noise", row_keys=["c", "x", "a"])(ctx).embeds
+    torch.testing.assert_close(moved[2] / moved[2].norm(), out[0] / out[0].norm())
+    other = _probe("noise", row_keys=["a", "b", "c"], seed=1)(ctx).embeds
+    assert not torch.allclose(other[0], out[0])
+    # each step draws anew
+    later = _probe("noise", row_keys=["a", "b", "c"])
+    later(ctx)
+    assert not torch.allclose(later(_ctx(step=1, seed=0)).embeds, out)
+
+
+def test_shuffle_probe_is_a_permutation_of_rows_without_fixed_point() -> None:
+    for batch in (2, 3, 5):
+        hidden = torch.randn(batch, D)
+        ctx = StepContext(0, hidden, torch.randn(batch, V), torch.randn(V, D), torch.ones(batch, dtype=torch.bool))
+        out = _probe("shuffle", batch=batch)(ctx).embeds
+        source = [next(j for j in range(batch) if torch.equal(out[i], hidden[j])) for i in range(batch)]
+        assert sorted(source) == list(range(batch)), "not a permutation of the rows"
+        assert all(source[i] != i for i in range(batch)), "a row kept its own latent"
+
+
+def test_shuffle_probe_with_one_row_is_refused() -> None:
+    with pytest.raises(ValueError, match="eval.probe=shuffle: a batch of 1 question"):
+        _probe("shuffle", batch=1)
+
+
+def test_probe_kind_is_checked_and_needs_hidden_follows_the_inner_step() -> None:
+    with pytest.raises(ValueError, match="kind='none', must be one of zero, noise, shuffle"):
+        ProbeStep(HiddenStateStep(), "none")
+    assert ProbeStep(HiddenStateStep(), "zero").needs_hidden
+    assert not ProbeStep(MixtureStep(), "zero").needs_hidden
+
+
 # ---- no host sync (the rule in steps.py's docstring) ------------------------------------------
 
 SYNC_FREE_STEPS = {
@@ -205,7 +349,17 @@ SYNC_FREE_STEPS = {
     "mixture-full-filtered": lambda: MixtureStep(top_k=0, top_p=0.8, min_p=0.1),
     "external": lambda: ExternalStep(torch.randn(B, 4, D)),
     "external-lengths": lambda: ExternalStep(torch.randn(B, 4, D), lengths=torch.tensor([0, 2, 4])),
+    "soft-thinking": lambda: SoftThinkingStep(entropy_threshold=3.0, cold_stop_steps=2, stop_token_id=3),
+    "soft-thinking-full": lambda: SoftThinkingStep(top_k=0, top_p=1.0, min_p=0.0),
+    "probe-zero": lambda: _validated(ProbeStep(MixtureStep(top_k=4), "zero")),
+    "probe-noise": lambda: _validated(ProbeStep(HiddenStateStep(stop_token_id=3), "noise", row_keys=["a", "b", "c"])),
+    "probe-shuffle": lambda: _validated(ProbeStep(SoftThinkingStep(), "shuffle")),
 }
+
+
+def _validated(step: LatentStep) -> LatentStep:
+    step.validate(B, 4, D)  # what the rollout does once, before the loop
+    return step
 
 
 @pytest.mark.parametrize("name", sorted(SYNC_FREE_STEPS))
@@ -243,7 +397,7 @@ def test_the_host_sync_check_catches_a_step_that_branches_on_values() -> None:
 
 
 def test_registry_holds_the_built_in_steps() -> None:
-    assert {"hidden", "mixture", "external"} <= set(LATENT_STEPS.names())
+    assert {"hidden", "mixture", "external", "soft-thinking"} <= set(LATENT_STEPS.names())
     assert isinstance(build_step("hidden"), HiddenStateStep)
     step = build_step("mixture", top_k=3, temperature=0.5)
     assert isinstance(step, MixtureStep) and step.top_k == 3 and step.temperature == 0.5

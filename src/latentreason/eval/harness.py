@@ -26,6 +26,7 @@ from latentreason.eval.metrics import mean, wilson_interval
 from latentreason.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from latentreason.methods.base import Method
 from latentreason.models.rollout import RolloutConfig, derive_seed, rollout
+from latentreason.models.steps import LatentStep, ProbeStep
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +67,45 @@ def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
     return [derive_seed(seed, ex.id) for ex in examples]
 
 
+def probed_step(
+    method: Method, examples: list[Example], probe: str = "none", probe_seed: int = 0
+) -> LatentStep | None:
+    """The method's latent step for this batch, wrapped in a :class:`ProbeStep` unless ``probe`` is none.
+
+    The one place probes enter: every latent method is probed alike, with no method knowing.
+    """
+    step = method.latent_step(examples)
+    if probe == "none":
+        return step
+    if step is None:
+        raise ValueError(f"eval.probe={probe}: method {method.name!r} runs no latent step (plain decoding), so there "
+                         "are no latents to probe; use eval.probe=none or a latent method")
+    return ProbeStep(step, probe, seed=probe_seed, row_keys=[ex.id for ex in examples])
+
+
+def _batches(order: list[int], batch_size: int, probe: str) -> list[list[int]]:
+    """Consecutive slices; under the shuffle probe a last batch of one joins the one before (it needs a partner)."""
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if probe == "shuffle" and len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    return batches
+
+
 def predict(
     method: Method,
     examples: list[Example],
     batch_size: int,
     progress: bool = False,
     on_batch: Callable[[list[Prediction]], None] | None = None,
+    probe: str = "none",
+    probe_seed: int = 0,
 ) -> list[Prediction]:
     """Generate and score ``examples`` in batches (sorted by prompt length to save padding).
 
     ``on_batch`` receives each finished batch's predictions (the harness appends them to disk).
-    Sampled rows use :func:`row_seeds`, so no row depends on the batch size.
+    Sampled rows use :func:`row_seeds`, so no row depends on the batch size (except under
+    ``probe="shuffle"``, which feeds each row another row's latents). ``probe`` (``eval.probe``)
+    wraps the method's latent step: see :func:`probed_step`.
     """
     loaded, task = method.loaded, method.task
     model, tok = loaded.model, loaded.tokenizer
@@ -85,14 +114,13 @@ def predict(
     preds: dict[int, Prediction] = {}
     cfg = method.rollout_config()
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
+    for idx in _batches(order, batch_size, probe):
         batch = [examples[i] for i in idx]
         t0 = time.perf_counter()
         seeds = row_seeds(cfg, batch)
         with torch.inference_mode():
             out = rollout(
-                model, [prompt_ids[i] for i in idx], method.latent_step(batch), cfg,
+                model, [prompt_ids[i] for i in idx], probed_step(method, batch, probe, probe_seed), cfg,
                 eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
                 row_seeds=seeds,
             )
@@ -167,6 +195,12 @@ def eval_fingerprint(config: dict[str, Any], task_version: int | str | None = No
             key = f"{section}.{name}"
             if key not in ROW_NEUTRAL_FIELDS:
                 out[key] = value
+    probe = config.get("eval", {}).get("probe")
+    if probe == "shuffle":
+        # the one case where rows depend on batching: each row is fed a batch-mate's latents
+        out["eval.batch_size"] = config["eval"].get("batch_size")
+    if probe != "noise":
+        out.pop("eval.probe_seed", None)  # draws nothing
     if task_version is not None:
         out["task_version"] = task_version
     return out
@@ -199,8 +233,12 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     fingerprint: dict[str, Any] | None = None,
+    probe: str = "none",
+    probe_seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate into ``output_dir`` (predictions.jsonl, summary.json), resuming finished rows.
+
+    ``probe`` / ``probe_seed`` (``eval.probe``): see :func:`probed_step`; the summary records ``probe``.
 
     ``info`` (model, task, method, split ...) goes into the summary. ``fingerprint`` (default:
     ``info`` less ``command``; ``run_eval`` passes :func:`eval_fingerprint` of the whole config)
@@ -221,6 +259,7 @@ def evaluate(
     info = dict(info or {})
     info.setdefault("command", " ".join(sys.argv))
     info.setdefault("processes", world)
+    info["probe"] = probe
     if fingerprint is None:
         fingerprint = {k: v for k, v in info.items() if k not in ("command", "processes")}
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
@@ -244,7 +283,8 @@ def evaluate(
         append_jsonl(own_path, [asdict(p) for p in preds])
 
     if mine:
-        predict(method, mine, batch_size, progress=progress and main, on_batch=write)
+        predict(method, mine, batch_size, progress=progress and main, on_batch=write, probe=probe,
+                probe_seed=probe_seed)
     state.wait_for_everyone()
     if main:
         rows = _merge_rows(out, examples)

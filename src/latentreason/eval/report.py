@@ -1,8 +1,15 @@
-"""Tables and plots from evaluation summaries (matplotlib only when plotting)."""
+"""Tables and plots from evaluation summaries (matplotlib only when plotting).
+
+``compare`` reads finished evaluation folders (``latentreason compare``); it never runs a model.
+"""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from latentreason.io import atomic_write_json, atomic_write_text
 
 
 def table(summaries: list[dict[str, Any]]) -> str:
@@ -41,6 +48,137 @@ def plot_accuracy_vs_positions(summaries: list[dict[str, Any]], path: str | Path
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# -- latentreason compare -------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """What :func:`compare` wrote: one row per evaluation folder, and the files."""
+
+    task: str
+    split: str
+    rows: list[dict[str, Any]]
+    markdown: str
+    table_path: Path
+    json_path: Path
+    figure_path: Path
+
+
+def _parse_spec(spec: str) -> tuple[Path, str | None]:
+    """``folder`` or ``folder=label``; an existing folder whose name holds '=' is taken whole."""
+    if Path(spec).is_dir() or "=" not in spec:
+        return Path(spec), None
+    folder, _, label = spec.rpartition("=")
+    return Path(folder), label or None
+
+
+def _read_eval(folder: Path) -> dict[str, Any]:
+    summary_path, rows_path = folder / "summary.json", folder / "predictions.jsonl"
+    for path in (summary_path, rows_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; {folder} is not a finished evaluation (run latentreason eval)")
+    summary = json.loads(summary_path.read_text())
+    missing = [k for k in ("task", "split", "method", "n", "accuracy", "accuracy_ci95") if k not in summary]
+    if missing:
+        raise ValueError(f"{summary_path}: lacks {', '.join(missing)}; not a summary written by latentreason eval")
+    return summary
+
+
+def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> Comparison:
+    """One table (compare.md, compare.json) and one figure (compare.png) over evaluations of ONE task and split.
+
+    ``eval_dirs`` are folders written by ``latentreason eval`` (summary.json + predictions.jsonl),
+    each optionally ``folder=label`` (default label: the method name, plus the probe if any).
+    Seconds per question is the inverse of the summary's questions_per_second, so it depends on
+    the device and batch size each evaluation ran with. Mixed tasks or splits are refused:
+    accuracies on different questions do not compare.
+    """
+    if not eval_dirs:
+        raise ValueError("compare: give at least one evaluation folder")
+    rows: list[dict[str, Any]] = []
+    for spec in eval_dirs:
+        folder, label = _parse_spec(spec)
+        s = _read_eval(folder)
+        probe = s.get("probe") or "none"
+        qps = float(s.get("questions_per_second") or 0.0)
+        lo, hi = s["accuracy_ci95"]
+        rows.append({
+            "label": label or (s["method"] if probe == "none" else f"{s['method']} ({probe} probe)"),
+            "folder": str(folder), "method": s["method"], "model": s.get("model", ""),
+            "task": s["task"], "task_version": s.get("task_version"), "split": s["split"],
+            "accuracy": s["accuracy"], "accuracy_ci95": [lo, hi], "n": s["n"],
+            "mean_reasoning_positions": s.get("mean_reasoning_positions", 0.0),
+            "mean_latent_steps": s.get("mean_latent_steps", 0.0),
+            "seconds_per_question": 1.0 / qps if qps > 0 else None,
+            "probe": probe, "device": s.get("device"),
+        })
+    kinds = {(r["task"], r["task_version"], r["split"]) for r in rows}
+    if len(kinds) > 1:
+        listing = "; ".join(f"{r['folder']} ({r['task']} v{r['task_version']}, split {r['split']})" for r in rows)
+        raise ValueError(f"compare: the folders evaluate different tasks or splits: {listing}. "
+                         "Compare one task and split at a time")
+    task, split = rows[0]["task"], rows[0]["split"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = compare_table(rows, title or f"{task} ({split})")
+    table_path, json_path = out / "compare.md", out / "compare.json"
+    atomic_write_text(table_path, markdown + "\n")
+    atomic_write_json(json_path, {"task": task, "split": split, "rows": rows})
+    figure_path = plot_compare(rows, out / "compare.png", title or f"{task} ({split})")
+    return Comparison(task, split, rows, markdown, table_path, json_path, figure_path)
+
+
+def compare_table(rows: list[dict[str, Any]], title: str = "") -> str:
+    """A markdown table: one line per evaluation; the probe column only when some row was probed."""
+    probed = any(r["probe"] != "none" for r in rows)
+    head = ["label", "method", "model", "accuracy", "95% CI", "n", "reasoning positions", "s / question"]
+    head += ["probe"] if probed else []
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        lo, hi = r["accuracy_ci95"]
+        sec = r["seconds_per_question"]
+        cells = [r["label"], r["method"], r["model"], f"{r['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]", str(r["n"]),
+                 f"{r['mean_reasoning_positions']:.1f}", "-" if sec is None else f"{sec:.4f}"]
+        cells += [r["probe"]] if probed else []
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_compare(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Two panels: accuracy (95% interval bars) against mean reasoning positions, and against seconds per question."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = [("mean_reasoning_positions", "mean reasoning positions per question"),
+              ("seconds_per_question", "seconds per question")]
+    for ax, (key, xlabel) in zip(axes, panels):
+        for i, r in enumerate(rows):
+            x = r[key]
+            if x is None:
+                continue
+            lo, hi = r["accuracy_ci95"]
+            y = r["accuracy"]
+            ax.errorbar([x], [y], yerr=[[max(y - lo, 0.0)], [max(hi - y, 0.0)]], fmt="o", capsize=4,
+                        color=f"C{i % 10}", label=r["label"])
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.2)
+    axes[0].set_ylabel("accuracy (strict)")
+    axes[0].set_ylim(-0.02, 1.05)
+    axes[1].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

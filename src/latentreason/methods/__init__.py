@@ -1,5 +1,6 @@
 """Methods: one module each, registered in ``METHODS`` by the name users type."""
 from latentreason.methods.base import METHODS, Method
 from latentreason.methods import sft  # noqa: F401  (registers cot-sft, nocot-sft, zero-shot)
+from latentreason.methods import soft_thinking  # noqa: F401  (registers soft-thinking)
 
 __all__ = ["METHODS", "Method"]

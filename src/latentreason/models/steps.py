@@ -149,6 +149,72 @@ def _filter(probs: torch.Tensor, top_p: float, min_p: float, sorted_desc: bool) 
     return torch.zeros_like(probs).scatter(-1, order, filtered)
 
 
+@LATENT_STEPS.register("soft-thinking")
+class SoftThinkingStep(MixtureStep):
+    """Soft Thinking's concept token: a mixture of the ``max_topk`` most probable embeddings, with a cold stop.
+
+    Weights: softmax(logits / T), then top-k, top-p and min-p filtering (each renormalised), then
+    the ``max_topk`` most probable survivors, renormalised (``top_k`` = 0: no top-k filter).
+    A row stops (``StepResult.stop``) at the step whose temperature-scaled distribution is the
+    ``cold_stop_steps``-th in a row with entropy below ``entropy_threshold`` (that step's vector
+    is not fed, as the official code writes ``</think>`` in its place), or whose top token is
+    ``stop_token_id`` (``<eot>``). The per-row counter is a device tensor, reset at step 0: no
+    host sync (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.6,
+        max_topk: int = 10,
+        top_k: int = 30,
+        top_p: float = 0.95,
+        min_p: float = 0.001,
+        entropy_threshold: float = 0.01,
+        cold_stop_steps: int = 8,
+        stop_token_id: int | None = None,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"soft-thinking step: temperature={temperature}, must be > 0 "
+                             "(at 0 the mixture is one-hot: plain greedy decoding)")
+        super().__init__(temperature, top_k, top_p, min_p, stop_token_id)
+        if max_topk < 1:
+            raise ValueError(f"soft-thinking step: max_topk={max_topk}, must be >= 1")
+        if entropy_threshold < 0:
+            raise ValueError(f"soft-thinking step: entropy_threshold={entropy_threshold}, must be >= 0 (0 disables cold stop)")
+        if cold_stop_steps < 1:
+            raise ValueError(f"soft-thinking step: cold_stop_steps={cold_stop_steps}, must be >= 1")
+        self.max_topk, self.entropy_threshold, self.cold_stop_steps = max_topk, entropy_threshold, cold_stop_steps
+        self._low: torch.Tensor | None = None  # [B] long: consecutive low-entropy steps per row
+
+    def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, k] probabilities, [B, k] ids), k <= max_topk, sorted by probability (descending)."""
+        probs, ids = super().weights(logits)
+        if ids is None:  # top_k = 0: filtered over the whole vocabulary
+            probs, ids = probs.topk(min(self.max_topk, probs.shape[-1]), dim=-1)
+        else:  # already sorted, descending (filtering zeroes entries in place of dropping them)
+            probs, ids = probs[:, : self.max_topk], ids[:, : self.max_topk]
+        return probs / probs.sum(-1, keepdim=True), ids
+
+    def entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B] entropy (nats) of softmax(logits / T) over the whole vocabulary, before any filtering."""
+        probs = (logits.float() / self.temperature).softmax(-1)
+        return torch.special.entr(probs).sum(-1)  # entr(0) = 0: no NaN from 0 * log 0
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        if ctx.step == 0 or self._low is None:  # a new rollout (a Python value: no sync)
+            self._low = torch.zeros(ctx.logits.shape[0], dtype=torch.long, device=ctx.logits.device)
+        low = self.entropy(ctx.logits) < self.entropy_threshold
+        self._low = torch.where(low, self._low + 1, torch.zeros_like(self._low))
+        stop = self._low >= self.cold_stop_steps
+        eot = self.stop_mask(ctx)
+        if eot is not None:
+            stop = stop | eot
+        probs, ids = self.weights(ctx.logits)
+        emb = ctx.embedding
+        embeds = torch.einsum("bk,bkd->bd", probs.to(emb.dtype), emb[ids])  # gather k rows
+        return StepResult(embeds, stop)
+
+
 @LATENT_STEPS.register("external")
 class ExternalStep(LatentStep):
     """Feed vectors computed elsewhere (SoftCoT / DLR projections, refined latents).
@@ -193,6 +259,69 @@ class ExternalStep(LatentStep):
                 self._lengths_on[device] = self.lengths.to(device)
             stop = self._lengths_on[device] <= ctx.step
         return StepResult(self.vectors[:, ctx.step], stop)
+
+
+PROBES = ("none", "zero", "noise", "shuffle")
+
+
+class ProbeStep(LatentStep):
+    """A causal probe: run ``inner`` (so rows stop where the real step says), then replace what is fed.
+
+    Why: if accuracy survives zeroed, norm-matched noise or another question's latents, the
+    latents carry no question-specific information and the answer comes from elsewhere.
+
+    ``kind``: ``zero`` feeds zeros; ``noise`` Gaussian vectors with each real vector's L2 norm,
+    drawn per row from ``derive_seed(seed, row_keys[i])`` (row index when ``row_keys`` is None)
+    on the CPU, so a row's noise is the same on any device, batch or order; ``shuffle`` feeds
+    row ``(i + 1) % B``'s vector of the same step to row i (a fixed derangement: no row keeps its
+    own), which needs two rows or more. Not registered: it wraps a step rather than being one.
+    """
+
+    def __init__(
+        self, inner: LatentStep, kind: str, seed: int = 0, row_keys: list[int | str] | None = None
+    ) -> None:
+        if kind not in PROBES or kind == "none":
+            raise ValueError(f"probe step: kind={kind!r}, must be one of zero, noise, shuffle")
+        self.inner, self.kind, self.seed, self.row_keys = inner, kind, seed, row_keys
+        self.needs_hidden = inner.needs_hidden
+        self._noise_cpu: torch.Tensor | None = None  # [B, K, D] unit-free draws, made once in validate
+        self._noise_on: dict[torch.device, torch.Tensor] = {}  # moved once per device, not per step
+
+    def validate(self, batch: int, num_steps: int, dim: int) -> None:
+        self.inner.validate(batch, num_steps, dim)
+        if self.kind == "shuffle" and batch < 2:
+            raise ValueError(
+                "eval.probe=shuffle: a batch of 1 question has no other question to take latents from; "
+                "use eval.batch_size >= 2 with at least 2 questions"
+            )
+        if self.row_keys is not None and len(self.row_keys) != batch:
+            raise ValueError(f"probe step: {len(self.row_keys)} row keys for a batch of {batch}; pass one per row")
+        if self.kind == "noise":
+            from latentreason.models.rollout import derive_seed  # rollout imports this module
+
+            keys = self.row_keys if self.row_keys is not None else list(range(batch))
+            draws = [torch.randn(num_steps, dim, generator=torch.Generator().manual_seed(derive_seed(self.seed, k)))
+                     for k in keys]
+            self._noise_cpu = torch.stack(draws) if draws else torch.zeros(0, num_steps, dim)
+            self._noise_on = {}
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        result = self.inner(ctx)
+        real = result.embeds
+        if self.kind == "zero":
+            embeds = torch.zeros_like(real)
+        elif self.kind == "shuffle":
+            embeds = real.roll(-1, dims=0)  # row i <- row i + 1
+        else:
+            if self._noise_cpu is None or ctx.step >= self._noise_cpu.shape[1]:
+                raise ValueError("probe step: noise not drawn for this step; the rollout calls validate() first")
+            device = real.device
+            if device not in self._noise_on:
+                self._noise_on[device] = self._noise_cpu.to(device)
+            noise = self._noise_on[device][:, ctx.step]  # [B, D]
+            norm = real.float().norm(dim=-1, keepdim=True)
+            embeds = (noise * (norm / noise.norm(dim=-1, keepdim=True))).to(real.dtype)
+        return StepResult(embeds, result.stop)
 
 
 def build_step(name: str, **kwargs: object) -> LatentStep:

@@ -1,0 +1,70 @@
+"""latentreason compare: tables and the figure from finished evaluation folders (written by hand here)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from latentreason.cli import main
+from latentreason.eval.report import compare
+
+
+def _fake_eval(folder, method: str, correct: int, n: int, positions: float, qps: float, task: str = "arith",
+               split: str = "valid", probe: str | None = None) -> str:
+    """A folder as ``latentreason eval`` leaves it, with known numbers."""
+    from latentreason.eval.metrics import wilson_interval
+
+    folder.mkdir(parents=True)
+    rows = [{"id": str(i), "correct": i < correct, "reasoning_positions": positions, "latent_steps": 0}
+            for i in range(n)]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"model": f"runs/{method}/best", "task": task, "task_version": 1, "method": method, "split": split,
+               "n": n, "accuracy": correct / n, "accuracy_ci95": list(wilson_interval(correct, n)),
+               "accuracy_flexible": correct / n, "mean_reasoning_positions": positions, "mean_latent_steps": 0.0,
+               "questions_per_second": qps}
+    if probe is not None:
+        summary["probe"] = probe
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return str(folder)
+
+
+def test_compare_writes_the_expected_rows_table_and_figure(tmp_path, capsys):
+    a = _fake_eval(tmp_path / "a", "cot-sft", correct=30, n=40, positions=12.5, qps=4.0)
+    b = _fake_eval(tmp_path / "b", "soft-thinking", correct=10, n=40, positions=8.0, qps=2.0, probe="zero")
+    out = tmp_path / "cmp"
+    assert main(["compare", a, f"{b}=soft (zero)", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = (out / "compare.md").read_text()
+    assert table.strip() in printed
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| label | method | model | accuracy | 95% CI | n | reasoning positions | s / question | probe |"
+    assert lines[1] == ("| cot-sft | cot-sft | runs/cot-sft/best | 0.750 | [0.598, 0.858] | 40 | 12.5 | 0.2500 | none |")
+    assert lines[2] == ("| soft (zero) | soft-thinking | runs/soft-thinking/best | 0.250 | [0.142, 0.402] | 40 | 8.0 "
+                        "| 0.5000 | zero |")
+    data = json.loads((out / "compare.json").read_text())
+    assert data["task"] == "arith" and data["split"] == "valid"
+    assert [(r["label"], r["seconds_per_question"], r["n"]) for r in data["rows"]] == [
+        ("cot-sft", 0.25, 40), ("soft (zero)", 0.5, 40)]
+    png = out / "compare.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # No probe anywhere: no probe column; default labels are method names.
+    result = compare([a], tmp_path / "one")
+    assert "probe" not in result.markdown and result.rows[0]["label"] == "cot-sft"
+
+
+@pytest.mark.parametrize("change", [{"task": "gsm8k"}, {"split": "test"}])
+def test_compare_refuses_mixed_tasks_or_splits_naming_the_folders(tmp_path, capsys, change):
+    a = _fake_eval(tmp_path / "a", "cot-sft", 30, 40, 12.5, 4.0)
+    b = _fake_eval(tmp_path / "b", "nocot-sft", 20, 40, 0.0, 8.0, **change)
+    with pytest.raises(ValueError, match="different tasks or splits") as err:
+        compare([a, b], tmp_path / "cmp")
+    assert a in str(err.value) and b in str(err.value)
+    assert not (tmp_path / "cmp" / "compare.md").exists()
+    assert main(["compare", a, b, "--out", str(tmp_path / "cmp")]) == 2
+    assert "different tasks or splits" in capsys.readouterr().err
+
+
+def test_compare_names_an_unfinished_folder(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="half/summary.json: missing"):
+        compare([str(tmp_path / "half")], tmp_path / "cmp")
