@@ -21,6 +21,9 @@ import yaml
 from latentreason.models.loading import ModelConfig
 from latentreason.models.rollout import RolloutConfig
 
+#: The resolved config a run saves next to its model folders (best/, final/, stage folders).
+RUN_CONFIG_FILE = "run_config.yaml"
+
 
 class ConfigError(ValueError):
     """One or more configuration problems, each naming its source and field."""
@@ -277,8 +280,12 @@ def validate(run: RunConfig) -> list[str]:
         problems.append(f"data.task: {exc}")
     except (TypeError, ValueError) as exc:
         problems.append(f"data.options: {exc}")
-    if run.method.name in METHODS:
-        problems.extend(METHODS.get(run.method.name).validate(run))
+    try:  # a registered name or a 'module:attr' path (resolved already, for the method section)
+        method_cls = METHODS.get(run.method.name)
+    except KeyError:
+        method_cls = None
+    if method_cls is not None:
+        problems.extend(method_cls.validate(run))
     return problems
 
 

@@ -8,7 +8,9 @@ A new variant is a config subclass plus the one hook it changes.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latentreason.config import MethodConfig
+from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example, Task
 from latentreason.data.collate import encode_prompts
 from latentreason.io import atomic_write_text
@@ -28,6 +30,63 @@ from latentreason.registry import Registry
 
 if TYPE_CHECKING:
     from latentreason.config import RunConfig
+
+#: Folder names the trainer writes itself; a stage may not take one.
+RESERVED_FOLDERS = frozenset({"best", "final", "checkpoint"})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of a method's training schedule (Coconut's curriculum stages, Latent-SFT's steps).
+
+    The trainer saves ``output_dir/<name>/`` (a method folder) when the stage ends.
+    """
+
+    name: str  # folder-safe, e.g. "stage-0"
+    steps: int  # optimizer steps in this stage (>= 1)
+    reset_optimizer: bool = False  # clear AdamW state when this stage begins (not for the first stage)
+    select: bool = True  # whether validation-based selection of best/ may pick checkpoints from this stage
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) or self.name in RESERVED_FOLDERS:
+            raise ValueError(f"Stage.name={self.name!r}: must be a folder name of letters, digits, '.', '_', '-' "
+                             f"and not one of {sorted(RESERVED_FOLDERS)}")
+        if self.steps < 1:
+            raise ValueError(f"Stage {self.name!r}: steps={self.steps}, must be >= 1")
+
+
+def stage_problems(stages: list[Stage], max_steps: int) -> list[str]:
+    """Why ``stages`` cannot run as a ``train.max_steps`` run (empty list: they can).
+
+    Methods call it from ``validate(run)`` so a mismatch is reported before weights load.
+    """
+    problems = []
+    total = sum(s.steps for s in stages)
+    if total != max_steps:
+        listing = ", ".join(f"{s.name}: {s.steps}" for s in stages)
+        problems.append(f"train.max_steps={max_steps}, but the method's stages sum to {total} steps ({listing}); "
+                        f"set train.max_steps={total} or change the stages")
+    names = [s.name for s in stages]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"stage names {duplicates} repeat; each stage saves its own folder, so names must differ")
+    return problems
+
+
+def stage_index_at(stages: list[Stage], step: int) -> int:
+    """Index of the stage that global step ``step`` (0-based) belongs to: a pure function of the step,
+    so a resumed run needs only its step counter. Steps past the end belong to the last stage."""
+    end = 0
+    for i, stage in enumerate(stages):
+        end += stage.steps
+        if step < end:
+            return i
+    return len(stages) - 1
+
+
+def stage_start(stages: list[Stage], index: int) -> int:
+    """Global step at which stage ``index`` begins (steps already done before it)."""
+    return sum(s.steps for s in stages[:index])
 
 
 class Method:
@@ -41,6 +100,7 @@ class Method:
 
     def __init__(self, cfg: MethodConfig, run: RunConfig, loaded: LoadedModel, task: Task) -> None:
         self.cfg, self.run, self.loaded, self.task = cfg, run, loaded, task
+        self.stage_index = 0
 
     @classmethod
     def validate(cls, run: RunConfig) -> list[str]:
@@ -48,6 +108,14 @@ class Method:
         return []
 
     # -- training ------------------------------------------------------------------------------
+    def stages(self) -> list[Stage] | None:
+        """The training schedule; None = one implicit stage of ``train.max_steps`` (no stage folders)."""
+        return None
+
+    def set_stage(self, index: int, stage: Stage) -> None:
+        """Called by the trainer before the first step of each stage, and again after a resume."""
+        self.stage_index = index
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules trained beside the LM (projectors, assistants); saved with checkpoints."""
         return {}
@@ -139,7 +207,6 @@ class Method:
 
 
 EXTRA_MODULES_FILE = "extra_modules.safetensors"
-RUN_CONFIG_FILE = "run_config.yaml"
 
 
 def build_method(run: RunConfig, model_path: str | None = None, training: bool = False) -> Method:
