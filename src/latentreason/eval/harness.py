@@ -12,20 +12,17 @@ import datetime as dt
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from latentreason.data.base import ANSWER_DELIMITER, Example
 from latentreason.eval.metrics import mean, wilson_interval
 from latentreason.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from latentreason.methods.base import Method
-from latentreason.models.rollout import RolloutConfig, derive_seed, rollout
+from latentreason.methods.base import Method, generate_batches, row_seeds  # noqa: F401  (row_seeds: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +51,6 @@ def _chain_tokens(texts: list[str], tokenizer: Any) -> list[int]:
     return [len(i) if h else 0 for i, h in zip(ids, heads)]
 
 
-def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
-    """Sampling seeds keyed by example id, so a row's sample is the same in any batch, order or resume.
-
-    None when decoding is greedy. Sampling with ``rollout.seed`` unset uses seed 0 rather than an
-    unseeded generator: a resumable evaluation must be reproducible; set a seed to draw others.
-    """
-    if cfg.temperature == 0:
-        return None
-    seed = 0 if cfg.seed is None else cfg.seed
-    return [derive_seed(seed, ex.id) for ex in examples]
-
-
 def predict(
     method: Method,
     examples: list[Example],
@@ -73,34 +58,21 @@ def predict(
     progress: bool = False,
     on_batch: Callable[[list[Prediction]], None] | None = None,
 ) -> list[Prediction]:
-    """Generate and score ``examples`` in batches (sorted by prompt length to save padding).
+    """Generate (:func:`~latentreason.methods.base.generate_batches`, the loop ``Method.generate``
+    shares) and score ``examples``.
 
     ``on_batch`` receives each finished batch's predictions (the harness appends them to disk).
-    Sampled rows use :func:`row_seeds`, so no row depends on the batch size.
     """
-    loaded, task = method.loaded, method.task
-    model, tok = loaded.model, loaded.tokenizer
-    prompt_ids = method.prompt_ids(examples)
-    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
+    task, tok = method.task, method.loaded.tokenizer
     preds: dict[int, Prediction] = {}
-    cfg = method.rollout_config()
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        batch = [examples[i] for i in idx]
-        t0 = time.perf_counter()
-        seeds = row_seeds(cfg, batch)
-        with torch.inference_mode():
-            out = rollout(
-                model, [prompt_ids[i] for i in idx], method.latent_step(batch), cfg,
-                eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
-                row_seeds=seeds,
-            )
-        texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
-        seconds = (time.perf_counter() - t0) / len(idx)
+    for done in generate_batches(method, examples, batch_size):
+        idx, texts, out = done.indices, done.texts, done.output
+        seconds = done.seconds / len(idx)
         chain = _chain_tokens(texts, tok)
         latent = out.num_latent_steps.tolist()
-        for j, (i, ex, text) in enumerate(zip(idx, batch, texts)):
+        for j, (i, text) in enumerate(zip(idx, texts)):
+            ex = examples[i]
             score = task.score(text, ex)
             preds[i] = Prediction(
                 id=ex.id, question=ex.question, gold=ex.answer, output=text, prediction=score.prediction,

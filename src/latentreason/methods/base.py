@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,7 +25,7 @@ from latentreason.data.base import Example, Task
 from latentreason.data.collate import encode_prompts
 from latentreason.io import atomic_write_text
 from latentreason.models.loading import CheckpointError, LoadedModel, save_checkpoint
-from latentreason.models.rollout import RolloutConfig
+from latentreason.models.rollout import RolloutConfig, RolloutOutput, derive_seed, rollout
 from latentreason.models.steps import LatentStep
 from latentreason.registry import Registry
 
@@ -146,6 +147,19 @@ class Method:
     def rollout_config(self) -> RolloutConfig:
         return self.run.rollout
 
+    def generate(self, questions: list[str] | list[Example], batch_size: int = 32) -> list[str]:
+        """Answer texts for ``questions``, in order, through the same loop as evaluation.
+
+        A plain string becomes an Example whose id is the question itself, so a sampled answer
+        (``rollout.temperature>0``) depends on the question, not on its position or batch.
+        """
+        examples = [q if isinstance(q, Example) else Example(id=q, question=q, answer="") for q in questions]
+        texts: list[str] = [""] * len(examples)
+        for batch in generate_batches(self, examples, batch_size):
+            for i, text in zip(batch.indices, batch.texts):
+                texts[i] = text
+        return texts
+
     # -- saving and loading the whole method ---------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """The LM as a ``save_pretrained`` folder (LoRA merged), its extra modules, the run config.
@@ -207,6 +221,53 @@ class Method:
 
 
 EXTRA_MODULES_FILE = "extra_modules.safetensors"
+
+
+def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
+    """Sampling seeds keyed by example id, so a row's sample is the same in any batch, order or resume.
+
+    None when decoding is greedy. Sampling with ``rollout.seed`` unset uses seed 0 rather than an
+    unseeded generator: a resumable evaluation must be reproducible; set a seed to draw others.
+    """
+    if cfg.temperature == 0:
+        return None
+    seed = 0 if cfg.seed is None else cfg.seed
+    return [derive_seed(seed, ex.id) for ex in examples]
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch the rollout finished: positions in the caller's list, decoded texts, raw output."""
+
+    indices: list[int]
+    texts: list[str]
+    output: RolloutOutput
+    seconds: float  # wall-clock of the batch (rollout and decoding)
+
+
+def generate_batches(method: Method, examples: list[Example], batch_size: int) -> Iterator[GeneratedBatch]:
+    """The one generation loop (evaluation, ``Method.generate``): the method's prompts, latent step and
+    rollout config through the shared rollout, under inference_mode.
+
+    Prompts are sorted by length to save padding; sampled rows use :func:`row_seeds`, so no row
+    depends on the batch size.
+    """
+    loaded = method.loaded
+    prompt_ids = method.prompt_ids(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
+    cfg = method.rollout_config()
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        batch = [examples[i] for i in idx]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = rollout(
+                loaded.model, [prompt_ids[i] for i in idx], method.latent_step(batch), cfg,
+                eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
+                row_seeds=row_seeds(cfg, batch),
+            )
+        texts = loaded.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        yield GeneratedBatch(idx, texts, out, time.perf_counter() - t0)
 
 
 def build_method(run: RunConfig, model_path: str | None = None, training: bool = False) -> Method:
