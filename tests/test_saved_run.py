@@ -15,9 +15,13 @@ from tests.conftest import tiny_run
 
 def test_load_generate_gives_the_eval_predictions(tmp_path, trained_arith_model, capsys):
     out = tmp_path / "eval"
-    assert main(["eval", f"model.name_or_path={trained_arith_model}", f"eval.output_dir={out}", "eval.limit=8"]) == 0
+    # Operands of 1 to 3 digits: prompts of several lengths, so batches are sorted and padded.
+    mixed = ["data.options.modulus=1000", "data.options.max_operand=999"]
+    assert main(["eval", f"model.name_or_path={trained_arith_model}", *mixed, f"eval.output_dir={out}",
+                 "eval.limit=8"]) == 0
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and len({r["output"] for r in rows}) > 1, "every row alike: the comparison would be vacuous"
+    assert len({len(r["question"]) for r in rows}) > 1, "one prompt length: the order would not be tested"
     method = latentreason.load(trained_arith_model)
     texts = method.generate([r["question"] for r in rows], batch_size=3)
     assert texts == [r["output"] for r in rows]
