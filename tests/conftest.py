@@ -9,6 +9,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# This checkout's package, not whichever one the environment has installed (an editable install of
+# another worktree): in-process tests and the subprocesses of subprocess_env() import the same code.
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # model.device=auto means the CPU in the default suite, on a GPU machine too (subprocesses inherit
 # it): its tolerances are float32 CPU ones. GPU checks live in benchmarks/ (bench_rollout_gpu.py).
@@ -47,6 +51,14 @@ def cli_args(config: dict) -> list[str]:
 
 
 PYTHON = sys.executable
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a CLI subprocess: this checkout's src/ (and tests/) first, one thread, CPU."""
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
 
 # Tests on the real data in ../shared/data skip on a machine without it, but never in CI (CI=true),
 # where a missing folder must fail loudly instead of passing with the checks skipped.

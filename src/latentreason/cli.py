@@ -2,7 +2,8 @@
 
     latentreason demo                                  # tiny no-CoT vs CoT on arith, table + plot
     latentreason train --config configs/cot_sft_arith.yaml optim.lr=3e-4
-    latentreason eval  model.name_or_path=runs/arith-cot/best method.name=cot-sft data.task=arith
+    latentreason eval  model.name_or_path=runs/arith-cot/best         # a saved run: its method, task, rollout
+    latentreason eval  model.name_or_path=runs/arith-cot/best rollout.max_new_tokens=128
     latentreason inspect tasks|methods|steps|config [--config F] [overrides]
     latentreason compare runs/a/eval-valid runs/b/eval-valid=label --out runs/compare
 
@@ -39,8 +40,8 @@ def _field_help() -> str:
 
 
 # -- verbs ------------------------------------------------------------------------------------------
-def _config(args: argparse.Namespace) -> RunConfig:
-    return load_run_config(args.config, args.overrides)
+def _config(args: argparse.Namespace, saved_base: bool = False) -> RunConfig:
+    return load_run_config(args.config, args.overrides, saved_base=saved_base)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -49,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    summary = run_eval(_config(args))
+    summary = run_eval(_config(args, saved_base=True))
     keys = ("model", "task", "method", "split", "device", "dtype", "n", "accuracy", "accuracy_ci95",
             "accuracy_flexible", "mean_reasoning_positions", "mean_latent_steps", "questions_per_second", "probe")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
@@ -120,8 +121,12 @@ def make_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("train", cmd_train, "train a method; resumes from <train.output_dir>/checkpoint; best/ chosen on validation")
-    add("eval", cmd_eval, "evaluate a model with a method on a split; writes predictions.jsonl and summary.json, resumes")
+    add("train", cmd_train, "train a method; resumes from <train.output_dir>/checkpoint; best/ chosen on validation; "
+        "a method with stages also saves <train.output_dir>/<stage>/ as each stage ends (train.max_steps must equal "
+        "the stages' total)")
+    add("eval", cmd_eval, "evaluate a model with a method on a split; writes predictions.jsonl and summary.json, resumes; "
+        "a saved run folder as model.name_or_path brings its method, model, data and rollout settings "
+        "(the --config file and overrides win)")
     demo = add("demo", cmd_demo, "train tiny no-CoT and CoT models on arith, evaluate both, print a table, plot accuracy vs reasoning positions")
     demo.add_argument("--output-dir", default="runs/demo", help="where models, predictions and the plot go")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")

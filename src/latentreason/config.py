@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ import yaml
 
 from latentreason.models.loading import ModelConfig
 from latentreason.models.rollout import RolloutConfig
+
+logger = logging.getLogger(__name__)
+
+#: The resolved config a run saves next to its model folders (best/, final/, stage folders).
+RUN_CONFIG_FILE = "run_config.yaml"
 
 
 class ConfigError(ValueError):
@@ -290,8 +296,12 @@ def validate(run: RunConfig) -> list[str]:
         problems.append(f"data.task: {exc}")
     except (TypeError, ValueError) as exc:
         problems.append(f"data.options: {exc}")
-    if run.method.name in METHODS:
-        problems.extend(METHODS.get(run.method.name).validate(run))
+    try:  # a registered name or a 'module:attr' path (resolved already, for the method section)
+        method_cls = METHODS.get(run.method.name)
+    except KeyError:
+        method_cls = None
+    if method_cls is not None:
+        problems.extend(method_cls.validate(run))
     return problems
 
 
@@ -343,8 +353,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + ``section.field=value`` overrides -> validated RunConfig."""
+#: What a saved run folder decides about itself when it is evaluated (``saved_base``); the rest
+#: (train, optim, lora, eval) describes the new command, so it comes from the user or the defaults.
+SAVED_SECTIONS = ("method", "model", "data", "rollout")
+
+
+def saved_run_base(user: dict[str, Any]) -> dict[str, Any]:
+    """The saved method/model/data/rollout sections when ``user``'s ``model.name_or_path`` is a folder
+    holding ``run_config.yaml`` (else ``{}``), so ``eval`` on a saved run needs no restated settings.
+
+    A saved method section is dropped when the user names another method: its fields would not fit.
+    """
+    name = (user.get("model") or {}).get("name_or_path", ModelConfig.name_or_path)
+    cfg_file = Path(str(name)) / RUN_CONFIG_FILE
+    if not cfg_file.is_file():
+        return {}
+    saved = load_yaml(cfg_file)
+    base = {k: saved[k] for k in SAVED_SECTIONS if isinstance(saved.get(k), dict)}
+    user_method = (user.get("method") or {}).get("name")
+    if user_method is not None and user_method != base.get("method", {}).get("name"):
+        base.pop("method", None)
+    logger.info("using the method, model, data and rollout settings saved in %s (the config and overrides given "
+                "take precedence)", cfg_file)
+    return base
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    base: dict[str, Any] | None = None, saved_base: bool = False) -> RunConfig:
+    """YAML file (optional) + ``section.field=value`` overrides -> validated RunConfig.
+
+    ``saved_base``: when ``model.name_or_path`` is a saved run folder, its settings
+    (:func:`saved_run_base`) go under the file and overrides (``latentreason eval`` does this).
+    """
     data = dict(base or {})
     source = "<defaults>"
     if path is not None:
@@ -353,6 +393,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     if overrides:
         data = merge(data, parse_overrides(overrides))
         source = f"{source} + overrides" if path else "overrides"
+    saved = saved_run_base(data) if saved_base else {}
+    if saved:
+        data = merge(saved, data)
+        source = f"saved {RUN_CONFIG_FILE} + {source}"
     return build_run_config(data, source)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from latentreason.recipes import build_method
 from latentreason.config import load_run_config
 from latentreason.methods import METHODS
 from latentreason.methods.trainer import Trainer, batch_indices
-from tests.conftest import ROOT, cli_args, tiny_run
+from tests.conftest import ROOT, cli_args, subprocess_env, tiny_run
 
 TRAINABLE = [name for name in METHODS.names() if METHODS.get(name).trainable]
 
@@ -27,11 +26,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _env() -> dict[str, str]:
-    # src first: an editable install of another checkout must not shadow this tree's package.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
+    return subprocess_env()
 
 
 @pytest.mark.parametrize("name", TRAINABLE)

@@ -12,21 +12,17 @@ import datetime as dt
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from latentreason.data.base import ANSWER_DELIMITER, Example
 from latentreason.eval.metrics import mean, wilson_interval
 from latentreason.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from latentreason.methods.base import Method
-from latentreason.models.rollout import RolloutConfig, derive_seed, rollout
-from latentreason.models.steps import LatentStep, ProbeStep
+from latentreason.methods.base import Method, generate_batches, probed_step, row_seeds  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -55,42 +51,6 @@ def _chain_tokens(texts: list[str], tokenizer: Any) -> list[int]:
     return [len(i) if h else 0 for i, h in zip(ids, heads)]
 
 
-def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
-    """Sampling seeds keyed by example id, so a row's sample is the same in any batch, order or resume.
-
-    None when decoding is greedy. Sampling with ``rollout.seed`` unset uses seed 0 rather than an
-    unseeded generator: a resumable evaluation must be reproducible; set a seed to draw others.
-    """
-    if cfg.temperature == 0:
-        return None
-    seed = 0 if cfg.seed is None else cfg.seed
-    return [derive_seed(seed, ex.id) for ex in examples]
-
-
-def probed_step(
-    method: Method, examples: list[Example], probe: str = "none", probe_seed: int = 0
-) -> LatentStep | None:
-    """The method's latent step for this batch, wrapped in a :class:`ProbeStep` unless ``probe`` is none.
-
-    The one place probes enter: every latent method is probed alike, with no method knowing.
-    """
-    step = method.latent_step(examples)
-    if probe == "none":
-        return step
-    if step is None:
-        raise ValueError(f"eval.probe={probe}: method {method.name!r} runs no latent step (plain decoding), so there "
-                         "are no latents to probe; use eval.probe=none or a latent method")
-    return ProbeStep(step, probe, seed=probe_seed, row_keys=[ex.id for ex in examples])
-
-
-def _batches(order: list[int], batch_size: int, probe: str) -> list[list[int]]:
-    """Consecutive slices; under the shuffle probe a last batch of one joins the one before (it needs a partner)."""
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    if probe == "shuffle" and len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [batches[-2] + batches[-1]]
-    return batches
-
-
 def predict(
     method: Method,
     examples: list[Example],
@@ -100,35 +60,22 @@ def predict(
     probe: str = "none",
     probe_seed: int = 0,
 ) -> list[Prediction]:
-    """Generate and score ``examples`` in batches (sorted by prompt length to save padding).
+    """Generate (:func:`~latentreason.methods.base.generate_batches`, the loop ``Method.generate``
+    shares) and score ``examples``.
 
     ``on_batch`` receives each finished batch's predictions (the harness appends them to disk).
-    Sampled rows use :func:`row_seeds`, so no row depends on the batch size (except under
-    ``probe="shuffle"``, which feeds each row another row's latents). ``probe`` (``eval.probe``)
-    wraps the method's latent step: see :func:`probed_step`.
+    ``probe`` (``eval.probe``) wraps the method's latent step: see :func:`probed_step`.
     """
-    loaded, task = method.loaded, method.task
-    model, tok = loaded.model, loaded.tokenizer
-    prompt_ids = method.prompt_ids(examples)
-    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
+    task, tok = method.task, method.loaded.tokenizer
     preds: dict[int, Prediction] = {}
-    cfg = method.rollout_config()
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, dynamic_ncols=True)
-    for idx in _batches(order, batch_size, probe):
-        batch = [examples[i] for i in idx]
-        t0 = time.perf_counter()
-        seeds = row_seeds(cfg, batch)
-        with torch.inference_mode():
-            out = rollout(
-                model, [prompt_ids[i] for i in idx], probed_step(method, batch, probe, probe_seed), cfg,
-                eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
-                row_seeds=seeds,
-            )
-        texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
-        seconds = (time.perf_counter() - t0) / len(idx)
+    for done in generate_batches(method, examples, batch_size, probe=probe, probe_seed=probe_seed):
+        idx, texts, out = done.indices, done.texts, done.output
+        seconds = done.seconds / len(idx)
         chain = _chain_tokens(texts, tok)
         latent = out.num_latent_steps.tolist()
-        for j, (i, ex, text) in enumerate(zip(idx, batch, texts)):
+        for j, (i, text) in enumerate(zip(idx, texts)):
+            ex = examples[i]
             score = task.score(text, ex)
             preds[i] = Prediction(
                 id=ex.id, question=ex.question, gold=ex.answer, output=text, prediction=score.prediction,

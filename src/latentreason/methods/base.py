@@ -8,7 +8,10 @@ A new variant is a config subclass plus the one hook it changes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,17 +20,74 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latentreason.config import MethodConfig
+from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example, Task
 from latentreason.data.collate import encode_prompts
 from latentreason.io import atomic_write_text
 from latentreason.models.loading import CheckpointError, LoadedModel, save_checkpoint
-from latentreason.models.rollout import RolloutConfig
-from latentreason.models.steps import LatentStep
+from latentreason.models.rollout import RolloutConfig, RolloutOutput, derive_seed, rollout
+from latentreason.models.steps import LatentStep, ProbeStep
 from latentreason.registry import Registry
 
 if TYPE_CHECKING:
     from latentreason.config import RunConfig
+
+#: Folder names the trainer writes itself; a stage may not take one.
+RESERVED_FOLDERS = frozenset({"best", "final", "checkpoint"})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of a method's training schedule (Coconut's curriculum stages, Latent-SFT's steps).
+
+    The trainer saves ``output_dir/<name>/`` (a method folder) when the stage ends.
+    """
+
+    name: str  # folder-safe, e.g. "stage-0"
+    steps: int  # optimizer steps in this stage (>= 1)
+    reset_optimizer: bool = False  # clear AdamW state when this stage begins (not for the first stage)
+    select: bool = True  # whether validation-based selection of best/ may pick checkpoints from this stage
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) or self.name in RESERVED_FOLDERS:
+            raise ValueError(f"Stage.name={self.name!r}: must be a folder name of letters, digits, '.', '_', '-' "
+                             f"and not one of {sorted(RESERVED_FOLDERS)}")
+        if self.steps < 1:
+            raise ValueError(f"Stage {self.name!r}: steps={self.steps}, must be >= 1")
+
+
+def stage_problems(stages: list[Stage], max_steps: int) -> list[str]:
+    """Why ``stages`` cannot run as a ``train.max_steps`` run (empty list: they can).
+
+    Methods call it from ``validate(run)`` so a mismatch is reported before weights load.
+    """
+    problems = []
+    total = sum(s.steps for s in stages)
+    if total != max_steps:
+        listing = ", ".join(f"{s.name}: {s.steps}" for s in stages)
+        problems.append(f"train.max_steps={max_steps}, but the method's stages sum to {total} steps ({listing}); "
+                        f"set train.max_steps={total} or change the stages")
+    names = [s.name for s in stages]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"stage names {duplicates} repeat; each stage saves its own folder, so names must differ")
+    return problems
+
+
+def stage_index_at(stages: list[Stage], step: int) -> int:
+    """Index of the stage that global step ``step`` (0-based) belongs to: a pure function of the step,
+    so a resumed run needs only its step counter. Steps past the end belong to the last stage."""
+    end = 0
+    for i, stage in enumerate(stages):
+        end += stage.steps
+        if step < end:
+            return i
+    return len(stages) - 1
+
+
+def stage_start(stages: list[Stage], index: int) -> int:
+    """Global step at which stage ``index`` begins (steps already done before it)."""
+    return sum(s.steps for s in stages[:index])
 
 
 class Method:
@@ -41,6 +101,7 @@ class Method:
 
     def __init__(self, cfg: MethodConfig, run: RunConfig, loaded: LoadedModel, task: Task) -> None:
         self.cfg, self.run, self.loaded, self.task = cfg, run, loaded, task
+        self.stage_index = 0
 
     @classmethod
     def validate(cls, run: RunConfig) -> list[str]:
@@ -48,6 +109,14 @@ class Method:
         return []
 
     # -- training ------------------------------------------------------------------------------
+    def stages(self) -> list[Stage] | None:
+        """The training schedule; None = one implicit stage of ``train.max_steps`` (no stage folders)."""
+        return None
+
+    def set_stage(self, index: int, stage: Stage) -> None:
+        """Called by the trainer before the first step of each stage, and again after a resume."""
+        self.stage_index = index
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules trained beside the LM (projectors, assistants); saved with checkpoints."""
         return {}
@@ -78,6 +147,19 @@ class Method:
     def rollout_config(self) -> RolloutConfig:
         return self.run.rollout
 
+    def generate(self, questions: list[str] | list[Example], batch_size: int = 32) -> list[str]:
+        """Answer texts for ``questions``, in order, through the same loop as evaluation.
+
+        A plain string becomes an Example whose id is the question itself, so a sampled answer
+        (``rollout.temperature>0``) depends on the question, not on its position or batch.
+        """
+        examples = [q if isinstance(q, Example) else Example(id=q, question=q, answer="") for q in questions]
+        texts: list[str] = [""] * len(examples)
+        for batch in generate_batches(self, examples, batch_size):
+            for i, text in zip(batch.indices, batch.texts):
+                texts[i] = text
+        return texts
+
     # -- saving and loading the whole method ---------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """The LM as a ``save_pretrained`` folder (LoRA merged), its extra modules, the run config.
@@ -92,7 +174,14 @@ class Method:
         if extras:
             state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items() for n, t in m.state_dict().items()}
             save_file(state, str(path / EXTRA_MODULES_FILE))
-        atomic_write_text(path / RUN_CONFIG_FILE, yaml.safe_dump(to_dict(self.run), sort_keys=False))
+        atomic_write_text(path / RUN_CONFIG_FILE, yaml.safe_dump(self.saved_config(), sort_keys=False))
+
+    def saved_config(self) -> dict[str, Any]:
+        """The run config written beside saved weights; a method records what the folder needs to
+        run as it was when saved (Coconut: the thoughts of the stage that wrote it)."""
+        from latentreason.config import to_dict
+
+        return to_dict(self.run)
 
     def load_extra_modules(self, path: str | Path) -> None:
         """Load ``extra_modules.safetensors`` (parameters and buffers) saved beside the LM."""
@@ -139,7 +228,79 @@ class Method:
 
 
 EXTRA_MODULES_FILE = "extra_modules.safetensors"
-RUN_CONFIG_FILE = "run_config.yaml"
+
+
+def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
+    """Sampling seeds keyed by example id, so a row's sample is the same in any batch, order or resume.
+
+    None when decoding is greedy. Sampling with ``rollout.seed`` unset uses seed 0 rather than an
+    unseeded generator: a resumable evaluation must be reproducible; set a seed to draw others.
+    """
+    if cfg.temperature == 0:
+        return None
+    seed = 0 if cfg.seed is None else cfg.seed
+    return [derive_seed(seed, ex.id) for ex in examples]
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch the rollout finished: positions in the caller's list, decoded texts, raw output."""
+
+    indices: list[int]
+    texts: list[str]
+    output: RolloutOutput
+    seconds: float  # wall-clock of the batch (rollout and decoding)
+
+
+def probed_step(
+    method: Method, examples: list[Example], probe: str = "none", probe_seed: int = 0
+) -> LatentStep | None:
+    """The method's latent step for this batch, wrapped in a :class:`ProbeStep` unless ``probe`` is none.
+
+    The one place probes enter: every latent method is probed alike, with no method knowing.
+    """
+    step = method.latent_step(examples)
+    if probe == "none":
+        return step
+    if step is None:
+        raise ValueError(f"eval.probe={probe}: method {method.name!r} runs no latent step (plain decoding), so there "
+                         "are no latents to probe; use eval.probe=none or a latent method")
+    return ProbeStep(step, probe, seed=probe_seed, row_keys=[ex.id for ex in examples])
+
+
+def _batches(order: list[int], batch_size: int, probe: str) -> list[list[int]]:
+    """Consecutive slices; under the shuffle probe a last batch of one joins the one before (it needs a partner)."""
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if probe == "shuffle" and len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    return batches
+
+
+def generate_batches(
+    method: Method, examples: list[Example], batch_size: int, probe: str = "none", probe_seed: int = 0
+) -> Iterator[GeneratedBatch]:
+    """The one generation loop (evaluation, ``Method.generate``): the method's prompts, latent step and
+    rollout config through the shared rollout, under inference_mode.
+
+    Prompts are sorted by length to save padding; sampled rows use :func:`row_seeds`, so no row
+    depends on the batch size (except under ``probe="shuffle"``, which feeds each row another
+    row's latents).
+    """
+    loaded = method.loaded
+    prompt_ids = method.prompt_ids(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
+    cfg = method.rollout_config()
+    for idx in _batches(order, batch_size, probe):
+        batch = [examples[i] for i in idx]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = rollout(
+                loaded.model, [prompt_ids[i] for i in idx], probed_step(method, batch, probe, probe_seed), cfg,
+                eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
+                row_seeds=row_seeds(cfg, batch),
+            )
+        texts = loaded.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        yield GeneratedBatch(idx, texts, out, time.perf_counter() - t0)
 
 
 def build_method(run: RunConfig, model_path: str | None = None, training: bool = False) -> Method:

@@ -11,6 +11,10 @@ Design choices, and why:
   scheduler, RNG, step) is written to a temporary folder and renamed, so a SIGKILL at any moment
   leaves the previous one intact; log lines past the checkpoint are dropped on resume.
 - ``best/`` is chosen on the validation split by the caller's ``select`` function, never on test.
+- A method may declare stages (``Method.stages``). The stage of step s is a pure function of s,
+  so resume needs nothing more; each stage's end saves ``<stage.name>/`` and a checkpoint, so a
+  run killed later resumes after the switch; an optimizer reset at a stage's first step is
+  idempotent, so a resume exactly at a boundary is exact too.
 """
 from __future__ import annotations
 
@@ -34,10 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from latentreason.config import RunConfig, to_dict
+from latentreason.config import ConfigError, RunConfig, to_dict
 from latentreason.data.base import Example
 from latentreason.io import atomic_replace_dir, atomic_write_json, atomic_write_text, read_jsonl, recover_dir
-from latentreason.methods.base import Method
+from latentreason.methods.base import Method, Stage, stage_index_at, stage_problems, stage_start
 from latentreason.models.loading import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -270,6 +274,12 @@ class Trainer:
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
         self.step = 0
         self.best: float | None = None
+        self.stages: list[Stage] | None = method.stages()
+        if self.stages is not None:  # a safety net: methods check this in validate(run), before weights load
+            problems = stage_problems(self.stages, t.max_steps)
+            if problems:
+                raise ConfigError([f"method {method.name!r}: {p}" for p in problems])
+        self.stage_index: int | None = None  # the stage last given to method.set_stage
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_resumable(self) -> None:
@@ -368,8 +378,43 @@ class Trainer:
         chunks = [mine[i: i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
         return [self.method.collate([self.examples[i] for i in c]) for c in chunks]
 
+    def _current_stage(self) -> Stage | None:
+        """The stage of the step last taken (the first stage before any step)."""
+        if self.stages is None:
+            return None
+        return self.stages[stage_index_at(self.stages, max(self.step - 1, 0))]
+
+    def _enter_stage(self) -> None:
+        """Before the step at ``self.step``: reset the optimizer at a resetting stage's first step, then
+        tell the method its stage when it changed (or was never given: a fresh start, a resume)."""
+        assert self.stages is not None
+        i = stage_index_at(self.stages, self.step)
+        stage = self.stages[i]
+        if i > 0 and stage.reset_optimizer and self.step == stage_start(self.stages, i):
+            # AdamW moments and step counts go; the LR schedule stays global. Idempotent: a resume
+            # at this step (its checkpoint holds the previous stage's state) clears it again.
+            getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
+        if i != self.stage_index:
+            self.method.set_stage(i, stage)
+            self.stage_index = i
+
+    def _end_of_stage(self) -> bool:
+        """After a step: save ``<stage.name>/`` when it was the stage's last; True if so."""
+        if self.stages is None:
+            return False
+        i = stage_index_at(self.stages, self.step - 1)
+        if self.step != stage_start(self.stages, i + 1):
+            return False
+        self.save_model(self.stages[i].name)
+        if i + 1 < len(self.stages) and self.acc.is_main_process:
+            self._log({"stage": self.stages[i + 1].name, "step": self.step})
+        return True
+
     def _maybe_select(self) -> None:
         if self.select is None:
+            return
+        stage = self._current_stage()
+        if stage is not None and not stage.select:
             return
         self.wrapped.eval()
         metric = self.select(self.method)  # every process evaluates: cheap, and keeps them in step
@@ -381,6 +426,9 @@ class Trainer:
             self.save_model("best")
 
     def _log(self, row: dict[str, Any]) -> None:
+        stage = self._current_stage()
+        if stage is not None and "stage" not in row:
+            row = {**row, "stage": stage.name}
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -398,7 +446,11 @@ class Trainer:
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         last_loss, dropped = float("nan"), 0
+        if self.stages is not None and self.step == 0 and self.acc.is_main_process:
+            self._log({"stage": self.stages[0].name, "step": 0})
         while self.step < t.max_steps:
+            if self.stages is not None:
+                self._enter_stage()
             micro = self._micro_batches(self.step)
             local = torch.tensor(float(sum(b["num_targets"] for b in micro)), device=self.acc.device)
             total = float(self.acc.reduce(local, reduction="sum")) if self.acc.num_processes > 1 else float(local)
@@ -435,7 +487,8 @@ class Trainer:
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                 self._maybe_select()
-            if self.step % t.save_every == 0 or self.step == t.max_steps:
+            stage_ended = self._end_of_stage()
+            if self.step % t.save_every == 0 or self.step == t.max_steps or stage_ended:
                 self.save_resumable()
         bar.close()
         self.wrapped.eval()

@@ -1,0 +1,204 @@
+"""Coconut (Hao et al. 2024): continuous thoughts, the last hidden state fed back as the next input.
+
+Training follows the paper's curriculum (../shared/docs/methods.md section 4): stage k replaces the
+first k reasoning steps of the chain by k·c thoughts; a final stage drops every text step and
+keeps max_stage·c thoughts (padded to that count, as the official ``pad_latent_to_max``). Labels
+cover only what follows ``<eot>`` (the remaining steps, the answer, eos). Each stage is a trainer
+stage: the optimizer may be reset at a switch, and every stage's model is kept (``stage-<k>/``),
+which refinement uses as early and late references. Initialise from a CoT-SFT checkpoint
+(``train.init_from``).
+
+The gradient runs through every thought: :func:`~latentreason.models.latent_forward.latent_forward`
+feeds them one pass each over a growing KV cache, then the targets in one pass. At evaluation
+the shared rollout runs the same thoughts, batched and cached.
+
+The pause control (``pause``) is this method with the thoughts replaced by learned constant
+vectors, one per position, the same for every question: whatever it scores is what the extra
+positions buy without carrying the question's reasoning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentreason.config import MethodConfig
+from latentreason.data.base import Example
+from latentreason.data.collate import encode_targets
+from latentreason.methods.base import METHODS, Method, Stage, stage_problems
+from latentreason.models.latent_forward import latent_forward
+from latentreason.models.rollout import RolloutConfig, max_positions
+from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep
+
+
+@dataclass
+class CoconutConfig(MethodConfig):
+    name: str = "coconut"
+    thoughts_per_step: int = field(default=2, metadata={"help": "c: thoughts that replace one text step (paper: 2 on GSM8K, 1 on ProsQA)"})
+    max_stage: int = field(default=3, metadata={"help": "last curriculum stage k (k steps replaced); the final stage keeps max_stage·c thoughts"})
+    first_stage: int = field(default=0, metadata={"help": "first curriculum stage trained (0 = a CoT stage with <bot><eot> and no thoughts)"})
+    steps_per_stage: int = field(default=100, metadata={"help": "optimizer steps in each curriculum stage first_stage..max_stage"})
+    final_stage_steps: int = field(default=100, metadata={"help": "optimizer steps in the final stage (every text step dropped); 0 = none"})
+    reset_optimizer: bool = field(default=True, metadata={"help": "clear AdamW's state at each stage switch (the official code resets it every epoch)"})
+    pad_thoughts: bool = field(default=True, metadata={"help": "final stage: max_stage·c thoughts for every question, even with fewer steps"})
+    eval_thoughts: int | None = field(default=None, metadata={"help": "thoughts at evaluation; None = the trained stage's (saved with each stage's model)"})
+    max_length: int = field(default=1024, metadata={"help": "training sequences longer than this (or than the model's context) are dropped"})
+
+    def __post_init__(self) -> None:
+        for name in ("thoughts_per_step", "steps_per_stage"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method.{name}={getattr(self, name)}, must be >= 1")
+        if not 0 <= self.first_stage <= self.max_stage:
+            raise ValueError(f"method.first_stage={self.first_stage} must be in [0, max_stage={self.max_stage}]")
+        if self.final_stage_steps < 0:
+            raise ValueError(f"method.final_stage_steps={self.final_stage_steps}, must be >= 0")
+
+
+def coconut_stages(c: CoconutConfig) -> list[Stage]:
+    """Curriculum stages first_stage..max_stage, then the final stage; best/ is chosen in the last."""
+    out = [Stage(f"stage-{k}", c.steps_per_stage, reset_optimizer=c.reset_optimizer, select=False)
+           for k in range(c.first_stage, c.max_stage + 1)]
+    if c.final_stage_steps:
+        out.append(Stage("stage-final", c.final_stage_steps, reset_optimizer=c.reset_optimizer))
+    else:
+        out[-1] = Stage(out[-1].name, out[-1].steps, reset_optimizer=c.reset_optimizer)
+    return out
+
+
+@METHODS.register("coconut")
+class Coconut(Method):
+    """Continuous thoughts with the curriculum (Hao et al. 2024)."""
+
+    name = "coconut"
+    config_cls = CoconutConfig
+    paper = "arXiv 2412.06769"
+    cfg: CoconutConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.loaded.bot_id is None or self.loaded.eot_id is None:
+            raise ValueError(f"method {self.name!r} needs <bot>/<eot>: keep model.add_latent_tokens=true")
+        self.stage_index = len(self.stages()) - 1  # a loaded model runs as trained last: the final stage
+
+    # -- the curriculum ------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        return coconut_stages(self.cfg)
+
+    @classmethod
+    def validate(cls, run: Any) -> list[str]:
+        return stage_problems(coconut_stages(run.method), run.train.max_steps)
+
+    def _curriculum_stage(self) -> int | None:
+        """k of the current stage; None = the final stage."""
+        name = self.stages()[self.stage_index].name
+        return None if name == "stage-final" else int(name.split("-")[1])
+
+    def thoughts(self, num_steps: int) -> int:
+        """Thoughts for a chain of ``num_steps`` text steps at the current stage."""
+        c, k = self.cfg, self._curriculum_stage()
+        if k is None:
+            return c.max_stage * c.thoughts_per_step if c.pad_thoughts else min(num_steps, c.max_stage) * c.thoughts_per_step
+        return min(k, num_steps) * c.thoughts_per_step
+
+    def eval_thoughts(self) -> int:
+        if self.cfg.eval_thoughts is not None:
+            return self.cfg.eval_thoughts
+        k = self._curriculum_stage()
+        return (self.cfg.max_stage if k is None else k) * self.cfg.thoughts_per_step
+
+    def saved_config(self) -> dict[str, Any]:
+        """A stage's model evaluates with that stage's thoughts when loaded back."""
+        data = super().saved_config()
+        data["method"]["eval_thoughts"] = self.eval_thoughts()
+        return data
+
+    # -- training ------------------------------------------------------------------------------
+    def bot_prompts(self, examples: list[Example]) -> list[list[int]]:
+        return [p + [self.loaded.bot_id] for p in super().prompt_ids(examples)]
+
+    def collate(self, examples: list[Example]) -> dict[str, Any]:
+        tok, k = self.loaded.tokenizer, self._curriculum_stage()
+        prompts = self.bot_prompts(examples)
+        texts, counts = [], []
+        for ex in examples:
+            steps = self.task.chain_steps(ex)
+            kept = [] if k is None else steps[min(k, len(steps)):]
+            answer = self.task.answer_text(ex)
+            texts.append(" ".join(kept + [answer]))
+            counts.append(self.thoughts(len(steps)))
+        targets = encode_targets(texts, tok, self.loaded.eos_ids[0])
+        context = max_positions(self.loaded.model)
+        limit = min(self.cfg.max_length, context) if context else self.cfg.max_length
+        keep = [i for i in range(len(examples)) if len(prompts[i]) + counts[i] + 1 + len(targets[i]) <= limit]
+        if not keep:
+            raise ValueError(f"every example of this batch is longer than {limit} tokens (method.max_length="
+                             f"{self.cfg.max_length}, model context {context})")
+        return {"prompts": [prompts[i] for i in keep], "targets": [targets[i] for i in keep],
+                "counts": [counts[i] for i in keep], "num_targets": sum(len(targets[i]) for i in keep),
+                "dropped": len(examples) - len(keep)}
+
+    def latent_inputs(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+        """How the thoughts are supplied to the latent forward: fed-back hidden states."""
+        return {"step": HiddenStateStep(), "num_steps": max(batch["counts"])}
+
+    def loss(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = latent_forward(modules["lm"], batch["prompts"], batch["targets"], eot_id=self.loaded.eot_id,
+                             pad_id=self.loaded.pad_id, num_latents=batch["counts"], **self.latent_inputs(modules, batch))
+        return {"loss_sum": out.loss_sum()}
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def prompt_ids(self, examples: list[Example]) -> list[list[int]]:
+        return self.bot_prompts(examples)
+
+    def latent_step(self, examples: list[Example]) -> LatentStep | None:
+        return HiddenStateStep() if self.eval_thoughts() else None
+
+    def rollout_config(self) -> RolloutConfig:
+        from dataclasses import replace
+
+        return replace(self.run.rollout, num_latent_steps=self.eval_thoughts())
+
+
+@dataclass
+class PauseConfig(CoconutConfig):
+    name: str = "pause"
+
+
+class PauseVectors(nn.Module):
+    """K learned vectors, the same for every question (initialised from the <latent> token)."""
+
+    def __init__(self, count: int, init: torch.Tensor) -> None:
+        super().__init__()
+        self.vectors = nn.Parameter(init.detach().clone().float()[None].repeat(count, 1))
+
+
+@METHODS.register("pause")
+class PauseControl(Coconut):
+    """Control: Coconut's curriculum and budget with learned constant vectors in place of thoughts."""
+
+    name = "pause"
+    config_cls = PauseConfig
+    paper = "pause tokens (Goyal et al. 2024) as Coconut's control"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        emb = self.loaded.model.get_input_embeddings().weight
+        token = self.loaded.latent_id if self.loaded.latent_id is not None else self.loaded.bot_id
+        count = max(self.cfg.max_stage * self.cfg.thoughts_per_step, self.cfg.eval_thoughts or 0)
+        self.pause = PauseVectors(count, emb[token]).to(emb.device)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"pause": self.pause}
+
+    def _vectors(self, module: PauseVectors, batch: int, k: int) -> torch.Tensor:
+        dtype = self.loaded.model.get_input_embeddings().weight.dtype
+        return module.vectors[:k].to(dtype)[None].expand(batch, k, -1)
+
+    def latent_inputs(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"vectors": self._vectors(modules["pause"], len(batch["prompts"]), max(batch["counts"]))}
+
+    def latent_step(self, examples: list[Example]) -> LatentStep | None:
+        k = self.eval_thoughts()
+        return ExternalStep(self._vectors(self.pause, len(examples), k).detach()) if k else None

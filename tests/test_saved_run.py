@@ -1,0 +1,58 @@
+"""A saved run is the method: ``latentreason.load(folder).generate`` and ``latentreason eval`` on a
+folder, with no method or task restated."""
+from __future__ import annotations
+
+import json
+import logging
+
+import latentreason
+from latentreason.cli import main
+from latentreason.config import load_run_config
+from latentreason.data.base import build_task
+from latentreason.recipes import build_method
+from tests.conftest import tiny_run
+
+
+def test_load_generate_gives_the_eval_predictions(tmp_path, trained_arith_model, capsys):
+    out = tmp_path / "eval"
+    # Operands of 1 to 3 digits: prompts of several lengths, so batches are sorted and padded.
+    mixed = ["data.options.modulus=1000", "data.options.max_operand=999"]
+    assert main(["eval", f"model.name_or_path={trained_arith_model}", *mixed, f"eval.output_dir={out}",
+                 "eval.limit=8"]) == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and len({r["output"] for r in rows}) > 1, "every row alike: the comparison would be vacuous"
+    assert len({len(r["question"]) for r in rows}) > 1, "one prompt length: the order would not be tested"
+    method = latentreason.load(trained_arith_model)
+    texts = method.generate([r["question"] for r in rows], batch_size=3)
+    assert texts == [r["output"] for r in rows]
+
+
+def test_eval_of_a_saved_folder_uses_its_settings_and_overrides_win(tmp_path, caplog):
+    # A folder saved with settings unlike the defaults (method, task options, rollout); untrained is enough.
+    saved = tiny_run(tmp_path, "nocot-sft", data={"options": {"num_steps": 3, "valid_size": 16}},
+                     rollout={"max_new_tokens": 8})
+    folder = tmp_path / "saved"
+    build_method(load_run_config(base=saved)).save_pretrained(folder)
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.INFO, logger="latentreason"):
+        assert main(["eval", f"model.name_or_path={folder}", "rollout.max_new_tokens=5",
+                     f"eval.output_dir={out}", "eval.limit=4"]) == 0
+    assert any("settings saved in" in r.getMessage() for r in caplog.records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["method"], summary["task"], summary["model"]) == ("nocot-sft", "arith", str(folder))
+    assert summary["method_config"]["with_chain"] is False
+    assert summary["rollout"]["max_new_tokens"] == 5, "the user's override must win over the saved rollout"
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    expected = build_task("arith", num_steps=3, valid_size=16).load("valid", limit=4)
+    assert [r["question"] for r in rows] == [ex.question for ex in expected], "the saved data options were not used"
+    assert all(r["generated_tokens"] <= 5 for r in rows)
+
+
+def test_naming_another_method_drops_the_saved_method_section(tmp_path):
+    saved = tiny_run(tmp_path, "nocot-sft", data={"options": {"num_steps": 3}})
+    folder = tmp_path / "saved"
+    build_method(load_run_config(base=saved)).save_pretrained(folder)
+    run = load_run_config(overrides=[f"model.name_or_path={folder}", "method.name=zero-shot"], saved_base=True)
+    assert run.method.name == "zero-shot" and run.data.options["num_steps"] == 3
+    plain = load_run_config(overrides=[f"model.name_or_path={folder}"])
+    assert plain.method.name == "cot-sft", "without saved_base the saved settings must not apply"
