@@ -29,6 +29,15 @@ DEMO_BASE: dict[str, Any] = {
 }
 QUICK: dict[str, Any] = {"train": {"max_steps": 30, "save_every": 15, "log_every": 10, "eval_every": 0, "eval_limit": 32},
                          "eval": {"limit": 64}}
+#: Coconut on top of the CoT model (``train.init_from``): one thought per arith step (c = 1), the
+#: curriculum replaces the 6 steps one stage at a time (stage 6 drops them all: no final stage).
+COCONUT: dict[str, Any] = {
+    "method": {"name": "coconut", "thoughts_per_step": 1, "max_stage": 6, "first_stage": 0, "steps_per_stage": 50,
+               "final_stage_steps": 0, "reset_optimizer": True},
+    "optim": {"warmup_steps": 0, "scheduler": "constant"},
+    "train": {"max_steps": 350, "save_every": 50, "eval_every": 0},
+}
+COCONUT_QUICK: dict[str, Any] = {"method": {"steps_per_stage": 4}, "train": {"max_steps": 28, "save_every": 14}}
 
 
 def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, quick: bool = False) -> list[dict]:
@@ -37,17 +46,26 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, 
 
     base = merge(DEMO_BASE, QUICK) if quick else DEMO_BASE
     extra = parse_overrides(overrides or [])
-    summaries = []
-    for method in ("nocot-sft", "cot-sft"):
+    summaries, eval_dirs, best = [], [], ""
+    for method in ("nocot-sft", "cot-sft", "coconut"):
         out = str(Path(output_dir) / method)
-        data = merge(merge(base, {"method": {"name": method}, "train": {"output_dir": out}}), extra)
+        data = merge(base, {"method": {"name": method}, "train": {"output_dir": out}})
+        if method == "coconut":
+            recipe = merge(COCONUT, COCONUT_QUICK) if quick else COCONUT
+            data = merge(merge(data, recipe), {"train": {"init_from": best}})  # the CoT model
+        data = merge(data, extra)
         run = load_run_config(base=data)
         run_train(run)
         best = str(Path(out) / ("best" if (Path(out) / "best").exists() else "final"))
-        run.model.name_or_path = best
+        run.model.name_or_path, run.train.init_from = best, None
         run.eval.output_dir = str(Path(out) / f"eval-{run.eval.split}")
         summaries.append(run_eval(run))
+        eval_dirs.append(run.eval.output_dir)
     print(table(summaries))
+    from latentreason.eval.report import compare
+
+    compare(eval_dirs, str(Path(output_dir) / "compare"),
+            title=f"arith, tiny model, {run.eval.split} split")
     plot = plot_accuracy_vs_positions(summaries, Path(output_dir) / "accuracy_vs_positions.png",
                                       title=f"arith ({run.data.options.get('num_steps', 6)} steps), tiny model, {run.eval.split} split")
     print(f"plot: {plot}")

@@ -31,16 +31,20 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_every_trainable_method_moves_every_trainable_parameter(name, tmp_path):
-    run = load_run_config(base=tiny_run(tmp_path, name, train={"max_steps": 2, "save_every": 2}))
+    # 6 steps: a staged method (Coconut: 5 curriculum stages here) gets at least one step per stage.
+    run = load_run_config(base=tiny_run(tmp_path, name, train={"max_steps": 6, "save_every": 6}))
     method = build_method(run)
-    before = {n: p.detach().clone() for n, p in method.loaded.model.named_parameters() if p.requires_grad}
+    params = lambda: [(f"lm.{n}", p) for n, p in method.loaded.model.named_parameters()] + [  # noqa: E731
+        (f"{k}.{n}", p) for k, m in method.extra_modules().items() for n, p in m.named_parameters()]
+    before = {n: p.detach().clone() for n, p in params() if p.requires_grad}
+    assert before, f"{name}: nothing to train"
     examples = method.task.load("train", limit=64)
     Trainer(run, method, examples).train()
-    after = dict(method.loaded.model.named_parameters())
+    after = dict(params())
     unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
     assert not unchanged, f"{name}: parameters did not move: {unchanged[:5]}"
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 2 and all(r["loss"] > 0 for r in log if "loss" in r)
+    assert [r for r in log if "loss" in r][-1]["step"] == 6 and all(r["loss"] > 0 for r in log if "loss" in r)
 
 
 def test_loss_falls_and_best_keeps_the_weights_of_the_best_validation_metric(tmp_path):

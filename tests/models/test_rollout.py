@@ -643,7 +643,8 @@ def test_the_host_waits_every_sync_every_steps(sync_every: int, expected: int) -
     cfg = RolloutConfig(num_latent_steps=5, max_new_tokens=10, sync_every=sync_every)
     with torch.no_grad(), HostSyncs() as syncs:
         out = rollout(lm.model, _prompts(lm), HiddenStateStep(), cfg, eos_ids=[-1], pad_id=lm.pad_id, eot_id=lm.eot_id)
-    assert syncs.count("rollout.py", "rollout") == expected
+    # the loop itself lives in latent_phase (shared with the latent forward)
+    assert syncs.count("rollout.py", "rollout") + syncs.count("rollout.py", "latent_phase") == expected
     assert all(len(t) == 10 for t in out.tokens)
 
 

@@ -39,32 +39,40 @@ class CoconutConfig(MethodConfig):
     thoughts_per_step: int = field(default=2, metadata={"help": "c: thoughts that replace one text step (paper: 2 on GSM8K, 1 on ProsQA)"})
     max_stage: int = field(default=3, metadata={"help": "last curriculum stage k (k steps replaced); the final stage keeps max_stage·c thoughts"})
     first_stage: int = field(default=0, metadata={"help": "first curriculum stage trained (0 = a CoT stage with <bot><eot> and no thoughts)"})
-    steps_per_stage: int = field(default=100, metadata={"help": "optimizer steps in each curriculum stage first_stage..max_stage"})
-    final_stage_steps: int = field(default=100, metadata={"help": "optimizer steps in the final stage (every text step dropped); 0 = none"})
+    steps_per_stage: int = field(default=0, metadata={"help": "optimizer steps in each curriculum stage first_stage..max_stage; 0 = train.max_steps split evenly over every stage"})
+    final_stage_steps: int = field(default=-1, metadata={"help": "optimizer steps in the final stage (every text step dropped); 0 = no final stage; -1 = as many as a curriculum stage"})
     reset_optimizer: bool = field(default=True, metadata={"help": "clear AdamW's state at each stage switch (the official code resets it every epoch)"})
     pad_thoughts: bool = field(default=True, metadata={"help": "final stage: max_stage·c thoughts for every question, even with fewer steps"})
     eval_thoughts: int | None = field(default=None, metadata={"help": "thoughts at evaluation; None = the trained stage's (saved with each stage's model)"})
     max_length: int = field(default=1024, metadata={"help": "training sequences longer than this (or than the model's context) are dropped"})
 
     def __post_init__(self) -> None:
-        for name in ("thoughts_per_step", "steps_per_stage"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"method.{name}={getattr(self, name)}, must be >= 1")
+        if self.thoughts_per_step < 1:
+            raise ValueError(f"method.thoughts_per_step={self.thoughts_per_step}, must be >= 1")
+        if self.steps_per_stage < 0:
+            raise ValueError(f"method.steps_per_stage={self.steps_per_stage}, must be >= 0 (0 = auto)")
         if not 0 <= self.first_stage <= self.max_stage:
             raise ValueError(f"method.first_stage={self.first_stage} must be in [0, max_stage={self.max_stage}]")
-        if self.final_stage_steps < 0:
-            raise ValueError(f"method.final_stage_steps={self.final_stage_steps}, must be >= 0")
+        if self.final_stage_steps < -1:
+            raise ValueError(f"method.final_stage_steps={self.final_stage_steps}, must be >= -1 (-1 = auto)")
 
 
-def coconut_stages(c: CoconutConfig) -> list[Stage]:
-    """Curriculum stages first_stage..max_stage, then the final stage; best/ is chosen in the last."""
-    out = [Stage(f"stage-{k}", c.steps_per_stage, reset_optimizer=c.reset_optimizer, select=False)
-           for k in range(c.first_stage, c.max_stage + 1)]
-    if c.final_stage_steps:
-        out.append(Stage("stage-final", c.final_stage_steps, reset_optimizer=c.reset_optimizer))
-    else:
-        out[-1] = Stage(out[-1].name, out[-1].steps, reset_optimizer=c.reset_optimizer)
-    return out
+def coconut_stages(c: CoconutConfig, max_steps: int) -> list[Stage]:
+    """Curriculum stages first_stage..max_stage, then the final stage; best/ is chosen in the last.
+
+    Automatic lengths (``steps_per_stage=0``) split ``train.max_steps`` evenly, the remainder going
+    to the last stage; explicit ones must add up to it (checked before any weights load).
+    """
+    ks = list(range(c.first_stage, c.max_stage + 1))
+    final = c.final_stage_steps != 0
+    count = len(ks) + int(final)
+    per = c.steps_per_stage or max(1, max_steps // count)
+    lengths = [per] * len(ks) + ([per if c.final_stage_steps == -1 else c.final_stage_steps] if final else [])
+    if not c.steps_per_stage:
+        lengths[-1] += max(0, max_steps - sum(lengths))
+    names = [f"stage-{k}" for k in ks] + (["stage-final"] if final else [])
+    return [Stage(name, n, reset_optimizer=c.reset_optimizer, select=i == count - 1)
+            for i, (name, n) in enumerate(zip(names, lengths))]
 
 
 @METHODS.register("coconut")
@@ -84,11 +92,11 @@ class Coconut(Method):
 
     # -- the curriculum ------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
-        return coconut_stages(self.cfg)
+        return coconut_stages(self.cfg, self.run.train.max_steps)
 
     @classmethod
     def validate(cls, run: Any) -> list[str]:
-        return stage_problems(coconut_stages(run.method), run.train.max_steps)
+        return stage_problems(coconut_stages(run.method, run.train.max_steps), run.train.max_steps)
 
     def _curriculum_stage(self) -> int | None:
         """k of the current stage; None = the final stage."""

@@ -1,0 +1,119 @@
+"""Coconut, the pause control and SoftCoT on the shared engine: curriculum, stage folders, what is
+frozen, what is saved, and that evaluation runs what was trained."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import latentreason
+from latentreason.config import load_run_config
+from latentreason.eval.harness import predict
+from latentreason.methods.base import build_method
+from latentreason.methods.trainer import Trainer
+from tests.conftest import tiny_run
+
+
+def _method(tmp_path, name: str, steps: int = 4, **method):
+    cfg = tiny_run(tmp_path, name, data={"task": "arith", "options": {
+        "num_steps": steps, "train_size": 256, "valid_size": 32, "test_size": 32}})
+    cfg["method"].update(method)
+    run = load_run_config(base=cfg)
+    return run, build_method(run)
+
+
+def _decode(method, ids):
+    return method.loaded.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_curriculum_replaces_steps_by_thoughts_stage_by_stage(tmp_path) -> None:
+    run, m = _method(tmp_path, "coconut", thoughts_per_step=2, max_stage=3)
+    ex = m.task.load("train", limit=1)[0]
+    steps, answer, eos = m.task.chain_steps(ex), m.task.answer_text(ex), m.loaded.tokenizer.eos_token
+    assert len(steps) == 4
+    stages = m.stages()
+    assert [s.name for s in stages] == ["stage-0", "stage-1", "stage-2", "stage-3", "stage-final"]
+    assert [s.select for s in stages] == [False] * 4 + [True]
+    assert sum(s.steps for s in stages) == run.train.max_steps
+    for index, k in enumerate([0, 1, 2, 3, None]):
+        m.set_stage(index, stages[index])
+        batch = m.collate([ex])
+        kept = [] if k is None else steps[k:]
+        assert _decode(m, batch["targets"][0]) == " ".join(kept + [answer]) + eos
+        assert batch["counts"] == [6 if k is None else 2 * k]
+        assert batch["prompts"][0][-1] == m.loaded.bot_id and batch["num_targets"] == len(batch["targets"][0])
+    m.cfg.pad_thoughts = False  # a 4-step chain past max_stage 3: 3 steps' worth of thoughts, padded or not
+    assert m.collate([ex])["counts"] == [6]
+
+
+def test_final_stage_without_padding_gives_short_chains_fewer_thoughts(tmp_path) -> None:
+    _, m = _method(tmp_path, "coconut", steps=2, thoughts_per_step=2, max_stage=3, pad_thoughts=False)
+    m.set_stage(len(m.stages()) - 1, m.stages()[-1])
+    ex = m.task.load("train", limit=1)[0]
+    assert m.collate([ex])["counts"] == [4]
+    m.cfg.pad_thoughts = True
+    assert m.collate([ex])["counts"] == [6]
+
+
+def test_a_wrong_step_budget_is_refused_before_weights_load(tmp_path) -> None:
+    with pytest.raises(latentreason.config.ConfigError, match="stages sum to 5 steps"):
+        cfg = tiny_run(tmp_path, "coconut", train={"max_steps": 6})
+        cfg["method"]["steps_per_stage"] = 1
+        load_run_config(base=cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_coconut(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coconut")
+    run, m = _method(tmp, "coconut", thoughts_per_step=1, max_stage=2, final_stage_steps=0)
+    run.train.max_steps = 3  # stages 0, 1, 2: one step each
+    Trainer(run, m, m.task.load("train")).train()
+    return run, m
+
+
+def test_every_stage_folder_runs_with_its_own_thoughts(trained_coconut) -> None:
+    run, m = trained_coconut
+    out = m.run.train.output_dir
+    for k in range(3):
+        loaded = latentreason.load(f"{out}/stage-{k}")
+        assert loaded.rollout_config().num_latent_steps == k, k
+        preds = predict(loaded, loaded.task.load("valid", limit=4), batch_size=4)
+        assert [p.latent_steps for p in preds] == [k] * 4
+    final = latentreason.load(f"{out}/final")
+    assert final.rollout_config().num_latent_steps == 2
+    with torch.no_grad():  # the final folder holds the trained weights
+        for (n, a), b in zip(m.loaded.model.state_dict().items(), final.loaded.model.state_dict().values()):
+            assert torch.equal(a, b), n
+
+
+def test_pause_control_feeds_its_learned_vectors_to_every_question(tmp_path) -> None:
+    run, m = _method(tmp_path, "pause", thoughts_per_step=1, max_stage=2, final_stage_steps=0)
+    run.train.max_steps = 3
+    start = m.pause.vectors.detach().clone()
+    Trainer(run, m, m.task.load("train")).train()
+    assert not torch.equal(start, m.pause.vectors)
+    examples = m.task.load("valid", limit=3)
+    step = m.latent_step(examples)
+    assert torch.equal(step.vectors, m.pause.vectors[None].expand(3, -1, -1))
+    loaded = latentreason.load(f"{run.train.output_dir}/final")
+    assert torch.equal(loaded.pause.vectors, m.pause.vectors)
+    assert [p.latent_steps for p in predict(loaded, examples, 3)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("mode", ["answer", "chain"])
+def test_softcot_trains_only_the_projection_and_reloads_it(tmp_path, mode: str) -> None:
+    run, m = _method(tmp_path, "softcot", mode=mode, num_thoughts=3)
+    main = {n: p.detach().clone() for n, p in m.loaded.model.named_parameters()}
+    proj = m.assistant.projection.weight.detach().clone()
+    helper = {n: p.detach().clone() for n, p in m.assistant.lm[0].model.named_parameters()}
+    ex = m.task.load("train", limit=1)[0]
+    target = _decode(m, m.collate([ex])["targets"][0])
+    assert (m.task.chain_text(ex) in target) == (mode == "chain") and target.endswith(m.task.answer_text(ex) + "<eos>")
+    run.train.max_steps = 3
+    Trainer(run, m, m.task.load("train")).train()
+    assert all(torch.equal(p, main[n]) for n, p in m.loaded.model.named_parameters()), "main model moved"
+    assert all(torch.equal(p, helper[n]) for n, p in m.assistant.lm[0].model.named_parameters()), "assistant moved"
+    assert not torch.equal(proj, m.assistant.projection.weight)
+    loaded = latentreason.load(f"{run.train.output_dir}/final")
+    examples = m.task.load("valid", limit=2)
+    with torch.no_grad():
+        assert torch.allclose(loaded.latent_step(examples).vectors, m.latent_step(examples).vectors, atol=1e-6)
