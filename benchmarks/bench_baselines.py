@@ -16,9 +16,9 @@ with ``std``, ``min``, ``max``), and ``latentreason compare`` output for seed 0 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,66 +49,80 @@ def train_eval(base: dict, out: Path, method: dict, report: str, extra: dict | N
     return summaries
 
 
+METHODS = ["nocot-sft", "cot-sft", "coconut", "pause", "softcot-answer", "softcot-chain", "soft-thinking"]
+PROBED = ["coconut", "softcot-answer"]
+PROBES = ("zero", "noise", "shuffle")
+
+
+def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) -> list[dict]:
+    """Result rows from the evaluation summaries on disk: per seed, then the mean over seeds."""
+    rows: list[dict] = []
+    values: dict[tuple[str, str], list[tuple[int, float]]] = {}
+
+    def add(method: str, seed: int, metric: str, value: float, n: int, **extra: Any) -> None:
+        rows.append({"task": task, "model": model, "method": method, "seed": seed, "split": report, "metric": metric,
+                     "value": value, "n": n, **extra})
+        values.setdefault((method, metric), []).append((seed, value))
+
+    for seed in seeds:
+        folder = root / task / f"seed{seed}"
+        summaries = {}
+        for method in METHODS + [f"{m}-probe-{p}" for m in PROBED for p in PROBES]:
+            name, _, probe = method.partition("-probe-")
+            path = folder / name / (f"eval-{report}-probe-{probe}" if probe else f"eval-{report}") / "summary.json"
+            if not path.exists():
+                continue
+            s = summaries[method] = json.loads(path.read_text())
+            add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"])
+            if not probe:
+                add(method, seed, "reasoning_positions", round(s["mean_reasoning_positions"], 3), s["n"])
+        if "coconut" in summaries and "cot-sft" in summaries:
+            q = summaries["coconut"]["questions_per_second"] / summaries["cot-sft"]["questions_per_second"]
+            add("coconut", seed, "speedup_vs_cot", round(q, 3), summaries["coconut"]["n"],
+                note="questions per second of the two evaluations (same harness, batch, machine)")
+    for (method, metric), items in values.items():
+        if len(items) < 2:
+            continue
+        vals = [v for _, v in items]
+        rows.append({"task": task, "model": model, "method": method, "seed": "mean", "split": report, "metric": metric,
+                     "value": round(statistics.mean(vals), 4), "n": len(vals), "seeds": [sd for sd, _ in items],
+                     "std": round(statistics.stdev(vals), 4), "min": min(vals), "max": max(vals),
+                     "note": "n = training seeds; std = sample standard deviation over seeds"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="arith", choices=list(TASKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-baselines"))
+    ap.add_argument("--collect", action="store_true", help="only rebuild the result file from the evaluations on disk")
     ap.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = ap.parse_args()
     spec = TASKS[args.task]
     report = spec["report"]
     extra = parse_overrides(args.overrides)
-    rows: list[dict] = []
     model = spec["base"]["model"]["name_or_path"]
-    t_start = time.perf_counter()
-    per_method: dict[str, list[tuple[int, dict]]] = {}
-
-    def record(method: str, seed: int, summary: dict, seconds: float | None = None) -> None:
-        per_method.setdefault(method, []).append((seed, summary))
-        base = {"task": args.task, "model": model, "method": method, "seed": seed, "split": report, "n": summary["n"]}
-        rows.append({**base, "metric": "accuracy", "value": summary["accuracy"], "ci95": summary["accuracy_ci95"]})
-        rows.append({**base, "metric": "reasoning_positions", "value": summary["mean_reasoning_positions"]})
-        if seconds is not None:
-            rows[-1]["train_and_eval_seconds"] = round(seconds, 1)
-
-    for seed in args.seeds:
+    command = " ".join(["python benchmarks/bench_baselines.py", *[a for a in sys.argv[1:] if a != "--collect"]])
+    for seed in [] if args.collect else args.seeds:
         root = Path(args.out) / args.task / f"seed{seed}"
         base = merge(merge(spec["base"], {"train": {"seed": seed}, "model": {"seed": seed}}), extra)
         for name in ("nocot-sft", "cot-sft"):
-            t0 = time.perf_counter()
-            record(name, seed, train_eval(base, root / name, {"name": name}, report)["none"], time.perf_counter() - t0)
+            train_eval(base, root / name, {"name": name}, report)
         cot = str(root / "cot-sft" / "best")
         from_cot = {"train": {"init_from": cot}}
         for name, method, probes in (
-            ("coconut", {**COCONUT["method"], "name": "coconut"}, ("zero", "noise", "shuffle")),
+            ("coconut", {**COCONUT["method"], "name": "coconut"}, PROBES),
             ("pause", {**COCONUT["method"], "name": "pause"}, ()),
-            ("softcot-answer", {"name": "softcot", "mode": "answer", "assistant": cot}, ("zero", "noise", "shuffle")),
+            ("softcot-answer", {"name": "softcot", "mode": "answer", "assistant": cot}, PROBES),
             ("softcot-chain", {"name": "softcot", "mode": "chain", "assistant": cot}, ()),
         ):
-            t0 = time.perf_counter()
             cfg = merge(from_cot, {k: v for k, v in COCONUT.items() if k != "method"}) if name in ("coconut", "pause") \
                 else merge(from_cot, {"train": {"max_steps": 300}, "optim": {"lr": 1e-3}})
-            out = train_eval(base, root / name, method, report, cfg, probes)
-            record(name, seed, out["none"], time.perf_counter() - t0)
-            for probe in probes:
-                record(f"{name}-probe-{probe}", seed, out[probe])
-        t0 = time.perf_counter()
-        st = {"name": "soft-thinking"}
-        record("soft-thinking", seed, train_eval(merge(base, {"model": {"name_or_path": cot}}), root / "soft-thinking",
-                                                  st, report)["none"], time.perf_counter() - t0)
-        write_results(f"baselines_{args.task}", " ".join(["python benchmarks/bench_baselines.py", *sys.argv[1:]]), rows)
-
-    for method, items in per_method.items():
-        for metric, key in (("accuracy", "accuracy"), ("reasoning_positions", "mean_reasoning_positions")):
-            values = [s[key] for _, s in items]
-            rows.append({"task": args.task, "model": model, "method": method, "seed": "mean", "split": report,
-                         "metric": metric, "value": round(statistics.mean(values), 4), "n": items[0][1]["n"],
-                         "seeds": [seed for seed, _ in items], "std": round(statistics.pstdev(values), 4),
-                         "min": min(values), "max": max(values)})
-    rows.append({"task": args.task, "model": model, "method": "all", "metric": "bench_wall_seconds",
-                 "value": round(time.perf_counter() - t_start, 1), "n": len(args.seeds)})
-    path = write_results(f"baselines_{args.task}", " ".join(["python benchmarks/bench_baselines.py", *sys.argv[1:]]), rows)
+            train_eval(base, root / name, method, report, cfg, probes)
+        train_eval(merge(base, {"model": {"name_or_path": cot}}), root / "soft-thinking", {"name": "soft-thinking"}, report)
+        write_results(f"baselines_{args.task}", command, collect(Path(args.out), args.task, model, report, args.seeds))
+    path = write_results(f"baselines_{args.task}", command, collect(Path(args.out), args.task, model, report, args.seeds))
     print(path)
 
 

@@ -31,6 +31,11 @@ def run_train(run: RunConfig) -> Path:
     from latentreason.eval.harness import accuracy
     from latentreason.methods.trainer import Trainer, apply_lora, resumable_checkpoint
 
+    from latentreason.methods.base import METHODS
+
+    problems = METHODS.get(run.method.name).train_problems(run)
+    if problems:  # e.g. a curriculum that does not add up to train.max_steps: refused before any weights load
+        raise ConfigError(problems)
     resumable_checkpoint(run)  # a checkpoint of other settings is refused before any weights load
     method = build_method(run, model_path=run.train.init_from, training=True)
     if not method.trainable:

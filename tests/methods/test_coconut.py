@@ -54,11 +54,15 @@ def test_final_stage_without_padding_gives_short_chains_fewer_thoughts(tmp_path)
     assert m.collate([ex])["counts"] == [6]
 
 
-def test_a_wrong_step_budget_is_refused_before_weights_load(tmp_path) -> None:
+def test_a_wrong_step_budget_is_refused_before_training_but_not_for_evaluation(tmp_path, monkeypatch) -> None:
+    import latentreason.recipes as recipes
+
+    cfg = tiny_run(tmp_path, "coconut", train={"max_steps": 6})
+    cfg["method"]["steps_per_stage"] = 1
+    run = load_run_config(base=cfg)  # evaluating such a config (a saved stage folder) is fine
+    monkeypatch.setattr(recipes, "build_method", lambda *a, **k: pytest.fail("weights loaded before the check"))
     with pytest.raises(latentreason.config.ConfigError, match="stages sum to 5 steps"):
-        cfg = tiny_run(tmp_path, "coconut", train={"max_steps": 6})
-        cfg["method"]["steps_per_stage"] = 1
-        load_run_config(base=cfg)
+        recipes.run_train(run)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +121,16 @@ def test_softcot_trains_only_the_projection_and_reloads_it(tmp_path, mode: str) 
     examples = m.task.load("valid", limit=2)
     with torch.no_grad():
         assert torch.allclose(loaded.latent_step(examples).vectors, m.latent_step(examples).vectors, atol=1e-6)
+
+
+def test_eval_of_a_stage_folder_needs_no_restated_settings(trained_coconut, tmp_path) -> None:
+    """``latentreason eval model.name_or_path=<stage folder>``: method, task and thoughts come from
+    the folder; the training budget (train.max_steps) is not checked at evaluation."""
+    import json
+
+    from latentreason.cli import main
+
+    out = trained_coconut[0].train.output_dir
+    assert main(["eval", f"model.name_or_path={out}/stage-1", "eval.limit=4", f"eval.output_dir={tmp_path}/ev"]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["method"] == "coconut" and summary["task"] == "arith" and summary["mean_latent_steps"] == 1

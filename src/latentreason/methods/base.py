@@ -108,6 +108,12 @@ class Method:
         """Cross-field checks of a run using this method (before any weights load)."""
         return []
 
+    @classmethod
+    def train_problems(cls, run: RunConfig) -> list[str]:
+        """Checks that only training needs (a stage budget that must add up to ``train.max_steps``),
+        run by ``run_train`` before any weights load; evaluation of a saved folder skips them."""
+        return []
+
     # -- training ------------------------------------------------------------------------------
     def stages(self) -> list[Stage] | None:
         """The training schedule; None = one implicit stage of ``train.max_steps`` (no stage folders)."""

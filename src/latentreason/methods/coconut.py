@@ -95,7 +95,7 @@ class Coconut(Method):
         return coconut_stages(self.cfg, self.run.train.max_steps)
 
     @classmethod
-    def validate(cls, run: Any) -> list[str]:
+    def train_problems(cls, run: Any) -> list[str]:
         return stage_problems(coconut_stages(run.method, run.train.max_steps), run.train.max_steps)
 
     def _curriculum_stage(self) -> int | None:
