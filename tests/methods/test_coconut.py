@@ -134,3 +134,18 @@ def test_eval_of_a_stage_folder_needs_no_restated_settings(trained_coconut, tmp_
     assert main(["eval", f"model.name_or_path={out}/stage-1", "eval.limit=4", f"eval.output_dir={tmp_path}/ev"]) == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["method"] == "coconut" and summary["task"] == "arith" and summary["mean_latent_steps"] == 1
+
+
+def test_resume_with_other_max_steps_is_refused_when_the_stages_derive_from_it(trained_coconut) -> None:
+    """Automatic stage lengths split train.max_steps: another value would move every boundary."""
+    from dataclasses import replace
+
+    from latentreason.methods.trainer import resumable_checkpoint, resume_safe
+    from latentreason.models.loading import CheckpointError
+
+    run = trained_coconut[0]
+    assert resumable_checkpoint(run) is not None
+    with pytest.raises(CheckpointError, match="train.max_steps"):
+        resumable_checkpoint(replace(run, train=replace(run.train, max_steps=9)))
+    assert "train.max_steps" not in resume_safe(run)
+    assert "train.max_steps" in resume_safe(replace(run, method=replace(run.method, steps_per_stage=1)))

@@ -109,6 +109,12 @@ class Method:
         return []
 
     @classmethod
+    def schedule_uses_max_steps(cls, run: RunConfig) -> bool:
+        """True when the stage boundaries are computed from ``train.max_steps``: a resume must then
+        keep it (another value would move every boundary under a half-trained run)."""
+        return False
+
+    @classmethod
     def train_problems(cls, run: RunConfig) -> list[str]:
         """Checks that only training needs (a stage budget that must add up to ``train.max_steps``),
         run by ``run_train`` before any weights load; evaluation of a saved folder skips them."""

@@ -95,6 +95,10 @@ class Coconut(Method):
         return coconut_stages(self.cfg, self.run.train.max_steps)
 
     @classmethod
+    def schedule_uses_max_steps(cls, run: Any) -> bool:
+        return run.method.steps_per_stage == 0
+
+    @classmethod
     def train_problems(cls, run: Any) -> list[str]:
         return stage_problems(coconut_stages(run.method, run.train.max_steps), run.train.max_steps)
 

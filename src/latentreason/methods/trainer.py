@@ -163,11 +163,20 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_changes(saved: dict[str, Any], current: dict[str, Any], safe: tuple[str, ...] = RESUME_SAFE) -> list[str]:
     """Dotted fields that differ between a checkpoint's config and this run's, unsafe ones only."""
     a, b = _flatten(saved), _flatten(current)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]
+    return [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in safe)]
+
+
+def resume_safe(run: RunConfig) -> tuple[str, ...]:
+    """RESUME_SAFE, less ``train.max_steps`` for a method whose stage lengths derive from it."""
+    from latentreason.methods.base import METHODS
+
+    if run.method.name in METHODS and METHODS.get(run.method.name).schedule_uses_max_steps(run):
+        return tuple(s for s in RESUME_SAFE if s != "train.max_steps")
+    return RESUME_SAFE
 
 
 def _rng_state() -> dict[str, Any]:
@@ -208,14 +217,15 @@ def resumable_checkpoint(run: RunConfig) -> Path | None:
     except (OSError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{cfg_file}: unreadable ({exc}); {_restart_hint(ckpt)}") from exc
     current = to_dict(run)
-    changed = config_changes(saved, current)
+    safe = resume_safe(run)
+    changed = config_changes(saved, current, safe)
     if changed:
         old, new = _flatten(saved), _flatten(current)
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
         raise CheckpointError(
             f"{ckpt} was written with other settings ({diffs}); resuming would mix two runs. Rerun with "
             "the saved values, use a new train.output_dir, or set train.resume=false to start over. "
-            f"Safe to change on resume: {', '.join(RESUME_SAFE)}"
+            f"Safe to change on resume: {', '.join(safe)}"
         )
     return ckpt
 
