@@ -37,7 +37,8 @@ def train_eval(base: dict, out: Path, method: dict, report: str, extra: dict | N
     data = merge(merge(base, {"method": method, "train": {"output_dir": str(out)}}), extra or {})
     run = load_run_config(base=data)
     if method["name"] not in ("soft-thinking",):
-        run_train(run)
+        if not (out / "train_summary.json").exists():  # a finished run is reused as it is (its best/ untouched)
+            run_train(run)
         best = out / ("best" if (out / "best").exists() else "final")
         run.model.name_or_path = str(best)
         run.train.init_from = None
