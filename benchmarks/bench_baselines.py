@@ -11,7 +11,9 @@ model is selected on the validation split and reported on the held-out ``--repor
 (arith: the generated test split). The probes (zero / noise / shuffled latents) evaluate the
 trained Coconut and SoftCoT-answer models. Writes ``benchmarks/results/baselines_<task>.json``:
 one row per seed (``seed``) and one row per method with the mean over seeds (``seed`` = "mean",
-with ``std``, ``min``, ``max``), and ``latentreason compare`` output for seed 0 under runs/.
+with ``std``, ``min``, ``max``). ``--collect --speed`` rebuilds the file from the evaluations on
+disk, evaluates every Coconut stage's model (``coconut-stage-<k>``: where accuracy goes along the
+curriculum) and times Coconut's evaluation against CoT-SFT's side by side (``speedup_vs_cot``).
 """
 from __future__ import annotations
 
@@ -77,10 +79,6 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
             add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"])
             if not probe:
                 add(method, seed, "reasoning_positions", round(s["mean_reasoning_positions"], 3), s["n"])
-        if "coconut" in summaries and "cot-sft" in summaries:
-            q = summaries["coconut"]["questions_per_second"] / summaries["cot-sft"]["questions_per_second"]
-            add("coconut", seed, "speedup_vs_cot", round(q, 3), summaries["coconut"]["n"],
-                note="questions per second of the two evaluations (same harness, batch, machine)")
     for (method, metric), items in values.items():
         if len(items) < 2:
             continue
@@ -92,19 +90,64 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
     return rows
 
 
+def stage_rows(root: Path, task: str, model: str, report: str, seeds: list[int]) -> list[dict]:
+    """Each Coconut stage's model on the report split: where along the curriculum accuracy goes."""
+    rows = []
+    for seed in seeds:
+        for stage in sorted((root / task / f"seed{seed}" / "coconut").glob("stage-*")):
+            run = load_run_config(overrides=[f"model.name_or_path={stage}", f"eval.split={report}",
+                                             f"eval.output_dir={stage / f'eval-{report}'}", "eval.batch_size=250"],
+                                  saved_base=True)
+            s = run_eval(run)
+            base = {"task": task, "model": model, "method": f"coconut-{stage.name}", "seed": seed, "split": report,
+                    "n": s["n"], "thoughts": run.method.eval_thoughts}
+            rows += [{**base, "metric": "accuracy", "value": s["accuracy"], "ci95": s["accuracy_ci95"]},
+                     {**base, "metric": "reasoning_positions", "value": round(s["mean_reasoning_positions"], 3)}]
+    return rows
+
+
+def speed_rows(root: Path, task: str, model: str, report: str, seeds: list[int], reps: int = 3) -> list[dict]:
+    """Coconut's evaluation against its CoT-SFT model's, questions per second, side by side: the
+    two evaluate the same split back to back, alternating, ``reps`` times (the evaluations of the
+    main run happen minutes apart and cannot be compared for speed on a shared machine)."""
+    import tempfile
+
+    rows = []
+    for seed in seeds:
+        folder = root / task / f"seed{seed}"
+        if not (folder / "coconut" / "best").exists():
+            continue
+        qps: dict[str, list[float]] = {"cot-sft": [], "coconut": []}
+        for rep in range(reps):
+            for name in (("cot-sft", "coconut") if rep % 2 == 0 else ("coconut", "cot-sft")):
+                with tempfile.TemporaryDirectory() as tmp:
+                    run = load_run_config(overrides=[f"model.name_or_path={folder / name / 'best'}", f"eval.split={report}",
+                                                     f"eval.output_dir={tmp}", "eval.batch_size=250"], saved_base=True)
+                    qps[name].append(run_eval(run)["questions_per_second"])
+        ratios = [c / t for c, t in zip(qps["coconut"], qps["cot-sft"])]
+        rows.append({"task": task, "model": model, "method": "coconut", "seed": seed, "split": report,
+                     "metric": "speedup_vs_cot", "value": round(statistics.median(ratios), 3), "n": reps,
+                     "ratios": [round(r, 3) for r in ratios],
+                     "questions_per_second": {k: [round(v, 1) for v in vs] for k, vs in qps.items()},
+                     "note": "median over alternating back-to-back evaluations of the same split, batch 250"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="arith", choices=list(TASKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-baselines"))
     ap.add_argument("--collect", action="store_true", help="only rebuild the result file from the evaluations on disk")
+    ap.add_argument("--speed", action="store_true", help="with --collect: also time Coconut's evaluation against CoT-SFT's")
     ap.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = ap.parse_args()
     spec = TASKS[args.task]
     report = spec["report"]
     extra = parse_overrides(args.overrides)
     model = spec["base"]["model"]["name_or_path"]
-    command = " ".join(["python benchmarks/bench_baselines.py", *[a for a in sys.argv[1:] if a != "--collect"]])
+    command = " ".join(["python benchmarks/bench_baselines.py", *[a for a in sys.argv[1:] if a not in ("--collect", "--speed")]])
+    command += "; then the same with --collect --speed (re-times the evaluations side by side)"
     for seed in [] if args.collect else args.seeds:
         root = Path(args.out) / args.task / f"seed{seed}"
         base = merge(merge(spec["base"], {"train": {"seed": seed}, "model": {"seed": seed}}), extra)
@@ -123,7 +166,11 @@ def main() -> None:
             train_eval(base, root / name, method, report, cfg, probes)
         train_eval(merge(base, {"model": {"name_or_path": cot}}), root / "soft-thinking", {"name": "soft-thinking"}, report)
         write_results(f"baselines_{args.task}", command, collect(Path(args.out), args.task, model, report, args.seeds))
-    path = write_results(f"baselines_{args.task}", command, collect(Path(args.out), args.task, model, report, args.seeds))
+    rows = collect(Path(args.out), args.task, model, report, args.seeds)
+    if args.speed:
+        rows += stage_rows(Path(args.out), args.task, model, report, args.seeds)
+        rows += speed_rows(Path(args.out), args.task, model, report, args.seeds)
+    path = write_results(f"baselines_{args.task}", command, rows)
     print(path)
 
 
