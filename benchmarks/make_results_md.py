@@ -39,6 +39,8 @@ def main() -> None:
             parts.append(f"| {row['task']} | {row['model']} | {row['method']} | {row['metric']} | {fmt(row['value'])} "
                          f"| {row.get('n', '')} | {details} |")
         parts.append("")
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.md")):  # views made by latentreason compare
+        parts.append(f"## {path.stem}\n\n{path.read_text().strip()}\n")
     atomic_write_text(ROOT / "benchmarks" / "RESULTS.md", "\n".join(parts) + "\n")
     print(ROOT / "benchmarks" / "RESULTS.md")
 
