@@ -49,11 +49,7 @@ def plot_accuracy_vs_positions(summaries: list[dict[str, Any]], path: str | Path
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 # -- latentreason compare -------------------------------------------------------------------------
@@ -180,6 +176,13 @@ def plot_compare(rows: list[dict[str, Any]], path: str | Path, title: str = "") 
     axes[1].legend(loc="best", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the figure beside its target and rename it into place: a killed run leaves no half PNG."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
