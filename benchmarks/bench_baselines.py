@@ -69,13 +69,12 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
 
     for seed in seeds:
         folder = root / task / f"seed{seed}"
-        summaries = {}
         for method in METHODS + [f"{m}-probe-{p}" for m in PROBED for p in PROBES]:
             name, _, probe = method.partition("-probe-")
             path = folder / name / (f"eval-{report}-probe-{probe}" if probe else f"eval-{report}") / "summary.json"
             if not path.exists():
                 continue
-            s = summaries[method] = json.loads(path.read_text())
+            s = json.loads(path.read_text())
             add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"])
             if not probe:
                 add(method, seed, "reasoning_positions", round(s["mean_reasoning_positions"], 3), s["n"])

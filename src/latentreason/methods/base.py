@@ -152,6 +152,12 @@ class Method:
         texts = [self.task.prompt(ex) for ex in examples]
         return encode_prompts(texts, self.loaded.tokenizer, self.run.model.use_chat_template)
 
+    def bot_prompt_ids(self, examples: list[Example]) -> list[list[int]]:
+        """The task prompts followed by ``<bot>``: where a latent method's latents begin."""
+        if self.loaded.bot_id is None:
+            raise ValueError(f"method {self.name!r} needs <bot>: keep model.add_latent_tokens=true")
+        return [p + [self.loaded.bot_id] for p in Method.prompt_ids(self, examples)]
+
     def latent_step(self, examples: list[Example]) -> LatentStep | None:
         """The step the rollout runs for this batch; None = plain decoding."""
         return None

@@ -127,12 +127,9 @@ class Coconut(Method):
         return data
 
     # -- training ------------------------------------------------------------------------------
-    def bot_prompts(self, examples: list[Example]) -> list[list[int]]:
-        return [p + [self.loaded.bot_id] for p in super().prompt_ids(examples)]
-
     def collate(self, examples: list[Example]) -> dict[str, Any]:
         tok, k = self.loaded.tokenizer, self._curriculum_stage()
-        prompts = self.bot_prompts(examples)
+        prompts = self.bot_prompt_ids(examples)
         texts, counts = [], []
         for ex in examples:
             steps = self.task.chain_steps(ex)
@@ -162,7 +159,7 @@ class Coconut(Method):
 
     # -- evaluation ----------------------------------------------------------------------------
     def prompt_ids(self, examples: list[Example]) -> list[list[int]]:
-        return self.bot_prompts(examples)
+        return self.bot_prompt_ids(examples)
 
     def latent_step(self, examples: list[Example]) -> LatentStep | None:
         return HiddenStateStep() if self.eval_thoughts() else None

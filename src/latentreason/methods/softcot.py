@@ -109,9 +109,6 @@ class SoftCoT(Method):
         texts = [self.task.prompt(ex) for ex in examples]
         return [p + [helper.latent_id] * n for p in encode_prompts(texts, helper.tokenizer, self.run.model.use_chat_template)]
 
-    def bot_prompts(self, examples: list[Example]) -> list[list[int]]:
-        return [p + [self.loaded.bot_id] for p in super().prompt_ids(examples)]
-
     # -- training ------------------------------------------------------------------------------
     def collate(self, examples: list[Example]) -> dict[str, Any]:
         n = self.cfg.num_thoughts
@@ -120,7 +117,7 @@ class SoftCoT(Method):
             chain = self.task.chain_text(ex) if self.cfg.mode == "chain" else ""
             answer = self.task.answer_text(ex)
             texts.append(f"{chain} {answer}" if chain else answer)
-        prompts, helper_prompts = self.bot_prompts(examples), self._assistant_prompts(examples, n)
+        prompts, helper_prompts = self.bot_prompt_ids(examples), self._assistant_prompts(examples, n)
         targets = encode_targets(texts, self.loaded.tokenizer, self.loaded.eos_ids[0])
         context = max_positions(self.loaded.model)
         limit = min(self.cfg.max_length, context) if context else self.cfg.max_length
@@ -142,7 +139,7 @@ class SoftCoT(Method):
         return self.cfg.eval_thoughts or self.cfg.num_thoughts
 
     def prompt_ids(self, examples: list[Example]) -> list[list[int]]:
-        return self.bot_prompts(examples)
+        return self.bot_prompt_ids(examples)
 
     def latent_step(self, examples: list[Example]) -> LatentStep | None:
         n = self.eval_thoughts()

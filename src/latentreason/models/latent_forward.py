@@ -123,10 +123,11 @@ def latent_forward(
         k = num_steps if num_steps is not None else int(max(num_latents))  # type: ignore[arg-type]
     else:
         k = 0
-    counts = torch.full((batch,), k, dtype=torch.long, device=device) if num_latents is None else (
-        torch.as_tensor(num_latents, dtype=torch.long).to(device))
-    if counts.shape != (batch,) or bool((counts < 0).any()) or bool((counts > k).any()):
+    counts = torch.full((batch,), k, dtype=torch.long) if num_latents is None else (
+        torch.as_tensor(num_latents, dtype=torch.long).cpu())
+    if counts.shape != (batch,) or bool((counts < 0).any()) or bool((counts > k).any()):  # checked on the host
         raise ValueError(f"latent_forward: num_latents must be [B={batch}] values in [0, {k}], got {counts.tolist()}")
+    counts = counts.to(device)
     check_context(model, [len(p) for p in prompts], k + max(len(t) for t in targets))
     ids, pmask = left_pad(prompts, pad_id, device)
     tgt, tmask = _right_pad(targets, pad_id, device)
