@@ -50,3 +50,19 @@ def summary_rows(summary: dict[str, Any], model: str, method: str, **fields: Any
         {**base, "metric": "mean_reasoning_positions", "value": summary["mean_reasoning_positions"], "n": summary["n"]},
         {**base, "metric": "questions_per_second", "value": summary["questions_per_second"], "n": summary["n"]},
     ]
+
+
+def seed_mean_rows(values: dict[tuple[str, str], list[tuple[Any, float]]], **fields: Any) -> list[dict[str, Any]]:
+    """One row per (method, metric) measured on two or more seeds: mean, sample std, min, max."""
+    import statistics
+
+    rows = []
+    for (method, metric), items in values.items():
+        if len(items) < 2:
+            continue
+        vals = [v for _, v in items]
+        rows.append({**fields, "method": method, "seed": "mean", "metric": metric,
+                     "value": round(statistics.mean(vals), 4), "n": len(vals), "seeds": [sd for sd, _ in items],
+                     "std": round(statistics.stdev(vals), 4), "min": min(vals), "max": max(vals),
+                     "note": "n = training seeds; std = sample standard deviation over seeds"})
+    return rows

@@ -107,6 +107,21 @@ def test_resume_refuses_rows_of_other_settings_and_continues_the_same_ones(tmp_p
     assert text.startswith(first) and len(text.splitlines()) == 16 and summary["n"] == 16
 
 
+def test_rows_written_before_a_field_existed_resume_only_at_its_old_behaviour(tmp_path):
+    """A field added later (model.tiny_words) is absent from older fingerprints: they resume when
+    the field keeps the value that behaves as before, and are refused otherwise."""
+    out = tmp_path / "ev"
+    cfg = {"eval": {"output_dir": str(out), "limit": 4}}
+    run_eval(load_run_config(base=tiny_run(tmp_path, **cfg)))
+    meta = out / "eval_config.json"
+    saved = json.loads(meta.read_text())
+    assert saved.pop("model.tiny_words") == ""
+    meta.write_text(json.dumps(saved))  # as an evaluation from before the field was written
+    assert run_eval(load_run_config(base=tiny_run(tmp_path, **cfg)))["n"] == 4
+    with pytest.raises(ValueError, match=r"differs in model.tiny_words \(saved \"\", now \"a,b\"\)"):
+        run_eval(load_run_config(base=tiny_run(tmp_path, model={"tiny_words": "a,b"}, **cfg)))
+
+
 def test_resume_refuses_rows_of_a_model_retrained_into_the_same_folder(tmp_path):
     from latentreason.recipes import run_train
 

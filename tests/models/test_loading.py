@@ -264,3 +264,39 @@ def test_the_environment_can_keep_auto_on_the_cpu(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="only 1 CUDA devices are visible"):
         resolve_device("auto")
+
+
+# ---- tiny tokenizer with whole words ---------------------------------------------------------
+
+
+def test_tiny_words_are_one_token_each_and_survive_save_and_reload(tmp_path: Path) -> None:
+    text = "Every shumpus is an impus. Is Tom a lempus or scrompus? Tomas isa 2026."
+    plain = load_model(TINY).tokenizer
+    lm, path = _saved(tmp_path, tiny_words="Every,is,a,an,Is,or,Tom,shumpus,impus,lempus,scrompus")
+    tokens = lm.tokenizer.convert_ids_to_tokens(lm.tokenizer.encode(text))
+    assert tokens[:6] == ["Every", " shumpus", " is", " an", " impus", "."]
+    # only whole words: "Tomas" and "isa" stay characters, digits stay in pairs
+    assert tokens[-14:] == [" ", "T", "o", "m", "a", "s", " ", "i", "s", "a", " ", "20", "26", "."]
+    assert lm.tokenizer.decode(lm.tokenizer.encode(text)) == text
+    # the characters keep their ids, so a words tokenizer extends the plain one
+    assert lm.tokenizer.encode("xyz 12") == plain.encode("xyz 12")
+    assert lm.model.get_input_embeddings().weight.shape[0] == len(lm.tokenizer)
+    reloaded = load_model(str(path))
+    assert reloaded.tokenizer.encode(text) == lm.tokenizer.encode(text)
+
+
+def test_tiny_words_task_is_resolved_from_the_task() -> None:
+    from latentreason.config import load_run_config
+    from latentreason.methods.base import build_method
+
+    run = load_run_config(overrides=["data.task=prosqa", f"model.name_or_path={TINY}", "model.tiny_words=task"])
+    method = build_method(run)
+    ex = method.task.load("valid", limit=1)[0]
+    prompt = method.task.prompt(ex, instruction=False)
+    n_words = len(method.loaded.tokenizer.encode(prompt))
+    assert n_words < len(prompt) / 4  # ~150 tokens for ~940 characters
+    assert run.model.tiny_words == "task"  # the run config keeps the name, not the list
+    with pytest.raises(ValueError, match="tiny_words='task'"):
+        load_model(ModelConfig(name_or_path=TINY, tiny_words="task"))
+    with pytest.raises(ValueError, match="declares no vocabulary"):
+        build_method(load_run_config(overrides=["data.task=arith", f"model.name_or_path={TINY}", "model.tiny_words=task"]))

@@ -64,6 +64,10 @@ class Task:
     #: Answer kind for extraction: "number" or "choice" (A-E) or "text".
     answer_kind: ClassVar[str] = "number"
 
+    #: Words a tiny model's tokenizer may keep as one token each (``model.tiny_words=task``): a
+    #: task written in a small closed vocabulary then costs one position per word, not per letter.
+    vocabulary: ClassVar[tuple[str, ...]] = ()
+
     #: Task-specific options and their defaults; ``build_task(name, **options)`` overrides them.
     option_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -119,6 +123,11 @@ class Task:
         (``<<48/2=24>>``) and iCoT multiplication; tasks whose steps are sentences override it.
         """
         return self.chain_text(ex).split()
+
+    def solutions(self, ex: Example) -> list[str]:
+        """Distinct explicit solutions of ``ex`` (Latent-SFT's N_eff needs several); default: the
+        gold chain alone, so N_eff is not reported for the task."""
+        return [self.chain_text(ex)]
 
     def answer_text(self, ex: Example) -> str:
         """The answer line every method is trained to write: ``#### <answer>``."""

@@ -297,6 +297,8 @@ class ProsQA(Task):
     instruction = ("Answer the question by chaining the given facts. "
                    "End with the answer as '#### <name> is a <concept>.'")
     answer_kind = "text"
+    vocabulary = (*generators.NAMES, *generators.CONCEPTS, "Every", "is", "a", "an", "Is", "or",
+                  *re.findall(r"[A-Za-z]+", instruction))
     option_defaults: ClassVar[dict[str, Any]] = {"train_size": 17886, "dev_size": 500, "seed": 0}
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
@@ -323,6 +325,32 @@ class ProsQA(Task):
     def chain_steps(self, ex: Example) -> list[str]:
         """One sentence per step ("Tom is a terpus.", "Every terpus is a gerpus.")."""
         return _sentences(self.chain_text(ex))
+
+    def solutions(self, ex: Example, limit: int = 16) -> list[str]:
+        """Every path of the question's graph from the person to the answer concept (up to
+        ``limit``, shortest first), written as the gold chain is: the facts it uses, in order."""
+        facts = {}
+        for sentence in _sentences(ex.question):
+            m = re.fullmatch(r"(?:Every )?(\w+) is an? (\w+)\.", sentence)
+            if m:
+                facts.setdefault(m.group(1), {})[m.group(2)] = sentence
+        symbols = ex.meta.get("idx_to_symbol")
+        if not symbols:
+            return [self.chain_text(ex)]
+        start, goal = symbols[ex.meta["root"]], symbols[ex.meta["target"]]
+        paths: list[list[str]] = []
+        stack: list[tuple[str, list[str]]] = [(start, [])]
+        while stack:
+            node, used = stack.pop()
+            if node == goal:
+                paths.append(used)
+                continue
+            for nxt, sentence in sorted(facts.get(node, {}).items(), reverse=True):
+                if sentence not in used and len(used) < 32:
+                    stack.append((nxt, used + [sentence]))
+        paths.sort(key=len)
+        out = list(dict.fromkeys(" ".join(p) for p in paths))[:limit]
+        return out or [self.chain_text(ex)]
 
 
 def _sentences(text: str) -> list[str]:

@@ -41,6 +41,8 @@ class Prediction:
     reasoning_positions: int  # latent steps + explicit chain tokens written before the answer line
     generated_tokens: int
     seconds: float  # this example's share of its batch's wall-clock time
+    #: ECR@1/5/10, N_eff, N_eff/N_eff_naive, Top-2 (mixture-latent methods; see eval/superposition.py)
+    superposition: dict[str, Any] | None = None
 
 
 def _chain_tokens(texts: list[str], tokenizer: Any) -> list[int]:
@@ -67,6 +69,7 @@ def predict(
     ``probe`` (``eval.probe``) wraps the method's latent step: see :func:`probed_step`.
     """
     task, tok = method.task, method.loaded.tokenizer
+    rate = method.superposition_rate()
     preds: dict[int, Prediction] = {}
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, dynamic_ncols=True)
     for done in generate_batches(method, examples, batch_size, probe=probe, probe_seed=probe_seed):
@@ -74,20 +77,35 @@ def predict(
         seconds = done.seconds / len(idx)
         chain = _chain_tokens(texts, tok)
         latent = out.num_latent_steps.tolist()
+        measured = rate is not False and out.dist_probs is not None and out.dist_ids is not None and probe == "none"
         for j, (i, text) in enumerate(zip(idx, texts)):
             ex = examples[i]
             score = task.score(text, ex)
+            extra = _superposition(method, ex, out, j, latent[j], rate) if measured else None
             preds[i] = Prediction(
                 id=ex.id, question=ex.question, gold=ex.answer, output=text, prediction=score.prediction,
                 prediction_flexible=score.prediction_flexible, correct=score.correct,
                 correct_flexible=score.correct_flexible, latent_steps=latent[j],
                 reasoning_positions=latent[j] + chain[j], generated_tokens=len(out.tokens[j]), seconds=seconds,
+                superposition=extra,
             )
         if on_batch is not None:
             on_batch([preds[i] for i in idx])
         bar.update(len(idx))
     bar.close()
     return [preds[i] for i in range(len(examples))]
+
+
+def _superposition(method: Method, ex: Example, out: Any, row: int, steps: int, rate: int | None) -> dict[str, Any]:
+    """One row's superposition metrics from the latent distributions the rollout kept."""
+    from latentreason.eval.superposition import question_metrics
+
+    tok, task = method.loaded.tokenizer, method.task
+    gold = tok(task.chain_text(ex), add_special_tokens=False)["input_ids"]
+    solutions = tok(task.solutions(ex), add_special_tokens=False)["input_ids"]
+    r = rate if rate else max(1, -(-len(gold) // max(steps, 1)))  # no rate: the gold chain cut in #L parts
+    probs, ids = out.dist_probs[row, :steps].float().cpu(), out.dist_ids[row, :steps].cpu()
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in question_metrics(probs, ids, gold, solutions, r).items()}
 
 
 def accuracy(method: Method, examples: list[Example], batch_size: int) -> float:
@@ -112,8 +130,25 @@ def summarise(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any
         "mean_latent_steps": mean([r["latent_steps"] for r in rows]),
         "mean_generated_tokens": mean([r["generated_tokens"] for r in rows]),
         "questions_per_second": n / seconds if seconds else 0.0,
+        **_superposition_summary(rows),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _superposition_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over rows of each superposition metric (N_eff over questions with >= 2 solutions),
+    plus Pass@1 / #L, the paper's efficiency ratio."""
+    measured = [r["superposition"] for r in rows if r.get("superposition")]
+    if not measured:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("ecr@1", "ecr@5", "ecr@10", "n_eff", "n_eff_over_naive", "top2"):
+        values = [m[key] for m in measured if m.get(key) is not None]
+        out[key] = mean(values) if values else None
+    out["n_eff_questions"] = sum(1 for m in measured if m.get("n_eff") is not None)
+    steps = mean([r["latent_steps"] for r in rows])
+    out["pass_at_1_over_latent_steps"] = (sum(bool(r["correct"]) for r in rows) / len(rows)) / steps if steps else None
+    return out
 
 
 # Config fields (``section`` or ``section.field``) known not to change a prediction row: where rows
@@ -246,12 +281,18 @@ def _rank_files(out: Path) -> list[Path]:
     return sorted(out.glob("predictions.rank*.jsonl"))
 
 
+#: Fields added after evaluations were written, with the value that behaves as before they existed:
+#: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
+ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": ""}
+
+
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
     meta_path = out / "eval_config.json"
     has_rows = (out / "predictions.jsonl").exists() or bool(_rank_files(out))
     if not (meta_path.exists() and has_rows):
         return
     saved = json.loads(meta_path.read_text())
+    saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in fingerprint}, **saved}
     if saved != fingerprint:
         diff = [
             f"{k} (saved {_short(saved.get(k))}, now {_short(fingerprint.get(k))})"

@@ -23,7 +23,7 @@ from torch import nn
 from latentreason.config import MethodConfig
 from latentreason.data.base import Example
 from latentreason.data.collate import encode_prompts, encode_targets
-from latentreason.methods.base import METHODS, Method
+from latentreason.methods.base import METHODS, Method, task_model_config
 from latentreason.models.latent_forward import latent_forward
 from latentreason.models.loading import LoadedModel, load_model
 from latentreason.models.rollout import RolloutConfig, left_pad, max_positions
@@ -85,7 +85,7 @@ class SoftCoT(Method):
         source = self.cfg.assistant or self.run.train.init_from or self.run.model.name_or_path
         self.assistant_source = source
         model_cfg = dataclasses.replace(self.run.model, name_or_path=source)
-        helper = load_model(model_cfg)
+        helper = load_model(task_model_config(model_cfg, self.task))
         helper.model.requires_grad_(False)
         helper.model.eval()
         if helper.latent_id is None:

@@ -43,6 +43,7 @@ class ModelConfig:
     use_chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template when it has one"})
     max_positions: int = field(default=512, metadata={"help": "context length of tiny models built in code"})
     seed: int = field(default=0, metadata={"help": "initialisation seed of tiny models"})
+    tiny_words: str = field(default="", metadata={"help": "tiny models built in code: comma-separated words kept as one token each (else one token per character), or 'task' for the task's own vocabulary (ProsQA: ~150 tokens per question instead of ~940)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -242,7 +243,10 @@ def resolve_dtype(name: str, device: torch.device, training: bool = False) -> to
 def _resolve(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     name = cfg.name_or_path
     if tiny.is_tiny_name(name):
-        tokenizer = tiny.char_tokenizer()
+        if cfg.tiny_words == "task":
+            raise ValueError("model.tiny_words='task' names the task's vocabulary: resolve it with the task first "
+                             "(build_method does), or list the words")
+        tokenizer = tiny.char_tokenizer([w.strip() for w in cfg.tiny_words.split(",") if w.strip()])
         # Reserve the latent tokens before building so the embedding has its final size.
         if cfg.add_latent_tokens:
             add_extra_special_tokens(tokenizer, list(LATENT_TOKENS.values()))

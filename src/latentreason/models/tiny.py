@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -21,17 +22,31 @@ TINY_PATTERN = re.compile(r"^tiny(?:-(llama|qwen2|gpt2))?(?:-l(\d+))?(?:-d(\d+))
 TINY_ARCHS = ("llama", "qwen2", "gpt2")
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, except that digits go in pairs (``2026`` -> ``20``, ``26``).
+def char_tokenizer(words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """One token per character, except that digits go in pairs (``2026`` -> ``20``, ``26``), and
+    each of ``words`` (with or without the space before it) is one token.
 
     Why pairs: a two-digit number is then one token, so one step of mod-100 arithmetic is a
     lookup a tiny model learns quickly, while several steps composed without a written chain
-    stay hard: exactly the contrast the generated tasks are meant to show. No merges are
-    learned, so tokenization is exact and the same on every machine.
+    stay hard: exactly the contrast the generated tasks are meant to show. Why words: a task
+    written in a small closed vocabulary (ProsQA's names and concepts) would otherwise cost one
+    position per character (a ProsQA question is ~940 characters, ~150 tokens with its words).
+    No merges are learned, so tokenization is exact and the same on every machine; the ids of
+    the characters do not depend on ``words``.
     """
-    vocab = {tok: i for i, tok in enumerate(BASE_SPECIALS + CHARS + DIGIT_PAIRS)}
+    words = list(dict.fromkeys(w for w in words if w))
+    bad = [w for w in words if not re.fullmatch(r"[A-Za-z]+", w)]
+    if bad:
+        raise ValueError(f"tiny tokenizer words must be ASCII letters only, got {bad[:5]}")
+    specials = BASE_SPECIALS + CHARS + DIGIT_PAIRS
+    extra = [t for w in words for t in (w, " " + w) if t not in specials]
+    vocab = {tok: i for i, tok in enumerate(specials + extra)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d|[\s\S]"), behavior="isolated")
+    pattern = r"\d\d|[\s\S]"
+    if words:  # longest first, so "an" is not read as "a" + "n"; whole words only
+        alternatives = "|".join(sorted(words, key=lambda w: (-len(w), w)))
+        pattern = rf" ?\b(?:{alternatives})\b|{pattern}"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
