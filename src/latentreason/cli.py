@@ -86,6 +86,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         import yaml
 
         print(yaml.safe_dump(to_dict(_config(args)), sort_keys=False), end="")
+    elif what == "latents":
+        from latentreason.eval.report import inspect_latents
+        from latentreason.recipes import build_method
+
+        run = _config(args, saved_base=True)
+        method = build_method(run)
+        if args.question:
+            from latentreason.data.base import Example
+
+            examples = [Example(id="question", question=args.question, answer="")]
+        else:
+            examples = method.task.load(run.eval.split, limit=args.n)[-1:]
+        for ex in examples:
+            text, figure = inspect_latents(method, ex, args.out)
+            print(text, end="")
+            if figure is not None:
+                print(f"wrote {figure}")
     elif what == "example":
         run = _config(args)
         task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
@@ -130,9 +147,13 @@ def make_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "train tiny no-CoT and CoT models on arith, evaluate both, print a table, plot accuracy vs reasoning positions")
     demo.add_argument("--output-dir", default="runs/demo", help="where models, predictions and the plot go")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
-    insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples",
-               first={"name": "what", "choices": ["tasks", "methods", "steps", "config", "example"]})
-    insp.add_argument("-n", type=int, default=3, help="examples to print with 'example'")
+    insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples; "
+               "'latents': each latent step's top-5 tokens and entropy for one question of a model "
+               "(model.name_or_path=<saved run folder>), as text and a figure",
+               first={"name": "what", "choices": ["tasks", "methods", "steps", "config", "example", "latents"]})
+    insp.add_argument("-n", type=int, default=3, help="examples to print with 'example'; with 'latents', the n-th question of eval.split")
+    insp.add_argument("--question", default=None, help="'latents': this question instead of one from eval.split")
+    insp.add_argument("--out", default=None, help="'latents': folder for the figure and text (none: print only)")
     comp = sub.add_parser(
         "compare", help="table and figure comparing finished evaluations of one task and split",
         description="Read evaluation folders (summary.json + predictions.jsonl from latentreason eval) of ONE "

@@ -39,6 +39,19 @@ COCONUT: dict[str, Any] = {
     "optim": {"warmup_steps": 0, "scheduler": "constant"},
     "train": {"max_steps": 480, "save_every": 80, "eval_every": 0},
 }
+#: Latent-SFT on top of the CoT model, r = 4 (the 35-token chain in 9 latents): stage 1 trains the
+#: encoder, the decoder, then both (100 steps each, each from the previous step's best on
+#: validation); stage 2 (from the stage-1 model) learns to produce the exported soft labels.
+LATENT_SFT_STAGE1: dict[str, Any] = {
+    "method": {"name": "latent-sft", "stage": 1, "compression": 4, "steps_per_step": 100, "max_latent_steps": 16},
+    "optim": {"lr": 3e-4, "warmup_steps": 0, "scheduler": "constant"},
+    "train": {"max_steps": 300, "save_every": 100, "eval_every": 50, "select_on_valid": True},
+}
+LATENT_SFT_STAGE2: dict[str, Any] = {
+    "method": {"name": "latent-sft", "stage": 2, "compression": 4, "max_latent_steps": 16},
+    "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
+    "train": {"max_steps": 300, "save_every": 100, "eval_every": 50},
+}
 COCONUT_QUICK: dict[str, Any] = {"method": {"steps_per_stage": 4, "final_stage_steps": 4}, "train": {"max_steps": 24, "save_every": 12}}
 
 

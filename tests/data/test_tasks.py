@@ -248,3 +248,18 @@ def test_arith_splits_are_disjoint_and_knobs_apply() -> None:
     assert task.prompt(valid[0]) == valid[0].question  # no instruction: short char-level prompts
     other = build_task("arith", num_steps=2, train_size=50, valid_size=20, test_size=20, seed=4)
     assert [e.question for e in other.load("valid")] != [e.question for e in valid]
+
+
+def test_prosqa_solutions_are_every_path_to_the_answer_shortest_first():
+    row = {"question": "Tom is a wumpus. Tom is a yumpus. Every wumpus is a lempus. Every yumpus is a rempus. "
+                       "Every rempus is a lempus. Every lempus is a jompus. Rex is a jompus. Is Tom a lempus or zumpus?",
+           "steps": ["Tom is a wumpus.", "Every wumpus is a lempus."], "answer": "Tom is a lempus.",
+           "idx_to_symbol": ["Rex", "Tom", "wumpus", "lempus", "jompus", "yumpus", "rempus", "zumpus"],
+           "edges": [[1, 2], [1, 5], [2, 3], [5, 6], [6, 3], [3, 4], [0, 4]], "root": 1, "target": 3, "neg_target": 7}
+    ex = tasks.parse_prosqa(0, ("test row", row))
+    task = build_task("prosqa")
+    assert task.solutions(ex) == [
+        "Tom is a wumpus. Every wumpus is a lempus.",
+        "Tom is a yumpus. Every yumpus is a rempus. Every rempus is a lempus.",
+    ]
+    assert build_task("arith").solutions(Example("a", "1+2", "3", "1+2=3")) == ["1+2=3"]

@@ -32,11 +32,15 @@ class StagedConfig(SFTConfig):
     stage_steps: str = field(default="2,2,2", metadata={"help": "optimizer steps of each stage, comma-separated"})
     reset_optimizer: bool = field(default=True, metadata={"help": "stages after the first clear AdamW's state"})
     select_from: int = field(default=0, metadata={"help": "first stage whose checkpoints best/ may pick"})
+    frozen_stages: str = field(default="", metadata={"help": "comma-separated stages in which the LM gets no update"})
+    restore_best: bool = field(default=False, metadata={"help": "every stage keeps its best checkpoint on validation"})
 
 
 def plan(cfg: StagedConfig) -> list[Stage]:
     steps = [int(x) for x in cfg.stage_steps.split(",")]
-    return [Stage(f"stage-{i}", n, reset_optimizer=cfg.reset_optimizer and i > 0, select=i >= cfg.select_from)
+    frozen = {int(x) for x in cfg.frozen_stages.split(",") if x}
+    return [Stage(f"stage-{i}", n, reset_optimizer=cfg.reset_optimizer and i > 0, select=i >= cfg.select_from,
+                  frozen=("lm",) if i in frozen else (), restore_best=cfg.restore_best)
             for i, n in enumerate(steps)]
 
 
@@ -230,3 +234,86 @@ def test_sigkill_after_a_stage_switch_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     switches = [r for r in _log(tmp_path / "run") if set(r) == {"stage", "step"}]
     assert [(r["stage"], r["step"]) for r in switches] == [("stage-0", 0), ("stage-1", 8), ("stage-2", 16)]
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.method.loaded.model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_frozen_part_gets_no_update_in_its_stage(tmp_path):
+    trainer = _trainer(_cfg(tmp_path, stage_steps="2,2,2", frozen_stages="1", reset_optimizer=False))
+    calls = _record_stages(trainer)
+    trainer.train()
+    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert not _same(calls[0]["weights"], calls[1]["weights"]), "stage 0 should train the LM"
+    assert _same(calls[1]["weights"], calls[2]["weights"]), "the LM changed in the stage that freezes it"
+    assert any(not torch.equal(final[k], calls[2]["weights"][k]) for k in final), "stage 2 should train the LM"
+    run = load_run_config(base=_cfg(tmp_path / "bad"))
+    method = build_method(run, training=True)
+    method.stages = lambda: [Stage("stage-0", 6, frozen=("encoder",))]  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match=r"freezes \['encoder'\], but the trained parts are \['lm'\]"):
+        Trainer(run, method, method.task.load("train", limit=16))
+
+
+#: Validation metric by step: stage 0 (steps 1-3) peaks at step 2, stage 1 (steps 4-6) at step 4.
+METRIC = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.5, 5: 0.3, 6: 0.4}
+
+
+def _selecting(cfg: dict) -> tuple[Trainer, dict[int, dict[str, torch.Tensor]]]:
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    holder: list[Trainer] = []
+
+    def select(method: Method) -> float:
+        seen[holder[0].step] = _weights(holder[0])
+        return METRIC[holder[0].step]
+
+    holder.append(_trainer(cfg, select=select))
+    return holder[0], seen
+
+
+def _restore_cfg(tmp_path: Path) -> dict:
+    cfg = _cfg(tmp_path, stage_steps="3,3", restore_best=True, reset_optimizer=False)
+    cfg["train"].update(select_on_valid=True, eval_every=1)
+    return cfg
+
+
+def test_a_restore_best_stage_hands_its_best_checkpoint_to_the_next_stage(tmp_path):
+    trainer, seen = _selecting(_restore_cfg(tmp_path))
+    calls = _record_stages(trainer)
+    trainer.train()
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6], "validation must run at each step once, stage ends included"
+    assert _same(calls[1]["weights"], seen[2]), "stage 1 did not start from stage 0's best (step 2)"
+    out = tmp_path / "run"
+    for name, step in (("stage-0", 2), ("stage-1", 4)):
+        saved = load_file(str(out / name / "model.safetensors"))
+        assert all(torch.equal(v, seen[step][k]) for k, v in saved.items()), f"{name}/ is not its best step {step}"
+    assert _same(_weights(trainer), seen[4]), "the run should end on the last stage's best"
+    restored = [r for r in _log(out) if "restored_best_valid_metric" in r]
+    assert [(r["step"], r["restored_best_valid_metric"]) for r in restored] == [(3, 0.9), (6, 0.5)]
+
+
+def test_a_resume_inside_a_restore_best_stage_reaches_the_uninterrupted_weights(tmp_path):
+    ref, _ = _selecting(_restore_cfg(tmp_path / "ref"))
+    ref.train()
+    cfg = _restore_cfg(tmp_path)
+    cfg["train"]["save_every"] = 1
+    first, _ = _selecting(cfg)
+    _interrupt_after_checkpoint(first, 5)  # stage 1's best (step 4) exists only in the checkpoint now
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    second, _ = _selecting(cfg)
+    second.train()
+    a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ref" / "run" / "final" / "model.safetensors"))
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_restore_best_without_validation_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, restore_best=True)
+    with pytest.raises(ConfigError, match="keeps its best checkpoint on validation; set train.select_on_valid=true"):
+        _trainer(cfg)

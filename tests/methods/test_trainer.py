@@ -143,3 +143,12 @@ def test_accelerate_two_processes_match_one_process(tmp_path):
     a, b = _final_weights(tmp_path / "run"), _final_weights(tmp_path / "two" / "run")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_an_fsdp_or_deepspeed_launch_that_falls_back_to_data_parallel_is_named():
+    from latentreason.methods.trainer import sharding_fallback
+
+    assert "asks for FSDP" in sharding_fallback("DistributedType.MULTI_CPU", {"ACCELERATE_USE_FSDP": "true"})
+    assert "asks for DeepSpeed" in sharding_fallback("MULTI_CPU", {"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert sharding_fallback("DistributedType.FSDP", {"ACCELERATE_USE_FSDP": "true"}) is None
+    assert sharding_fallback("DistributedType.MULTI_CPU", {}) is None

@@ -188,3 +188,63 @@ def _save(fig: Any, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def inspect_latents(method: Any, example: Any, out: str | Path | None = None, top: int = 5) -> tuple[str, Path | None]:
+    """Each latent step of one question: its top-``top`` tokens with probabilities and the entropy of
+    the full distribution (the superposition made visible); as text, and as a figure when ``out``.
+
+    Runs the method's own latent step through the shared rollout, keeping full distributions.
+    """
+    import dataclasses
+
+    import torch
+
+    from latentreason.models.rollout import rollout
+
+    lm = method.loaded
+    cfg = dataclasses.replace(method.rollout_config(), keep_distributions="full")
+    with torch.inference_mode():
+        res = rollout(lm.model, method.prompt_ids([example]), method.latent_step([example]), cfg,
+                      eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id)
+    steps = int(res.num_latent_steps[0])
+    if res.dist_probs is None or steps == 0:
+        return f"{example.id}: the method fed no latent step\n", None
+    probs = res.dist_probs[0, :steps].float()
+    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+    values, ids = probs.topk(min(top, probs.shape[-1]), dim=-1)
+    tokens = [[lm.tokenizer.decode([i]) for i in row] for row in ids.tolist()]
+    answer = lm.tokenizer.decode(res.tokens[0], skip_special_tokens=True)
+    lines = [f"question {example.id}: {example.question!r}", f"answer written: {answer!r}  (gold {example.answer!r})",
+             f"{'step':>4}  {'entropy':>7}  top-{values.shape[1]} tokens"]
+    for t in range(steps):
+        cells = "  ".join(f"{tok!r} {p:.3f}" for tok, p in zip(tokens[t], values[t].tolist()))
+        lines.append(f"{t + 1:>4}  {float(entropy[t]):7.3f}  {cells}")
+    text = "\n".join(lines) + "\n"
+    if out is None:
+        return text, None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * steps + 2), 4.5))
+    bottom = [0.0] * steps
+    for j in range(values.shape[1]):
+        heights = values[:, j].tolist()
+        ax.bar(range(1, steps + 1), heights, bottom=bottom, color=plt.cm.tab10(j % 10), edgecolor="white")
+        for t, (h, b) in enumerate(zip(heights, bottom)):
+            if h > 0.06:
+                ax.text(t + 1, b + h / 2, tokens[t][j].strip() or repr(tokens[t][j]), ha="center", va="center", fontsize=8)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax2 = ax.twinx()
+    ax2.plot(range(1, steps + 1), entropy.tolist(), "k.--", label="entropy (nats)")
+    ax2.set_ylabel("entropy of the step's distribution (nats)")
+    ax.set_xlabel("latent step")
+    ax.set_ylabel(f"probability of the top {values.shape[1]} tokens")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{method.name}: {example.id}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = _save(fig, Path(out) / f"latents-{example.id}.png")
+    (Path(out) / f"latents-{example.id}.txt").write_text(text)
+    return text, path

@@ -6,3 +6,4 @@ from latentreason.methods import coconut  # noqa: F401  (registers coconut, paus
 from latentreason.methods import softcot  # noqa: F401  (registers softcot)
 
 __all__ = ["METHODS", "Method"]
+from latentreason.methods import latent_sft  # noqa: F401  (registers latent-sft)

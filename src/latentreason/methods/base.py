@@ -24,7 +24,7 @@ from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example, Task
 from latentreason.data.collate import encode_prompts
 from latentreason.io import atomic_write_text
-from latentreason.models.loading import CheckpointError, LoadedModel, save_checkpoint
+from latentreason.models.loading import CheckpointError, LoadedModel, ModelConfig, save_checkpoint
 from latentreason.models.rollout import RolloutConfig, RolloutOutput, derive_seed, rollout
 from latentreason.models.steps import LatentStep, ProbeStep
 from latentreason.registry import Registry
@@ -47,6 +47,12 @@ class Stage:
     steps: int  # optimizer steps in this stage (>= 1)
     reset_optimizer: bool = False  # clear AdamW state when this stage begins (not for the first stage)
     select: bool = True  # whether validation-based selection of best/ may pick checkpoints from this stage
+    #: Parts that get no update in this stage ("lm", or an extra module's name): their gradients are
+    #: dropped before the optimizer step (Latent-SFT trains its encoder, then its decoder, then both).
+    frozen: tuple[str, ...] = ()
+    #: Validation picks this stage's best checkpoint: the stage's folder holds it and the next stage
+    #: starts from it (needs train.select_on_valid; validation also runs at the stage's last step).
+    restore_best: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) or self.name in RESERVED_FOLDERS:
@@ -133,6 +139,11 @@ class Method:
         """Modules trained beside the LM (projectors, assistants); saved with checkpoints."""
         return {}
 
+    def lora_submodules(self) -> list[tuple[nn.Module, str]]:
+        """(owner, attribute) of extra modules that are transformers of their own and get LoRA
+        adapters too under ``lora.enabled`` (Latent-SFT's encoder); saved merged."""
+        return []
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         yield from (p for p in self.loaded.model.parameters() if p.requires_grad)
         for module in self.extra_modules().values():
@@ -165,6 +176,12 @@ class Method:
     def rollout_config(self) -> RolloutConfig:
         return self.run.rollout
 
+    def superposition_rate(self) -> int | None | bool:
+        """False: the latents are not vocabulary mixtures (no superposition metrics). Otherwise the
+        chain tokens per latent that align steps to gold segments (None: the gold chain cut in #L
+        parts); the rollout must keep top-k distributions (top-100 for N_eff)."""
+        return False
+
     def generate(self, questions: list[str] | list[Example], batch_size: int = 32) -> list[str]:
         """Answer texts for ``questions``, in order, through the same loop as evaluation.
 
@@ -190,7 +207,8 @@ class Method:
         save_checkpoint(self.loaded, path)
         extras = self.extra_modules()
         if extras:
-            state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items() for n, t in m.state_dict().items()}
+            state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items()
+                     for n, t in merged_state_dict(m).items()}
             save_file(state, str(path / EXTRA_MODULES_FILE))
         atomic_write_text(path / RUN_CONFIG_FILE, yaml.safe_dump(self.saved_config(), sort_keys=False))
 
@@ -246,6 +264,28 @@ class Method:
 
 
 EXTRA_MODULES_FILE = "extra_modules.safetensors"
+
+
+def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state with any LoRA-wrapped part merged back under its plain names, so a saved
+    folder loads without peft and computes what the adapted module did (training is untouched)."""
+    import copy
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return module.state_dict()
+    if not any(isinstance(m, PeftModel) for m in module.modules()):
+        return module.state_dict()
+    clone = copy.deepcopy(module)
+    done: list[str] = []
+    for name, child in list(clone.named_modules()):
+        if name and isinstance(child, PeftModel) and not any(name.startswith(d + ".") for d in done):
+            parent_name, _, attr = name.rpartition(".")
+            parent = clone.get_submodule(parent_name) if parent_name else clone
+            setattr(parent, attr, child.merge_and_unload())
+            done.append(name)
+    return clone.state_dict()
 
 
 def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
@@ -321,6 +361,16 @@ def generate_batches(
         yield GeneratedBatch(idx, texts, out, time.perf_counter() - t0)
 
 
+def task_model_config(model_cfg: ModelConfig, task: Task) -> ModelConfig:
+    """``model.tiny_words=task`` spelled out as the task's vocabulary (the only model setting that
+    reads the task; the run config keeps the word 'task', so a resume compares like with like)."""
+    if model_cfg.tiny_words != "task":
+        return model_cfg
+    if not task.vocabulary:
+        raise ValueError(f"model.tiny_words=task, but task {task.name!r} declares no vocabulary; list the words instead")
+    return dataclasses.replace(model_cfg, tiny_words=",".join(task.vocabulary))
+
+
 def build_method(run: RunConfig, model_path: str | None = None, training: bool = False) -> Method:
     """Load the model, the task and the method object for ``run`` (no training).
 
@@ -333,7 +383,7 @@ def build_method(run: RunConfig, model_path: str | None = None, training: bool =
 
     task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
     model_cfg = run.model if model_path is None else dataclasses.replace(run.model, name_or_path=model_path)
-    loaded = load_model(model_cfg, training=training)
+    loaded = load_model(task_model_config(model_cfg, task), training=training)
     method = METHODS.get(run.method.name)(run.method, run, loaded, task)
     folder = Path(model_cfg.name_or_path)
     if (folder / EXTRA_MODULES_FILE).exists():

@@ -129,4 +129,9 @@ class SoftThinking(Method):
         """The run's rollout with the method's step bound; ``<eot>`` is fed only after an appended ``<bot>``."""
         base = self.run.rollout
         return dataclasses.replace(base, num_latent_steps=self.cfg.num_latent_steps,
-                                   feed_eot=base.feed_eot and self.cfg.append_bot)
+                                   feed_eot=base.feed_eot and self.cfg.append_bot, keep_distributions="topk",
+                                   distribution_topk=max(base.distribution_topk, 100))
+
+    def superposition_rate(self) -> int | None | bool:
+        """Mixture latents with no compression rate: steps align to the gold chain cut in #L parts."""
+        return None

@@ -95,6 +95,13 @@ def apply_lora(method: Method, run: RunConfig) -> None:
     with torch.random.fork_rng(devices=[]):  # the adapters' initialisation is a function of the seed
         torch.manual_seed(run.train.seed)
         method.loaded.model = get_peft_model(model, peft_cfg)
+        # Extra modules that are transformers of their own (Latent-SFT's encoder) get the same adapters.
+        for owner, attr in method.lora_submodules():
+            body = getattr(owner, attr)
+            names = {n.split(".")[-1] for n, _ in body.named_modules()}
+            wanted = targets if isinstance(targets, str) else [t for t in targets if t.split(".")[-1] in names]
+            sub_cfg = PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=wanted)
+            setattr(owner, attr, get_peft_model(body, sub_cfg))
 
 
 def untie_output_embeddings(model: nn.Module) -> None:
@@ -240,6 +247,17 @@ def accelerator_options(run: RunConfig) -> dict[str, Any]:
     return {"cpu": device.type == "cpu", "mixed_precision": "bf16" if bf16 else "no"}
 
 
+def sharding_fallback(distributed_type: str, environ: dict[str, str] | None = None) -> str | None:
+    """Why the launch's FSDP/DeepSpeed request does not apply, or None. Accelerate runs an FSDP or
+    DeepSpeed config on CPU processes as plain data parallel (MULTI_CPU) without saying so."""
+    env = os.environ if environ is None else environ
+    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if str(env.get(key, "")).lower() in ("1", "true") and name.lower() not in str(distributed_type).lower():
+            return (f"the accelerate config asks for {name}, but this run is {distributed_type} (on CPU processes "
+                    f"Accelerate falls back to data parallel): every process holds the whole model")
+    return None
+
+
 class Trainer:
     """Runs ``method`` on ``examples`` for ``run.train.max_steps`` optimizer steps."""
 
@@ -257,6 +275,9 @@ class Trainer:
             raise ValueError(f"no training examples for task {run.data.task!r} split {run.data.train_split!r}")
         self.run, self.method, self.examples, self.select = run, method, examples, select
         self.acc = accelerator or Accelerator(**accelerator_options(run))
+        fallback = sharding_fallback(str(self.acc.distributed_type))
+        if fallback and self.acc.is_main_process:
+            logger.warning(fallback)
         world = self.acc.num_processes
         t = run.train
         if t.global_batch_size % (world * t.micro_batch_size):
@@ -290,6 +311,20 @@ class Trainer:
             if problems:
                 raise ConfigError([f"method {method.name!r}: {p}" for p in problems])
         self.stage_index: int | None = None  # the stage last given to method.set_stage
+        if self.stages is not None:
+            parts = set(self.module.parts)
+            for stage in self.stages:
+                unknown = sorted(set(stage.frozen) - parts)
+                if unknown:
+                    raise ConfigError([f"method {method.name!r}: stage {stage.name!r} freezes {unknown}, but the "
+                                       f"trained parts are {sorted(parts)}"])
+                if stage.restore_best and select is None:
+                    raise ConfigError([f"method {method.name!r}: stage {stage.name!r} keeps its best checkpoint on "
+                                       "validation; set train.select_on_valid=true"])
+        # Best of the current restore_best stage: its metric and trainable state (on the host).
+        self.stage_best: float | None = None
+        self.stage_best_state: dict[str, torch.Tensor] | None = None
+        self._selected_at: int | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_resumable(self) -> None:
@@ -301,10 +336,13 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".checkpoint-"))
             save_file(_resumable_state(self.acc.unwrap_model(self.wrapped)), str(tmp / "trainable.safetensors"))
+            if self.stage_best_state is not None:
+                save_file(self.stage_best_state, str(tmp / "stage_best.safetensors"))
             torch.save(
                 {
                     "step": self.step,
                     "best": self.best,
+                    "stage_best": self.stage_best,
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rngs,
@@ -359,6 +397,9 @@ class Trainer:
             logger.warning("checkpoint written by %d processes, resumed on %d: random streams (dropout) restart "
                            "from the seed; the data order is unchanged", len(rngs), self.acc.num_processes)
         self.step, self.best = state["step"], state["best"]
+        self.stage_best = state.get("stage_best")
+        best_file = self.ckpt / "stage_best.safetensors"
+        self.stage_best_state = load_file(str(best_file)) if self.stage_best is not None and best_file.exists() else None
         if self.acc.is_main_process and self.log_path.exists():
             rows = [r for r in read_jsonl(self.log_path, drop_torn_tail=True) if r.get("step", 0) <= self.step]
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -408,6 +449,26 @@ class Trainer:
             self.method.set_stage(i, stage)
             self.stage_index = i
 
+    def _drop_frozen_grads(self) -> None:
+        """The current stage's frozen parts get no update: AdamW skips parameters without a gradient."""
+        stage = self.stages[stage_index_at(self.stages, self.step)] if self.stages is not None else None
+        for part in stage.frozen if stage is not None else ():
+            for p in self.module.parts[part].parameters():
+                p.grad = None
+
+    def _restore_stage_best(self) -> None:
+        """Load the current stage's best trainable state back (the next stage starts from it)."""
+        if self.stage_best_state is None:
+            return
+        module = self.acc.unwrap_model(self.wrapped)
+        with torch.no_grad():
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                if name in self.stage_best_state:
+                    t.copy_(self.stage_best_state[name].to(t.device))
+        if self.acc.is_main_process:
+            self._log({"step": self.step, "restored_best_valid_metric": self.stage_best})
+        self.stage_best, self.stage_best_state = None, None
+
     def _end_of_stage(self) -> bool:
         """After a step: save ``<stage.name>/`` when it was the stage's last; True if so."""
         if self.stages is None:
@@ -415,23 +476,33 @@ class Trainer:
         i = stage_index_at(self.stages, self.step - 1)
         if self.step != stage_start(self.stages, i + 1):
             return False
+        if self.stages[i].restore_best:
+            self._maybe_select()  # the stage's last step is a candidate too (no-op if just validated)
+            self._restore_stage_best()
         self.save_model(self.stages[i].name)
         if i + 1 < len(self.stages) and self.acc.is_main_process:
             self._log({"stage": self.stages[i + 1].name, "step": self.step})
         return True
 
     def _maybe_select(self) -> None:
-        if self.select is None:
+        if self.select is None or self._selected_at == self.step:
             return
         stage = self._current_stage()
-        if stage is not None and not stage.select:
+        for_run = stage is None or stage.select
+        for_stage = stage is not None and stage.restore_best
+        if not (for_run or for_stage):
             return
         self.wrapped.eval()
         metric = self.select(self.method)  # every process evaluates: cheap, and keeps them in step
         self.wrapped.train()
+        self._selected_at = self.step
         if self.acc.is_main_process:
             self._log({"step": self.step, "valid_metric": metric})
-        if self.best is None or metric > self.best:
+        if for_stage and (self.stage_best is None or metric > self.stage_best):
+            self.stage_best = metric
+            state = _resumable_state(self.acc.unwrap_model(self.wrapped))
+            self.stage_best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        if for_run and (self.best is None or metric > self.best):
             self.best = metric
             self.save_model("best")
 
@@ -456,6 +527,7 @@ class Trainer:
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         last_loss, dropped = float("nan"), 0
+        extras: dict[str, list[float]] = {}  # a method's own scalars (loss parts, latent statistics), per log window
         if self.stages is not None and self.step == 0 and self.acc.is_main_process:
             self._log({"stage": self.stages[0].name, "step": 0})
         while self.step < t.max_steps:
@@ -473,7 +545,11 @@ class Trainer:
                     out = self.wrapped(batch)
                     self.acc.backward(out["loss_sum"] * scale)
                 step_loss += out["loss_sum"].detach()
+                for key, value in out.items():
+                    if key != "loss_sum" and torch.is_tensor(value) and value.dim() == 0:
+                        extras.setdefault(key, []).append(float(value))
                 dropped += batch.get("dropped", 0)
+            self._drop_frozen_grads()
             if self.run.optim.max_grad_norm > 0:
                 self.acc.clip_grad_norm_(self.module.parameters(), self.run.optim.max_grad_norm)
             self.optimizer.step()
@@ -493,7 +569,9 @@ class Trainer:
                 if self.acc.is_main_process:
                     self._log({"step": self.step, "loss": window_loss / max(1, window_steps),
                                "lr": self.scheduler.get_last_lr()[0], "targets_per_s": window_tokens / max(elapsed, 1e-9),
-                               "dropped_examples": dropped, "elapsed_s": round(time.perf_counter() - start, 3)})
+                               "dropped_examples": dropped, "elapsed_s": round(time.perf_counter() - start, 3),
+                               **{k: sum(v) / len(v) for k, v in extras.items()}})
+                extras = {}
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                 self._maybe_select()

@@ -40,6 +40,9 @@ class LatentForwardOutput:
     latents: torch.Tensor  # [B, K, D] vectors fed (zeros in holes)
     num_latents: torch.Tensor  # [B]
     hidden: torch.Tensor | None = None  # [B, T, D] last hidden states at the same positions (on request)
+    #: [B, K+1, V] (on request): index j predicts latent j+1 (the last prompt column predicts the
+    #: first latent), index num_latents[i] predicts <eot>; what a distillation loss on latents needs.
+    latent_logits: torch.Tensor | None = None
 
     def loss_sum(self) -> torch.Tensor:
         """Summed cross-entropy over the target tokens (divide by ``num_targets``)."""
@@ -92,6 +95,7 @@ def latent_forward(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     return_hidden: bool = False,
+    return_latent_logits: bool = False,
 ) -> LatentForwardOutput:
     """Logits at every target position after the latents, with gradients through everything.
 
@@ -102,6 +106,8 @@ def latent_forward(
     leaves row i only its first ``num_latents[i]`` latents. ``position_ids`` ([B, L]) and
     ``attention_mask`` ([B, 1, L, L] additive float, 0 = attend) apply to the parallel pass, L =
     prompt width + K + 1 + T - 1 (the last target is predicted, never fed).
+    ``return_latent_logits`` (parallel pass only) also returns the outputs at the last prompt
+    column and every latent column (Latent-SFT's KL on its latents).
     """
     if vectors is not None and step is not None:
         raise ValueError("latent_forward: give vectors (parallel) or a step (sequential), not both")
@@ -161,11 +167,13 @@ def latent_forward(
                     output_hidden_states=return_hidden)
         start = width + k  # the <eot> column predicts target 0
         hidden = out.hidden_states[-1][:, start:] if return_hidden else None
-        return LatentForwardOutput(out.logits[:, start:], labels, lat, counts, hidden)
+        latent_logits = out.logits[:, width - 1:start] if return_latent_logits else None
+        return LatentForwardOutput(out.logits[:, start:], labels, lat, counts, hidden, latent_logits)
 
     # sequential: prefill, the shared latent loop over a growing cache, then <eot> + targets at once
-    if position_ids is not None or attention_mask is not None:
-        raise ValueError("latent_forward: custom position_ids / attention_mask apply to the parallel pass (vectors) only")
+    if position_ids is not None or attention_mask is not None or return_latent_logits:
+        raise ValueError("latent_forward: custom position_ids / attention_mask / return_latent_logits apply to the "
+                         "parallel pass (vectors) only")
     step.validate(batch, k, dim)
     cfg = RolloutConfig(num_latent_steps=k, max_new_tokens=0, cache="dynamic")
     runner = _Runner(model, cfg, step.needs_hidden, batch, max_len=width + k + 1 + feed_t.shape[1],
@@ -180,3 +188,24 @@ def latent_forward(
     logits, last_hidden = runner.forward_all(torch.cat([embed(eot), embed(feed_t)], dim=1), tail_mask, tail_pos,
                                              need_hidden=return_hidden)
     return LatentForwardOutput(logits, labels, phase.latents, counts, last_hidden)
+
+
+def embed_with_slots(model: PreTrainedModel, input_ids: torch.Tensor, slots: torch.Tensor,
+                     vectors: torch.Tensor) -> torch.Tensor:
+    """Input embeddings of ``input_ids`` [B, T] with the ``slots`` positions ([B, T] bool, placeholder
+    tokens such as ``<latent>``) replaced, in order, by ``vectors`` [B, K, D] (row i uses its first
+    ``slots[i].sum()``); differentiable in ``vectors``. For sequences where latents and text
+    interleave (Latent-SFT's stage-1 decoder), which the prompt-latents-targets layout cannot express.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    counts = slots.sum(-1)
+    if vectors.dim() != 3 or vectors.shape[0] != input_ids.shape[0] or vectors.shape[2] != embeds.shape[2]:
+        raise ValueError(f"embed_with_slots: vectors must be [B={input_ids.shape[0]}, K, D={embeds.shape[2]}], "
+                         f"got {tuple(vectors.shape)}")
+    if bool((counts > vectors.shape[1]).any()):
+        raise ValueError(f"embed_with_slots: a row has {int(counts.max())} slots but only {vectors.shape[1]} vectors")
+    if vectors.shape[1] == 0:
+        return embeds
+    rank = (slots.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]: which vector a slot takes
+    gathered = vectors.to(embeds.dtype).gather(1, rank[..., None].expand(-1, -1, embeds.shape[2]))
+    return torch.where(slots[..., None], gathered, embeds)

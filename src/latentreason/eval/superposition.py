@@ -1,0 +1,119 @@
+"""Superposition metrics of mixture latents (Latent-SFT, arXiv 2510.15522; docs/methods.md section 1).
+
+Each latent step t has a next-token distribution p_t (kept by the rollout as its top-k). Given the
+explicit solutions of a question (token ids), these say how much of them the latents carry:
+
+* **ECR@K**: step t aligned to segment t of the gold chain; the segment's distinct tokens found in
+  the top-K of p_t, summed over steps, per latent step (explicit tokens carried per latent token).
+* **N_eff**: each solution m cut into T_m = min(T, T'_m) near-equal segments, step t aligned to
+  segment t; ``score_m`` = mean over steps of log(mass of p_t on the segment's tokens within its
+  top-100); π = softmax(score); N_eff = exp(entropy of π) (1 = one path, M = all paths equally).
+  ``n_eff_naive`` averages it over random one-to-one alignments of steps to segments; the ratio
+  says how much the real alignment beats chance.
+* **Top-2**: π(2)/π(1) (our decision: the paper gives no formula).
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+
+
+def split_even(tokens: Sequence[int], parts: int) -> list[list[int]]:
+    """``tokens`` in ``parts`` contiguous segments whose lengths differ by at most one (longer first)."""
+    if parts < 1:
+        return []
+    size, extra = divmod(len(tokens), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(list(tokens[start:end]))
+        start = end
+    return out
+
+
+def _mass(probs: torch.Tensor, ids: torch.Tensor, segment: Sequence[int], top: int) -> float:
+    """Σ over the segment's tokens (repeats counted) of p(v) when v is among the ``top`` most probable."""
+    p = dict(zip(ids[:top].tolist(), probs[:top].tolist()))
+    return sum(p.get(v, 0.0) for v in segment)
+
+
+def path_scores(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequence[int]], rate: int,
+                alignments: Sequence[Sequence[int]] | None = None, top: int = 100) -> list[float]:
+    """``score_m`` for each solution. ``probs``/``ids`` are [T, k] sorted by probability.
+
+    T'_m = ceil(len / rate) (the latents the solution would compress into); ``alignments[m]``
+    (optional) gives, for each of solution m's segments in order, the latent step aligned to it.
+    """
+    steps = probs.shape[0]
+    scores = []
+    for m, sol in enumerate(solutions):
+        parts = min(steps, max(1, math.ceil(len(sol) / rate)))
+        segs = split_even(sol, parts)
+        order = list(range(parts)) if alignments is None else list(alignments[m])
+        logs = [math.log(_mass(probs[t], ids[t], seg, top) + 1e-12) for t, seg in zip(order, segs)]
+        scores.append(sum(logs) / parts)
+    return scores
+
+
+def weights(scores: Sequence[float]) -> list[float]:
+    top = max(scores)
+    e = [math.exp(s - top) for s in scores]
+    z = sum(e)
+    return [x / z for x in e]
+
+
+def n_eff(scores: Sequence[float]) -> float:
+    pi = weights(scores)
+    return math.exp(-sum(p * math.log(p) for p in pi if p > 0))
+
+
+def top2(scores: Sequence[float]) -> float | None:
+    if len(scores) < 2:
+        return None
+    pi = sorted(weights(scores), reverse=True)
+    return pi[1] / pi[0]
+
+
+def n_eff_naive(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequence[int]], rate: int,
+                trials: int = 64, seed: int = 0, top: int = 100) -> float:
+    """N_eff averaged over random one-to-one alignments of latent steps to each solution's segments."""
+    rng = random.Random(seed)
+    steps = probs.shape[0]
+    values = []
+    for _ in range(trials):
+        align = []
+        for sol in solutions:
+            parts = min(steps, max(1, math.ceil(len(sol) / rate)))
+            align.append(rng.sample(range(steps), parts))
+        values.append(n_eff(path_scores(probs, ids, solutions, rate, align, top)))
+    return sum(values) / len(values)
+
+
+def ecr(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int], rate: int, k: int) -> float:
+    """Distinct tokens of gold segment t found in the top-``k`` of step t, summed, per latent step."""
+    steps = probs.shape[0]
+    if steps == 0:
+        return 0.0
+    segs = [list(gold[i: i + rate]) for i in range(0, len(gold), rate)]
+    found = 0
+    for t, seg in zip(range(steps), segs):
+        found += len(set(seg) & set(ids[t, :k].tolist()))
+    return found / steps
+
+
+def question_metrics(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int],
+                     solutions: Sequence[Sequence[int]], rate: int, seed: int = 0) -> dict[str, float | None]:
+    """Every metric for one question (``probs``/``ids``: its fed latent steps only, [T, k])."""
+    out: dict[str, float | None] = {f"ecr@{k}": ecr(probs, ids, gold, rate, k) for k in (1, 5, 10)}
+    distinct = list({tuple(s): list(s) for s in solutions if s}.values())
+    if len(distinct) >= 2 and probs.shape[0] > 0:
+        scores = path_scores(probs, ids, distinct, rate)
+        value = n_eff(scores)
+        naive = n_eff_naive(probs, ids, distinct, rate, seed=seed)
+        out.update({"n_eff": value, "n_eff_over_naive": value / naive, "top2": top2(scores), "solutions": len(distinct)})
+    else:
+        out.update({"n_eff": None, "n_eff_over_naive": None, "top2": None, "solutions": len(distinct)})
+    return out
