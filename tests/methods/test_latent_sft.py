@@ -208,14 +208,15 @@ def test_stage_two_exports_soft_labels_once_and_resumes_them_without_duplicates(
         latent_sft.export_soft_labels(bad, bad.task.load("train", limit=10), tmp_path / "killed", stage1 / "best")
 
 
-def test_what_stage_two_trains_on_is_what_inference_computes(stage1, tmp_path):
+@pytest.mark.parametrize("top_k", [10, 0], ids=["top-10", "full-vocabulary"])
+def test_what_stage_two_trains_on_is_what_inference_computes(stage1, tmp_path, top_k):
     """Soft labels equal to the model's own latent distributions at inference: teacher forcing
     feeds the very vectors the rollout fed and predicts, at each latent position, the very
     distribution inference had there."""
     from latentreason.models.rollout import RolloutConfig, rollout
 
     cfg = tiny_run(tmp_path, "latent-sft", rollout={"max_new_tokens": 6})
-    cfg["method"].update(stage=2, compression=4, max_latent_steps=5, soft_labels=str(tmp_path / "x"))
+    cfg["method"].update(stage=2, compression=4, max_latent_steps=5, soft_labels=str(tmp_path / "x"), top_k=top_k)
     method = build_method(load_run_config(base=cfg), model_path=str(stage1 / "best"))
     lm = method.loaded
     examples = method.task.load("valid", limit=6)
@@ -231,7 +232,7 @@ def test_what_stage_two_trains_on_is_what_inference_computes(stage1, tmp_path):
         p, i = method.mixture_weights(out.dist_probs[r, :max(n, 1)].log())  # the step's own top-k weights
         probs.append(p)
         ids.append(i)
-    probs, ids = torch.stack(probs), torch.stack(ids)
+    probs, ids = torch.stack(probs), (torch.stack(ids) if top_k else None)
     vectors = method.mix(probs, ids, lm.model.get_input_embeddings().weight.detach())
     for r, n in enumerate(counts):
         torch.testing.assert_close(vectors[r, :n], out.latents[r, :n], atol=1e-5, rtol=1e-5)
@@ -240,22 +241,25 @@ def test_what_stage_two_trains_on_is_what_inference_computes(stage1, tmp_path):
              "ce_tokens": sum(len(t) for t in targets) + len(targets)}
     keep = [r for r, c in enumerate(counts) if c > 0]
     batch = {"prompts": [prompts[r] for r in keep], "targets": [targets[r] for r in keep], "probs": probs[keep],
-             "ids": ids[keep], "counts": [counts[r] for r in keep], "ce_tokens": batch["ce_tokens"]}
+             "ids": ids[keep] if top_k else None, "counts": [counts[r] for r in keep], "ce_tokens": batch["ce_tokens"]}
     with torch.no_grad():
         loss = method.loss(torch.nn.ModuleDict({"lm": lm.model}), batch)
     # A student equal to inference's distribution p has KL(top-k renormalised p ‖ p) = -log(top-k mass of p).
-    mass = [float(out.dist_probs[r, t].topk(method.cfg.top_k).values.sum()) for r in keep for t in range(counts[r])]
+    # (full vocabulary: the teacher is p itself, KL 0)
+    mass = [float(out.dist_probs[r, t].topk(top_k or out.dist_probs.shape[-1]).values.sum())
+            for r in keep for t in range(counts[r])]
     expected = sum(-math.log(m) for m in mass) / len(mass)
     assert abs(float(loss["kl"]) - expected) < 1e-4, "teacher-forced latent positions differ from what inference computed"
 
 
-def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage1, tmp_path):
+@pytest.mark.parametrize("top_k", [10, 0], ids=["top-10", "full-vocabulary"])
+def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage1, tmp_path, top_k):
     import latentreason
     from latentreason.recipes import run_eval, run_train
 
     cfg = tiny_run(tmp_path, "latent-sft", train={"init_from": str(stage1 / "best"), "max_steps": 2, "eval_limit": 8},
                    data={"train_limit": 32}, rollout={"max_new_tokens": 8})
-    cfg["method"].update(stage=2, compression=4, max_latent_steps=6, gumbel=True)
+    cfg["method"].update(stage=2, compression=4, max_latent_steps=6, gumbel=True, top_k=top_k)
     run_train(load_run_config(base=cfg))
     out = tmp_path / "run"
     assert (out / "soft_labels" / "complete.json").exists()

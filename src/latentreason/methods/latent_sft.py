@@ -453,10 +453,13 @@ class LatentSFT(Method):
             probs = [self._noisy(p, x) for p, x in zip(probs, ids)]
         n = max(p.shape[0] for p in probs)
         k = probs[0].shape[1]
+        full = ids[0].shape[-1] == 0  # labels over the whole vocabulary (method.top_k=0): no ids stored
         pad_p = torch.zeros(len(keep), n, k)
-        pad_i = torch.zeros(len(keep), n, k, dtype=torch.long)
+        pad_i = None if full else torch.zeros(len(keep), n, k, dtype=torch.long)
         for j, (p, x) in enumerate(zip(probs, ids)):
-            pad_p[j, :p.shape[0]], pad_i[j, :x.shape[0]] = p, x
+            pad_p[j, :p.shape[0]] = p
+            if pad_i is not None:
+                pad_i[j, :x.shape[0]] = x
         counts = [p.shape[0] for p in probs]
         ce_tokens = sum(len(answers[i]) for i in keep) + len(keep)  # the answer, eos, and <eot> itself
         num = ce_tokens + (sum(counts) if self.cfg.kl_average == "token" else 0)
@@ -471,7 +474,7 @@ class LatentSFT(Method):
             g = -torch.log(-torch.log(torch.rand(p.shape).clamp(1e-10, 1 - 1e-10)))
             noisy = ((p + 1e-10).log() + (c.gumbel_scale * g).clamp(-1.5, 3.0)) / c.gumbel_temperature
             noisy = noisy.softmax(-1)
-            top = ids.gather(-1, noisy.argmax(-1, keepdim=True)).squeeze(-1)
+            top = noisy.argmax(-1) if ids.shape[-1] == 0 else ids.gather(-1, noisy.argmax(-1, keepdim=True)).squeeze(-1)
             if not bool((top == self.loaded.eot_id).any()):
                 return noisy
         return p
@@ -488,7 +491,7 @@ class LatentSFT(Method):
         n = probs.shape[1]
         valid = torch.arange(n, device=probs.device)[None] < counts[:, None]
         teacher = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
-        student = logp[:, :n].gather(-1, ids)
+        student = logp[:, :n] if ids is None else logp[:, :n].gather(-1, ids)
         kl = (teacher * ((teacher + 1e-12).log() - student)).sum(-1) * valid  # [B, N]
         eot_logp = logp.gather(1, counts[:, None, None].expand(-1, 1, logp.shape[-1])).squeeze(1)[:, self.loaded.eot_id]
         ce = out.loss_sum() - eot_logp.sum()
