@@ -10,7 +10,9 @@ generated test split) with accuracy, #L (latent steps), Pass@1/#L, ECR@1/5/10 (a
 where the task has several solutions per question), and under the three probes. The stage-1
 model's accuracy with its encoder reading the gold chain (``latent-sft-teacher``) says how much
 the latents can carry before the LLM has to produce them. Writes
-``benchmarks/results/latent_sft_<task>.json``; ``--collect`` rebuilds it from the runs on disk.
+``benchmarks/results/latent_sft_<task>.json``; ``--collect`` rebuilds it from the runs on disk. Rows
+``latent-sft-stage1`` / ``latent_top1_weight`` and ``latent_distinct_top1`` say whether the encoder
+collapsed (every latent one token with weight ~1: latents that carry nothing).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int], ra
         if value is None:
             return
         rows.append({"task": task, "model": model, "method": method, "seed": seed, "split": report, "metric": metric,
-                     "value": round(value, 4) if isinstance(value, float) else value, "n": n, "compression": rate, **extra})
+                     "value": round(value, 4) if isinstance(value, float) else value, "n": n, "compression": rate,
+                     **extra})
         values.setdefault((method, metric), []).append((seed, value))
 
     for seed in seeds:
@@ -54,6 +57,13 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int], ra
                 add(method, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"])
                 for key in METRICS[2:]:
                     add(method, seed, key, s.get(key), s.get("n_eff_questions", s["n"]) if key in ("n_eff", "n_eff_over_naive", "top2") else s["n"])
+        log = folder / "stage1" / "log.jsonl"
+        if log.exists():  # the encoder's latents at the end of stage 1: has it collapsed to one token?
+            last = [r for r in map(json.loads, log.read_text().splitlines()) if "latent_top1_weight" in r][-1:]
+            rows += [{"task": task, "model": model, "method": "latent-sft-stage1", "seed": seed, "split": "train",
+                      "metric": key, "value": round(last[0][key], 4), "n": 64, "compression": rate,
+                      "note": "last logged window of stage 1 (batches of 64); distinct = distinct top-1 tokens / latents"}
+                     for key in ("latent_top1_weight", "latent_distinct_top1") if last]
     return rows + seed_mean_rows(values, task=task, model=model, split=report, compression=rate)
 
 
