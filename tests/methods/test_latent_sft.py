@@ -83,6 +83,12 @@ def test_decoder_sequence_labels_supervision_mask_and_dual_positions_by_hand():
     assert torch.equal(supervision_mask(g, x, n, enabled=False)[0], _allowed({q: set(range(q + 1)) for q in range(12)}, 12))
     # dual track: latents continue the prompt (3, 4, 5), segments continue from their latent
     assert dual_positions(g, n)[0].tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 5, 6, 7, 8]
+    # batched with a shorter row (one long segment, right-padded): each row as if alone, pads at 0
+    _, g2, _, _ = decoder_sequence([10, BOT], [[20, 21], [22, 23, 24]], [30, EOS], LAT, EOT)
+    both = torch.tensor([group, g2 + [-1] * (12 - len(g2))])
+    assert dual_positions(both, torch.tensor([12, len(g2)])).tolist() == [
+        [0, 1, 2, 3, 4, 5, 4, 5, 5, 6, 7, 8],
+        [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 0, 0]]
 
 
 def test_padding_is_masked_by_length_and_pad_rows_see_only_themselves():

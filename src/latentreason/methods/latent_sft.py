@@ -218,17 +218,12 @@ def dual_positions(group: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Dual-track position ids: latents (and the final part) continue the prompt as if no segment
     were there; each segment continues from its latent's position."""
     is_seg = group == SEGMENT
-    valid = torch.arange(group.shape[1], device=group.device)[None] < lengths[:, None]
+    col = torch.arange(group.shape[1], device=group.device)[None].expand_as(group)
+    valid = col < lengths[:, None]
     main = (~is_seg & valid).long().cumsum(-1) - 1  # position on the latent track
-    # a segment token: its latent's position + its offset within the segment
-    seg_start = torch.zeros_like(main)
-    offset = torch.zeros_like(main)
-    for t in range(group.shape[1]):  # short Python loop over columns; sequences are a few hundred long
-        if t > 0:
-            cont = is_seg[:, t] & is_seg[:, t - 1]
-            offset[:, t] = torch.where(cont, offset[:, t - 1] + 1, torch.ones_like(offset[:, t]))
-            seg_start[:, t] = torch.where(cont, seg_start[:, t - 1], main[:, t - 1])
-    pos = torch.where(is_seg, seg_start + offset, main)
+    # a segment token: the position of the last non-segment column before it (its latent) + its distance
+    anchor = torch.where(is_seg, torch.full_like(col, -1), col).cummax(-1).values.clamp(min=0)
+    pos = torch.where(is_seg, main.gather(1, anchor) + (col - anchor), main)
     return torch.where(valid, pos, torch.zeros_like(pos)).clamp(min=0)
 
 
