@@ -334,3 +334,28 @@ def test_lora_stage_one_saves_a_model_that_computes_what_was_trained(tmp_path, t
         untrained = base.loss(torch.nn.ModuleDict({"lm": base.loaded.model, "encoder": base.encoder}), batch)
     assert abs(float(trained["loss_sum"]) - float(untrained["loss_sum"])) > 1e-3, "LoRA trained nothing"
     assert float(again["loss_sum"]) == pytest.approx(float(trained["loss_sum"]), rel=1e-5)
+
+
+def test_stage_one_gradients_reach_the_encoder_and_equal_finite_differences(tmp_path):
+    """The encoder learns only through α (top-k softmax of its hidden state on the LLM's table) and
+    the decoder reading z = αᵀE: the analytic gradient of both parts equals a finite difference."""
+    # top_k=0 (the full vocabulary): with top-10 the near-flat logits of an untrained model put
+    # near-ties at the 10th place, and a finite step may swap which tokens are kept
+    method = _method(tmp_path, top_k=0)
+    method.loaded.model.double()
+    method.encoder.double()
+    batch = method.collate(method.task.load("train", limit=4))
+    modules = torch.nn.ModuleDict({"lm": method.loaded.model, "encoder": method.encoder})
+    method.loss(modules, batch)["loss_sum"].backward()
+    for part, name in (("encoder", "body.layers.1.mlp.down_proj.weight"), ("lm", "model.layers.0.self_attn.q_proj.weight")):
+        p = dict(modules[part].named_parameters())[name]
+        direction = p.grad / p.grad.norm()
+        eps = 1e-3  # below ~1e-4 the float64 forward's own rounding dominates the difference (measured)
+        with torch.no_grad():
+            p.add_(eps * direction)
+            up = float(method.loss(modules, batch)["loss_sum"])
+            p.sub_(2 * eps * direction)
+            down = float(method.loss(modules, batch)["loss_sum"])
+            p.add_(eps * direction)
+        assert float(p.grad.norm()) > 0, f"no gradient reaches {part}"
+        assert (up - down) / (2 * eps) == pytest.approx(float(p.grad.norm()), rel=1e-3), part

@@ -375,7 +375,8 @@ class LatentSFT(Method):
         # gather each row's latent positions in order into [B, N]
         order = torch.argsort((~is_latent).int(), dim=1, stable=True)[:, :n]
         h = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
-        probs, top = self.mixture_weights(h.float() @ table.float().T)
+        wide = torch.promote_types(h.dtype, torch.float32)  # bf16 -> fp32; fp64 stays (gradient checks)
+        probs, top = self.mixture_weights(h.to(wide) @ table.to(wide).T)
         valid = torch.arange(n, device=ids.device)[None] < counts[:, None]
         return probs, top, valid
 
@@ -418,7 +419,8 @@ class LatentSFT(Method):
         else:
             positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
         logits = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return {"loss_sum": loss, **latent_statistics(probs, top, valid)}
 

@@ -109,7 +109,8 @@ class MixtureStep(LatentStep):
 
     def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mixture weights: ([B, k] probabilities, [B, k] ids) or ([B, V] probabilities, None)."""
-        scaled = logits.float() if self.temperature == 1.0 else logits.float() / self.temperature
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        scaled = wide if self.temperature == 1.0 else wide / self.temperature
         if self.top_k:
             values, ids = scaled.topk(min(self.top_k, scaled.shape[-1]), dim=-1)  # sorted, descending
             probs = values.softmax(-1)
