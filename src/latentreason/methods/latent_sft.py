@@ -231,13 +231,14 @@ def latent_statistics(probs: torch.Tensor, ids: torch.Tensor | None, valid: torc
     """Logged while training: the mean top-1 weight of the latents and the share of distinct top-1
     tokens among them. A collapsed encoder (one token, weight 1, at every latent: latents that
     carry nothing) shows as 1.0 and a share near 0."""
-    with torch.no_grad():
+    with torch.no_grad():  # tensor ops only: no wait on the device in the training step
         top1 = probs.max(-1)
         tokens = top1.indices if ids is None else ids.gather(-1, top1.indices[..., None]).squeeze(-1)
-        chosen = tokens[valid]
-        share = chosen.unique().numel() / max(chosen.numel(), 1)
-        return {"latent_top1_weight": top1.values[valid].float().mean(),
-                "latent_distinct_top1": torch.tensor(float(share))}
+        ordered = torch.where(valid, tokens, -1).flatten().sort().values
+        distinct = (ordered[1:] != ordered[:-1]).sum() + 1 - (ordered[0] < 0).long()  # less the -1 of invalid slots
+        count = valid.sum().clamp(min=1)
+        return {"latent_top1_weight": (top1.values * valid).sum() / count,
+                "latent_distinct_top1": distinct.float() / count}
 
 
 # -- the two modules -----------------------------------------------------------------------------

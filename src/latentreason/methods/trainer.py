@@ -527,7 +527,7 @@ class Trainer:
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         last_loss, dropped = float("nan"), 0
-        extras: dict[str, list[float]] = {}  # a method's own scalars (loss parts, latent statistics), per log window
+        extras: dict[str, list[torch.Tensor]] = {}  # a method's own scalars (loss parts, latent statistics), per log window
         if self.stages is not None and self.step == 0 and self.acc.is_main_process:
             self._log({"stage": self.stages[0].name, "step": 0})
         while self.step < t.max_steps:
@@ -547,7 +547,7 @@ class Trainer:
                 step_loss += out["loss_sum"].detach()
                 for key, value in out.items():
                     if key != "loss_sum" and torch.is_tensor(value) and value.dim() == 0:
-                        extras.setdefault(key, []).append(float(value))
+                        extras.setdefault(key, []).append(value.detach().float())  # read at log time: no sync here
                 dropped += batch.get("dropped", 0)
             self._drop_frozen_grads()
             if self.run.optim.max_grad_norm > 0:
@@ -570,7 +570,7 @@ class Trainer:
                     self._log({"step": self.step, "loss": window_loss / max(1, window_steps),
                                "lr": self.scheduler.get_last_lr()[0], "targets_per_s": window_tokens / max(elapsed, 1e-9),
                                "dropped_examples": dropped, "elapsed_s": round(time.perf_counter() - start, 3),
-                               **{k: sum(v) / len(v) for k, v in extras.items()}})
+                               **{k: float(torch.stack(v).mean()) for k, v in extras.items()}})
                 extras = {}
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
