@@ -17,6 +17,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from latentreason.data.base import ANSWER_DELIMITER, Example
@@ -78,10 +79,12 @@ def predict(
         chain = _chain_tokens(texts, tok)
         latent = out.num_latent_steps.tolist()
         measured = rate is not False and out.dist_probs is not None and out.dist_ids is not None and probe == "none"
+        # one copy to the host per batch, not one device wait per row
+        dists = (out.dist_probs.float().cpu(), out.dist_ids.cpu()) if measured else None
         for j, (i, text) in enumerate(zip(idx, texts)):
             ex = examples[i]
             score = task.score(text, ex)
-            extra = _superposition(method, ex, out, j, latent[j], rate) if measured else None
+            extra = _superposition(method, ex, dists[0][j, :latent[j]], dists[1][j, :latent[j]], rate) if dists else None
             preds[i] = Prediction(
                 id=ex.id, question=ex.question, gold=ex.answer, output=text, prediction=score.prediction,
                 prediction_flexible=score.prediction_flexible, correct=score.correct,
@@ -96,15 +99,15 @@ def predict(
     return [preds[i] for i in range(len(examples))]
 
 
-def _superposition(method: Method, ex: Example, out: Any, row: int, steps: int, rate: int | None) -> dict[str, Any]:
+def _superposition(method: Method, ex: Example, probs: torch.Tensor, ids: torch.Tensor, rate: int | None) -> dict[str, Any]:
     """One row's superposition metrics from the latent distributions the rollout kept."""
     from latentreason.eval.superposition import question_metrics
 
     tok, task = method.loaded.tokenizer, method.task
     gold = tok(task.chain_text(ex), add_special_tokens=False)["input_ids"]
     solutions = tok(task.solutions(ex), add_special_tokens=False)["input_ids"]
+    steps = probs.shape[0]
     r = rate if rate else max(1, -(-len(gold) // max(steps, 1)))  # no rate: the gold chain cut in #L parts
-    probs, ids = out.dist_probs[row, :steps].float().cpu(), out.dist_ids[row, :steps].cpu()
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in question_metrics(probs, ids, gold, solutions, r).items()}
 
 
