@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
-from common import write_results
+from common import timed_train_step, write_results
 
 from latentreason.config import load_run_config
 from latentreason.methods.base import METHODS, build_method
@@ -48,14 +47,6 @@ def main() -> None:
     examples = coconut.task.load("train", limit=args.batch * (args.reps + 1))
     modules = torch.nn.ModuleDict({"lm": model})
 
-    def step(method, batch) -> float:
-        t0 = time.perf_counter()
-        out = method.loss(modules, batch)
-        (out["loss_sum"] / batch["num_targets"]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
     times = {"cot": [], "coconut": []}
     chain_tokens = []
     for rep in range(args.reps + 1):  # repetition 0 warms up
@@ -65,7 +56,7 @@ def main() -> None:
                          for ex in chunk]
         order = ["cot", "coconut"] if rep % 2 == 0 else ["coconut", "cot"]
         for name in order:
-            seconds = step(cot if name == "cot" else coconut, batches[name])
+            seconds = timed_train_step(cot if name == "cot" else coconut, modules, batches[name], opt)
             if rep:
                 times[name].append(seconds)
         if rep:

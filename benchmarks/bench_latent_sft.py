@@ -1,6 +1,8 @@
-"""Latent-SFT against CoT-SFT on a tiny model: both stages, the superposition metrics, the probes.
+"""Latent-SFT against CoT-SFT and no-CoT on a tiny model: both stages, the superposition metrics,
+the probes, the ablations and the pause control.
 
-    python benchmarks/bench_latent_sft.py --task arith --seeds 0 1 2 [--compression 4]
+    python benchmarks/bench_latent_sft.py --task arith --seeds 0 1 2 --compression 4
+    python benchmarks/bench_latent_sft.py --task arith --seeds 0 --variants no-ltim no-ltsum paper-steps pause
 
 Per seed, from that seed's CoT-SFT model of ``bench_baselines.py`` (trained here if missing, with
 the same recipe): stage 1 (the recipe's steps, each continuing from the previous one's best on
@@ -8,31 +10,79 @@ validation), then stage 2 (soft labels exported from the stage-1 encoder), each 
 validation split; the stage-2 model is reported on the held-out report split (arith: the
 generated test split) with accuracy, #L (latent steps), Pass@1/#L, ECR@1/5/10 (and N_eff / Top-2
 where the task has several solutions per question), and under the three probes. The stage-1
-model's accuracy with its encoder reading the gold chain (``latent-sft-teacher``) says how much
-the latents can carry before the LLM has to produce them. Writes
-``benchmarks/results/latent_sft_<task>.json``; ``--collect`` rebuilds it from the runs on disk. Rows
-``latent-sft-stage1`` / ``latent_top1_weight`` and ``latent_distinct_top1`` say whether the encoder
-collapsed (every latent one token with weight ~1: latents that carry nothing).
+model's accuracy with its encoder reading the gold chain (``-teacher``) says how much the latents
+can carry before the LLM has to produce them. Variants (``--variants``; ``main`` is the recipe):
+``paper-steps`` (the paper's step order encoder, decoder, both, without our warm-up), ``no-ltim``
+and ``no-ltsum`` (either attention mask off), ``hidden`` (stage 1 only: the decoder reads the encoder's
+raw hidden states instead of superpositions; compare its ``-teacher`` row with the recipe's),
+``pause`` (the control: as many learned constant
+vectors as r = 4 has latents, trained from the CoT model with the same step budget). The CoT-SFT
+and no-CoT rows of the same seeds come from ``bench_baselines.py``'s runs. ``--speed`` times the
+main variant's evaluation against CoT-SFT's side by side (``speedup_vs_cot``). Writes
+``benchmarks/results/latent_sft_<task>.json`` (all compression rates and variants on disk);
+``--collect`` rebuilds it from the runs on disk. Rows ``-stage1`` / ``latent_top1_weight`` and
+``latent_distinct_top1`` say whether the encoder collapsed (every latent one token with weight ~1:
+latents that carry nothing).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench_baselines import PROBES, TASKS, train_eval
 from common import ROOT, seed_mean_rows, write_results
 
-from latentreason.config import merge, parse_overrides
+from latentreason.config import load_run_config, merge, parse_overrides
 from latentreason.demo import LATENT_SFT_STAGE1, LATENT_SFT_STAGE2
+from latentreason.recipes import run_eval
 
 METRICS = ("accuracy", "reasoning_positions", "pass_at_1_over_latent_steps", "ecr@1", "ecr@5", "ecr@10", "n_eff",
            "n_eff_over_naive", "top2")
+#: stage-1 method fields of each variant (``pause`` is not Latent-SFT: see ``pause_recipe``)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "main": {},
+    "paper-steps": {"steps": "encoder,decoder,both"},
+    "no-ltim": {"induction_mask": False},
+    "no-ltsum": {"supervision_mask": False},
+    "pause": {},
+    "hidden": {"latent": "hidden"},
+}
 
 
-def collect(root: Path, task: str, model: str, report: str, seeds: list[int], rate: int) -> list[dict[str, Any]]:
+#: the runs behind the published result file (``--collect`` names them as its command)
+RUNS = ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause hidden",
+        "--seeds 0 1 2 --compression 2")
+NOTE = ("Tiny model (4 layers, d = 128), generated arith (6 steps, mod 10), trained on CPU. CoT-SFT and no-CoT: "
+        "the demo recipe, 400 steps of 64 examples from scratch. Latent-SFT and the pause control start from that seed's CoT-SFT model and add "
+        "600 stage-1 steps (warm-up, decoder, both: 200 each) and 1200 stage-2 steps of 64 examples; every model is "
+        "selected on the validation split and reported on the generated test split (500 questions). -teacher = the "
+        "stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, not a method).")
+
+
+def method_name(rate: int, variant: str) -> str:
+    return f"latent-sft-r{rate}" + ("" if variant == "main" else f"-{variant}")
+
+
+def pause_recipe(latents: int) -> dict[str, Any]:
+    """Pause control: ``latents`` learned constant vectors in place of Latent-SFT's latents, Coconut's
+    curriculum from the CoT model (3 stages, each dropping a third of the steps), the same total steps
+    as Latent-SFT's two stages."""
+    total = LATENT_SFT_STAGE1["train"]["max_steps"] + LATENT_SFT_STAGE2["train"]["max_steps"]
+    per = total // 4
+    return {"method": {"name": "pause", "thoughts_per_step": latents // 3, "max_stage": 3, "first_stage": 1,
+                       "steps_per_stage": per, "final_stage_steps": total - 3 * per, "reset_optimizer": True},
+            "optim": {"warmup_steps": 0, "scheduler": "constant"},
+            "train": {"max_steps": total, "save_every": per, "eval_every": 50, "select_on_valid": True}}
+
+
+def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) -> list[dict[str, Any]]:
+    """Every Latent-SFT run of these seeds on disk (each rate and variant), with the same seeds'
+    CoT-SFT and no-CoT evaluations beside them."""
     rows: list[dict[str, Any]] = []
     values: dict[tuple[str, str], list[tuple[int, float]]] = {}
 
@@ -40,31 +90,72 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int], ra
         if value is None:
             return
         rows.append({"task": task, "model": model, "method": method, "seed": seed, "split": report, "metric": metric,
-                     "value": round(value, 4) if isinstance(value, float) else value, "n": n, "compression": rate,
-                     **extra})
+                     "value": round(value, 4) if isinstance(value, float) else value, "n": n, **extra})
         values.setdefault((method, metric), []).append((seed, value))
 
+    def summary(path: Path) -> dict[str, Any] | None:
+        return json.loads(path.read_text()) if path.exists() else None
+
     for seed in seeds:
-        folder = root / task / f"seed{seed}" / f"latent-sft-r{rate}"
-        for method, sub in [("latent-sft", f"stage2/eval-{report}"), ("latent-sft-teacher", f"stage1/eval-{report}")] + \
-                [(f"latent-sft-probe-{p}", f"stage2/eval-{report}-probe-{p}") for p in PROBES]:
-            path = folder / sub / "summary.json"
-            if not path.exists():
+        folder = root / task / f"seed{seed}"
+        for name in ("cot-sft", "nocot-sft"):
+            s = summary(folder / name / f"eval-{report}" / "summary.json")
+            if s:
+                add(name, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"])
+                add(name, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"])
+        for run in sorted(folder.glob("latent-sft-r*")):
+            method = run.name
+            rate = int(method.split("-")[2][1:])
+            if method.endswith("-pause"):
+                s = summary(run / f"eval-{report}" / "summary.json")
+                if s:
+                    add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], compression=rate)
+                    add(method, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"], compression=rate)
                 continue
-            s = json.loads(path.read_text())
-            add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"])
-            if method == "latent-sft":
-                add(method, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"])
-                for key in METRICS[2:]:
-                    add(method, seed, key, s.get(key), s.get("n_eff_questions", s["n"]) if key in ("n_eff", "n_eff_over_naive", "top2") else s["n"])
-        log = folder / "stage1" / "log.jsonl"
-        if log.exists():  # the encoder's latents at the end of stage 1: has it collapsed to one token?
-            last = [r for r in map(json.loads, log.read_text().splitlines()) if "latent_top1_weight" in r][-1:]
-            rows += [{"task": task, "model": model, "method": "latent-sft-stage1", "seed": seed, "split": "train",
-                      "metric": key, "value": round(last[0][key], 4), "n": 64, "compression": rate,
-                      "note": "last logged window of stage 1 (batches of 64); distinct = distinct top-1 tokens / latents"}
-                     for key in ("latent_top1_weight", "latent_distinct_top1") if last]
-    return rows + seed_mean_rows(values, task=task, model=model, split=report, compression=rate)
+            for name, sub in [(method, f"stage2/eval-{report}"), (f"{method}-teacher", f"stage1/eval-{report}")] + \
+                    [(f"{method}-probe-{p}", f"stage2/eval-{report}-probe-{p}") for p in PROBES]:
+                s = summary(run / sub / "summary.json")
+                if not s:
+                    continue
+                add(name, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], compression=rate)
+                if name == method:
+                    add(name, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"], compression=rate)
+                    for key in METRICS[2:]:
+                        few = key in ("n_eff", "n_eff_over_naive", "top2")
+                        add(name, seed, key, s.get(key), s.get("n_eff_questions", s["n"]) if few else s["n"], compression=rate)
+            log = run / "stage1" / "log.jsonl"
+            if log.exists():  # the encoder's latents at the end of stage 1: has it collapsed to one token?
+                last = [r for r in map(json.loads, log.read_text().splitlines()) if "latent_top1_weight" in r][-1:]
+                rows += [{"task": task, "model": model, "method": f"{method}-stage1", "seed": seed, "split": "train",
+                          "metric": key, "value": round(last[0][key], 4), "n": 64, "compression": rate,
+                          "note": "last logged window of stage 1 (batches of 64); distinct = distinct top-1 tokens / latents"}
+                         for key in ("latent_top1_weight", "latent_distinct_top1") if last]
+    return rows + seed_mean_rows(values, task=task, model=model, split=report)
+
+
+def speed_rows(root: Path, task: str, model: str, report: str, seeds: list[int], method: str,
+               reps: int = 4) -> list[dict[str, Any]]:
+    """Latent-SFT's evaluation against CoT-SFT's, alternating back to back on the same split."""
+    rows = []
+    for seed in seeds:
+        folder = root / task / f"seed{seed}"
+        paths = {"cot-sft": folder / "cot-sft" / "best", method: folder / method / "stage2" / "best"}
+        if not all(p.exists() for p in paths.values()):
+            continue
+        qps: dict[str, list[float]] = {k: [] for k in paths}
+        for rep in range(reps):
+            for name in (list(paths) if rep % 2 == 0 else list(paths)[::-1]):
+                with tempfile.TemporaryDirectory() as tmp:
+                    run = load_run_config(overrides=[f"model.name_or_path={paths[name]}", f"eval.split={report}",
+                                                     f"eval.output_dir={tmp}", "eval.batch_size=250"], saved_base=True)
+                    qps[name].append(run_eval(run)["questions_per_second"])
+        ratios = [a / b for a, b in zip(qps[method], qps["cot-sft"])]
+        rows.append({"task": task, "model": model, "method": method, "seed": seed, "split": report,
+                     "metric": "speedup_vs_cot", "value": round(statistics.median(ratios), 3), "n": reps,
+                     "ratios": [round(r, 3) for r in ratios],
+                     "questions_per_second": {k: [round(v, 1) for v in vs] for k, vs in qps.items()},
+                     "note": "median over alternating back-to-back evaluations of the same split, batch 250"})
+    return rows
 
 
 def main() -> None:
@@ -72,8 +163,10 @@ def main() -> None:
     ap.add_argument("--task", default="arith", choices=list(TASKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--compression", type=int, default=4, help="r: chain tokens per latent token")
+    ap.add_argument("--variants", nargs="+", default=["main"], choices=list(VARIANTS))
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-baselines"), help="the runs of bench_baselines.py")
     ap.add_argument("--collect", action="store_true", help="only rebuild the result file from the runs on disk")
+    ap.add_argument("--speed", action="store_true", help="also time r's main variant against CoT-SFT side by side")
     ap.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = ap.parse_args()
     spec, report = TASKS[args.task], TASKS[args.task]["report"]
@@ -84,16 +177,29 @@ def main() -> None:
         root = Path(args.out) / args.task / f"seed{seed}"
         base = merge(merge(spec["base"], {"train": {"seed": seed}, "model": {"seed": seed}}), extra)
         train_eval(base, root / "cot-sft", {"name": "cot-sft"}, report)
-        folder = root / f"latent-sft-r{args.compression}"
-        one = merge(merge(LATENT_SFT_STAGE1, rate), {"train": {"init_from": str(root / "cot-sft" / "best")}})
-        train_eval(base, folder / "stage1", one["method"], report, {k: v for k, v in one.items() if k != "method"})
-        two = merge(merge(LATENT_SFT_STAGE2, rate), {"train": {"init_from": str(folder / "stage1" / "best")}})
-        train_eval(base, folder / "stage2", two["method"], report, {k: v for k, v in two.items() if k != "method"},
-                   PROBES)
-    command = " ".join(["python benchmarks/bench_latent_sft.py", *[a for a in sys.argv[1:] if a != "--collect"]])
-    path = write_results(f"latent_sft_{args.task}", command,
-                         collect(Path(args.out), args.task, model, report, args.seeds, args.compression))
-    print(path)
+        from_cot = {"train": {"init_from": str(root / "cot-sft" / "best")}}
+        for variant in args.variants:
+            folder = root / method_name(args.compression, variant)
+            if variant == "pause":
+                latents = -(-35 // args.compression) if args.task == "arith" else 6
+                recipe = merge(pause_recipe(latents), from_cot)
+                train_eval(base, folder, recipe["method"], report, {k: v for k, v in recipe.items() if k != "method"})
+                continue
+            one = merge(merge(merge(LATENT_SFT_STAGE1, rate), {"method": VARIANTS[variant]}), from_cot)
+            train_eval(base, folder / "stage1", one["method"], report, {k: v for k, v in one.items() if k != "method"})
+            if variant == "hidden":  # a stage-1 ablation: stage 2 learns superposition soft labels only
+                continue
+            two = merge(merge(LATENT_SFT_STAGE2, rate), {"train": {"init_from": str(folder / "stage1" / "best")}})
+            train_eval(base, folder / "stage2", two["method"], report, {k: v for k, v in two.items() if k != "method"},
+                       PROBES if variant == "main" else ())
+    command = " ".join(["python benchmarks/bench_latent_sft.py", *[a for a in sys.argv[1:] if a not in ("--collect", "--speed")]])
+    if args.collect:  # the file holds every run on disk: name the runs that made them
+        command = "; ".join(f"python benchmarks/bench_latent_sft.py --task {args.task} {a}" for a in RUNS) + \
+            f"; then --collect --seeds {' '.join(map(str, args.seeds))}" + (" --speed" if args.speed else "")
+    rows = collect(Path(args.out), args.task, model, report, args.seeds)
+    if args.speed:
+        rows += speed_rows(Path(args.out), args.task, model, report, args.seeds, method_name(args.compression, "main"))
+    print(write_results(f"latent_sft_{args.task}", command, rows, note=NOTE))
 
 
 if __name__ == "__main__":

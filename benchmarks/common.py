@@ -66,3 +66,15 @@ def seed_mean_rows(values: dict[tuple[str, str], list[tuple[Any, float]]], **fie
                      "std": round(statistics.stdev(vals), 4), "min": min(vals), "max": max(vals),
                      "note": "n = training seeds; std = sample standard deviation over seeds"})
     return rows
+
+
+def timed_train_step(method: Any, modules: Any, batch: dict[str, Any], optimizer: Any) -> float:
+    """Seconds of one training step of ``method`` on ``batch``: forward, backward, optimizer step."""
+    import time
+
+    t0 = time.perf_counter()
+    out = method.loss(modules, batch)
+    (out["loss_sum"] / batch["num_targets"]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0

@@ -60,11 +60,14 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
 
 
 def test_quick_demo_writes_table_plot_and_summaries(tmp_path, capsys):
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--quick", "--latent-sft", "--output-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "nocot-sft" in out and "cot-sft" in out and "reason.pos" in out
     png = tmp_path / "demo" / "accuracy_vs_positions.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
-    for method in ("nocot-sft", "cot-sft"):
+    for method in ("nocot-sft", "cot-sft", "coconut", "latent-sft"):
         summary = json.loads((tmp_path / "demo" / method / "eval-test" / "summary.json").read_text())
         assert summary["n"] == 64 and summary["split"] == "test" and summary["method"] == method
+    assert "latent-sft" in out and summary["mean_latent_steps"] > 0  # stage 2 writes its own latents
+    assert not (tmp_path / "demo" / "latent-sft-stage1" / "eval-test").exists()  # the teacher is not a result
+    assert "latent-sft-stage1/best" in (tmp_path / "demo" / "latent-sft" / "run_config.yaml").read_text()

@@ -60,7 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from latentreason.demo import run_demo
 
-    run_demo(output_dir=args.output_dir, overrides=args.overrides, quick=args.quick)
+    run_demo(output_dir=args.output_dir, overrides=args.overrides, quick=args.quick, latent_sft=args.latent_sft)
     return 0
 
 
@@ -144,9 +144,13 @@ def make_parser() -> argparse.ArgumentParser:
     add("eval", cmd_eval, "evaluate a model with a method on a split; writes predictions.jsonl and summary.json, resumes; "
         "a saved run folder as model.name_or_path brings its method, model, data and rollout settings "
         "(the --config file and overrides win)")
-    demo = add("demo", cmd_demo, "train tiny no-CoT and CoT models on arith, evaluate both, print a table, plot accuracy vs reasoning positions")
+    demo = add("demo", cmd_demo, "train tiny no-CoT, CoT and Coconut models on arith, evaluate each, print a table, "
+               "plot accuracy vs reasoning positions")
     demo.add_argument("--output-dir", default="runs/demo", help="where models, predictions and the plot go")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
+    demo.add_argument("--latent-sft", action="store_true",
+                      help="also Latent-SFT r = 4 from the CoT model, at a demo budget (about 5 more minutes on 2 "
+                           "cores, about 34%% accuracy; the full recipe: benchmarks/bench_latent_sft.py)")
     insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples; "
                "'latents': each latent step's top-5 tokens and entropy for one question of a model "
                "(model.name_or_path=<saved run folder>), as text and a figure",

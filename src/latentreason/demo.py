@@ -1,9 +1,10 @@
 """``latentreason demo``: the project's main job on an embedded default, in minutes on 2 CPU cores.
 
-Trains two tiny Llama-style models built in code on the generated ``arith`` task, one to answer
-directly (no-CoT) and one to write its chain first (CoT), picks each one's checkpoint on the
-validation split, evaluates both on the held-out generated test split, prints the comparison
-table and plots accuracy against reasoning positions. It is the smallest complete loop through
+Trains tiny Llama-style models built in code on the generated ``arith`` task: one to answer
+directly (no-CoT), one to write its chain first (CoT), and, from the CoT model, Coconut (and
+with ``latent_sft`` Latent-SFT r = 4, stage 1 then stage 2); picks each one's checkpoint on the validation split,
+evaluates each on the held-out generated test split, prints the comparison table and plots
+accuracy against reasoning positions. It is the smallest complete loop through
 the toolkit: task registry, model builder, shared trainer, shared rollout, harness, report.
 """
 from __future__ import annotations
@@ -39,39 +40,64 @@ COCONUT: dict[str, Any] = {
     "optim": {"warmup_steps": 0, "scheduler": "constant"},
     "train": {"max_steps": 480, "save_every": 80, "eval_every": 0},
 }
-#: Latent-SFT on top of the CoT model, r = 4 (the 35-token chain in 9 latents): stage 1 trains the
-#: encoder, the decoder, then both (100 steps each, each from the previous step's best on
-#: validation); stage 2 (from the stage-1 model) learns to produce the exported soft labels.
+#: Latent-SFT on top of the CoT model, r = 4 (the 35-token chain in 9 latents): stage 1 warms the
+#: encoder up (its latents fitted to the tokens written after them: ours; without it the encoder
+#: collapses to one constant token at this scale), then trains the decoder, then both (200 steps
+#: each, the last two from the previous step's best on validation); stage 2 (from the stage-1
+#: model) learns to produce the exported soft labels.
 LATENT_SFT_STAGE1: dict[str, Any] = {
-    "method": {"name": "latent-sft", "stage": 1, "compression": 4, "steps_per_step": 100, "max_latent_steps": 16},
-    "optim": {"lr": 3e-4, "warmup_steps": 0, "scheduler": "constant"},
-    "train": {"max_steps": 300, "save_every": 100, "eval_every": 50, "select_on_valid": True},
+    "method": {"name": "latent-sft", "stage": 1, "compression": 4, "steps": "warmup,decoder,both", "steps_per_step": 200,
+               "max_latent_steps": 24},
+    "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
+    "train": {"max_steps": 600, "save_every": 200, "eval_every": 50, "select_on_valid": True},
 }
 LATENT_SFT_STAGE2: dict[str, Any] = {
-    "method": {"name": "latent-sft", "stage": 2, "compression": 4, "max_latent_steps": 16},
+    "method": {"name": "latent-sft", "stage": 2, "compression": 4, "max_latent_steps": 24},
     "optim": {"lr": 1e-3, "warmup_steps": 0, "scheduler": "constant"},
-    "train": {"max_steps": 300, "save_every": 100, "eval_every": 50},
+    "train": {"max_steps": 1200, "save_every": 400, "eval_every": 100},
 }
+#: ``latentreason demo --latent-sft``: a shorter Latent-SFT (4096 training questions, which is all the
+#: soft-label export reads; 100 steps per stage-1 step, 400 stage-2 steps): about 5 minutes on 2
+#: cores for 34% (the full recipe above, benchmarks/bench_latent_sft.py: 96%, about 13 minutes).
+#: Off by default: the demo must stay within 10 minutes.
+LATENT_SFT_DEMO: tuple[dict[str, Any], dict[str, Any]] = (
+    merge(LATENT_SFT_STAGE1, {"method": {"steps_per_step": 100}, "data": {"train_limit": 4096},
+                              "train": {"max_steps": 300, "save_every": 100}}),
+    merge(LATENT_SFT_STAGE2, {"data": {"train_limit": 4096}, "train": {"max_steps": 400, "save_every": 200}}),
+)
+LATENT_SFT_QUICK: tuple[dict[str, Any], dict[str, Any]] = (
+    {"method": {"steps_per_step": 4}, "train": {"max_steps": 12, "save_every": 4, "eval_every": 4}},
+    {"train": {"max_steps": 8, "save_every": 4, "eval_every": 4}},
+)
 COCONUT_QUICK: dict[str, Any] = {"method": {"steps_per_stage": 4, "final_stage_steps": 4}, "train": {"max_steps": 24, "save_every": 12}}
 
 
-def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, quick: bool = False) -> list[dict]:
+def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, quick: bool = False,
+             latent_sft: bool = False) -> list[dict]:
     from latentreason.recipes import run_eval, run_train
     from latentreason.eval.report import plot_accuracy_vs_positions, table
 
     base = merge(DEMO_BASE, QUICK) if quick else DEMO_BASE
     extra = parse_overrides(overrides or [])
-    summaries, eval_dirs, best = [], [], ""
-    for method in ("nocot-sft", "cot-sft", "coconut"):
+    summaries, eval_dirs, best, cot = [], [], "", ""
+    latent_sft = [merge(a, b) for a, b in zip(LATENT_SFT_DEMO, LATENT_SFT_QUICK)] if quick else list(LATENT_SFT_DEMO)
+    methods = ("nocot-sft", "cot-sft", "coconut") + (("latent-sft-stage1", "latent-sft") if latent_sft else ())
+    for method in methods:
         out = str(Path(output_dir) / method)
         data = merge(base, {"method": {"name": method}, "train": {"output_dir": out}})
         if method == "coconut":
             recipe = merge(COCONUT, COCONUT_QUICK) if quick else COCONUT
-            data = merge(merge(data, recipe), {"train": {"init_from": best}})  # the CoT model
+            data = merge(merge(data, recipe), {"train": {"init_from": cot}})  # the CoT model
+        elif method.startswith("latent-sft"):  # stage 1 from the CoT model, stage 2 from stage 1
+            recipe = latent_sft[0] if method.endswith("stage1") else latent_sft[1]
+            data = merge(merge(data, recipe), {"train": {"init_from": cot if method.endswith("stage1") else best}})
         data = merge(data, extra)
         run = load_run_config(base=data)
         run_train(run)
         best = str(Path(out) / ("best" if (Path(out) / "best").exists() else "final"))
+        cot = best if method == "cot-sft" else cot
+        if method == "latent-sft-stage1":  # its evaluation reads the gold chain: not a method result
+            continue
         run.model.name_or_path, run.train.init_from = best, None
         run.eval.output_dir = str(Path(out) / f"eval-{run.eval.split}")
         summaries.append(run_eval(run))

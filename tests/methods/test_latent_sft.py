@@ -16,6 +16,7 @@ from latentreason.methods.latent_sft import (
     PROMPT,
     SEGMENT,
     LatentSFT,
+    LatentSFTConfig,
     SoftLabels,
     additive,
     decoder_sequence,
@@ -23,6 +24,8 @@ from latentreason.methods.latent_sft import (
     encoder_sequence,
     export_soft_labels,
     induction_mask,
+    latent_bags,
+    latent_sft_stages,
     segment,
     supervision_mask,
 )
@@ -289,6 +292,87 @@ def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage
     assert steps and all(len(line.split("  ")) >= 3 for line in steps)
     assert int(steps[-1].split()[0]) == len(steps)
     assert next((tmp_path / "insp").glob("latents-*.png")).stat().st_size > 1000
+
+
+def test_warmup_targets_are_what_the_decoder_writes_after_each_latent():
+    segments = [[1, 2, 3, 4], [5, 6, 6, 7], [8]]
+    assert latent_bags(segments, [20, 21]) == [[5, 6, 6, 7], [8], [20, 21]]
+    assert latent_bags(segments, []) == [[5, 6, 6, 7], [8], [8]]  # no answer tokens: the last segment again
+    stages = latent_sft_stages(LatentSFTConfig(steps="warmup,decoder,both", steps_per_step=5), 15)
+    assert [(s.name, s.frozen, s.restore_best) for s in stages] == [
+        ("warmup", ("lm",), False), ("decoder", ("encoder",), True), ("both", (), True)]
+
+
+def test_warmup_loss_equals_a_hand_computation_and_leaves_the_decoder_alone(tmp_path):
+    method = _method(tmp_path, steps="warmup,decoder,both", steps_per_step=1, compression=3, temperature=2.0)
+    method.set_stage(0, method.stages()[0])
+    examples = method.task.load("train", limit=4)
+    batch = method.collate(examples)
+    modules = torch.nn.ModuleDict({"lm": method.loaded.model, "encoder": method.encoder})
+    out = method.loss(modules, batch)
+    out["loss_sum"].backward()
+    assert all(p.grad is None for p in method.loaded.model.parameters()), "the warm-up trained the decoder"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())
+    with torch.no_grad():
+        scores, valid = method.encoder_scores(method.encoder, method.loaded.model, batch)
+    segments, answers = method._chain_segments(examples), method._answers(examples)
+    ces = []
+    for r, (segs, answer) in enumerate(zip(segments, answers)):
+        for i, bag in enumerate(latent_bags(segs, answer[:-1])):
+            logp = (scores[r, i] / 2.0).log_softmax(-1)
+            ces.append(-sum(float(logp[t]) for t in bag) / len(bag))
+    assert int(valid.sum()) == len(ces) == sum(len(s) for s in segments)
+    expected = sum(ces) / len(ces) * batch["num_targets"]
+    assert out["loss_sum"].item() == pytest.approx(expected, rel=1e-5)
+    method.set_stage(1, method.stages()[1])  # after the warm-up: the paper's decoder loss again
+    assert "bag_ce" not in method.loss(modules, batch)
+
+
+def test_warmup_teaches_the_encoder_to_put_the_next_segment_in_its_latents(tmp_path):
+    """The point of the warm-up: after a few dozen steps each latent's α holds the tokens that
+    follow it, where the untrained encoder's α holds almost none of them. (τ = 0.05: a freshly
+    initialised table has tiny norms, so the logits need the scale a trained model's have.)"""
+    method = _method(tmp_path, steps="warmup,decoder,both", steps_per_step=1, compression=2, top_k=0, temperature=0.05)
+    method.set_stage(0, method.stages()[0])
+    modules = torch.nn.ModuleDict({"lm": method.loaded.model, "encoder": method.encoder})
+    held_out = method.collate(method.task.load("valid", limit=32))
+
+    def mass_on_next() -> float:
+        with torch.no_grad():
+            probs, _, valid = method.encoder_weights(method.encoder, method.loaded.model, held_out)
+        on = probs.gather(-1, held_out["bag_ids"]) * (held_out["bag_weights"] > 0)
+        first = held_out["bag_ids"].unsqueeze(-1) == held_out["bag_ids"].unsqueeze(-2)  # count a repeated token once
+        keep = torch.triu(first.int(), diagonal=1).sum(-2) == 0
+        return float(((on * keep).sum(-1) * valid).sum() / valid.sum())
+
+    before = mass_on_next()
+    train = method.task.load("train", limit=256)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(method.encoder.parameters(), lr=3e-3)
+    for step in range(100):
+        batch = method.collate([train[(16 * step + j) % len(train)] for j in range(16)])
+        loss = method.loss(modules, batch)["loss_sum"] / batch["num_targets"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = mass_on_next()
+    assert before < 0.05 and after > 0.5, (before, after)
+
+
+def test_hidden_state_ablation_feeds_the_encoders_raw_hidden_state(tmp_path):
+    method = _method(tmp_path, latent="hidden")
+    batch = method.collate(method.task.load("train", limit=3))
+    z, _, _, valid = method.stage1_latents(method.encoder, method.loaded.model, batch)
+    h, _ = method.encoder_hidden(method.encoder, batch, torch.float32)
+    assert torch.equal(z, h)
+    method.cfg.latent = "superposition"
+    z, probs, top, _ = method.stage1_latents(method.encoder, method.loaded.model, batch)
+    assert torch.allclose(z, method.mix(probs, top, method._table(method.loaded.model)))
+    assert not torch.allclose(z[valid], h[valid])
+    cfg = tiny_run(tmp_path, "latent-sft")
+    cfg["method"].update(stage=2, latent="hidden", soft_labels="x")
+    with pytest.raises(ConfigError, match="method.latent=hidden is a stage-1 ablation"):
+        load_run_config(base=cfg)
 
 
 def test_latent_statistics_flag_a_collapsed_encoder():

@@ -286,7 +286,7 @@ def _rank_files(out: Path) -> list[Path]:
 
 #: Fields added after evaluations were written, with the value that behaves as before they existed:
 #: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
-ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": ""}
+ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition"}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:

@@ -11,7 +11,10 @@ Two runs, each one ``latentreason train``:
   <eot>, answer, eos]`` under the *supervision mask* and learns to write each next segment and
   the answer from the latents alone. Three trainer stages (``encoder``, ``decoder``, ``both``,
   the other part frozen in the first two), each continuing from the previous one's best
-  checkpoint on validation.
+  checkpoint on validation. An optional first step of ours, ``warmup``, fits the encoder's α at
+  each latent to the tokens the decoder writes after it (decoder untouched): on small models the
+  paper's order collapses the encoder to one constant token, since a decoder that cannot yet read
+  latents rewards the most frequent token everywhere and the softmax saturates there.
 * ``method.stage=2`` (``train.init_from`` = the stage-1 folder): the stage-1 encoder exports its
   latents' distributions over the training chains once (soft labels, resumable shards), then the
   LLM learns to produce them itself: ``[Q, <bot>, z̃1..z̃N, <eot>, answer, eos]`` in one parallel
@@ -49,7 +52,7 @@ from latentreason.models.latent_forward import IGNORE, embed_with_slots, latent_
 from latentreason.models.rollout import RolloutConfig, max_positions
 from latentreason.models.steps import ExternalStep, LatentStep, MixtureStep
 
-STEPS = ("encoder", "decoder", "both")
+STEPS = ("warmup", "encoder", "decoder", "both")
 # Group of each position in the stage-1 decoder sequence (the supervision mask is written in them).
 PAD, PROMPT, LATENT, SEGMENT, FINAL = -1, 0, 1, 2, 3
 
@@ -61,11 +64,14 @@ class LatentSFTConfig(MethodConfig):
     compression: int = field(default=4, metadata={"help": "r: explicit chain tokens per latent token (paper: 2 and 4 on GSM8K)"})
     top_k: int = field(default=10, metadata={"help": "latent = mixture of the k most probable tokens' embeddings (paper v2, official code: 10); 0 = the full vocabulary (v1)"})
     temperature: float = field(default=1.0, metadata={"help": "τ of the softmax that gives the mixture weights"})
+    latent: str = field(default="superposition", metadata={"help": "stage 1: superposition (z = αᵀE) or hidden (the ablation: the decoder reads the encoder's raw last hidden state; stage 2 supports superposition only)"})
     projection: str = field(default="input", metadata={"help": "table the encoder's hidden state is projected on for α: input (E, the official code) or output (W; the same table on tied models)"})
     positions: str = field(default="dual", metadata={"help": "stage-1 decoder position ids: dual (latents consecutive, each segment continues from its latent: v2, no train/inference mismatch) or consecutive (v1)"})
     induction_mask: bool = field(default=True, metadata={"help": "encoder: no position attends to an earlier <latent> (LTIM); false = plain causal (ablation)"})
     supervision_mask: bool = field(default=True, metadata={"help": "decoder: each segment sees only its latent, the answer only the prompt and latents (LTSuM); false = plain causal (ablation)"})
-    steps: str = field(default="encoder,decoder,both", metadata={"help": "stage-1 steps in order: encoder (decoder frozen), decoder (encoder frozen), both"})
+    steps: str = field(default="encoder,decoder,both", metadata={"help": "stage-1 steps in order: encoder (decoder frozen), decoder (encoder frozen), both; "
+                                                                     "optionally first warmup (ours, not the paper's: the encoder alone fits each latent's α to the tokens the decoder must write after it, "
+                                                                     "so that small models do not collapse to one constant latent token)"})
     steps_per_step: int = field(default=0, metadata={"help": "optimizer steps of each stage-1 step; 0 = train.max_steps split evenly"})
     reset_optimizer: bool = field(default=True, metadata={"help": "clear AdamW's state when a stage-1 step begins"})
     soft_labels: str = field(default="", metadata={"help": "stage 2: folder of exported soft labels; empty = <train.output_dir>/soft_labels, exported from the stage-1 encoder of train.init_from (resumable)"})
@@ -89,7 +95,11 @@ class LatentSFTConfig(MethodConfig):
             problems.append(f"method.top_k={self.top_k}, must be >= 0 (0 = full vocabulary)")
         if self.temperature <= 0:
             problems.append(f"method.temperature={self.temperature}, must be > 0")
-        for key, value, allowed in (("projection", self.projection, ("input", "output")),
+        if self.latent == "hidden" and self.stage == 2:
+            problems.append("method.latent=hidden is a stage-1 ablation: stage 2 learns superposition soft labels; "
+                            "set method.latent=superposition")
+        for key, value, allowed in (("latent", self.latent, ("superposition", "hidden")),
+                                    ("projection", self.projection, ("input", "output")),
                                     ("positions", self.positions, ("dual", "consecutive")),
                                     ("kl_average", self.kl_average, ("sequence", "token"))):
             if value not in allowed:
@@ -117,9 +127,10 @@ def latent_sft_stages(c: LatentSFTConfig, max_steps: int) -> list[Stage] | None:
     lengths = [per] * len(names)
     if not c.steps_per_step:
         lengths[-1] += max(0, max_steps - sum(lengths))
-    frozen = {"encoder": ("lm",), "decoder": ("encoder",), "both": ()}
+    frozen = {"warmup": ("lm",), "encoder": ("lm",), "decoder": ("encoder",), "both": ()}
+    # warmup keeps its last state: the decoder cannot read latents yet, so validation says nothing then
     return [Stage(name, n, reset_optimizer=c.reset_optimizer, select=i == len(names) - 1, frozen=frozen[name],
-                  restore_best=True) for i, (name, n) in enumerate(zip(names, lengths))]
+                  restore_best=name != "warmup") for i, (name, n) in enumerate(zip(names, lengths))]
 
 
 # -- sequences and masks (pure functions: tested against hand-built matrices) --------------------
@@ -165,6 +176,12 @@ def decoder_sequence(prompt: list[int], segments: list[list[int]], answer: list[
         if group[t + 1] in (SEGMENT, FINAL):
             labels[t] = ids[t + 1]
     return ids, group, index, labels
+
+
+def latent_bags(segments: list[list[int]], answer: list[int]) -> list[list[int]]:
+    """What the decoder writes right after each latent: the next segment, and after the last one
+    the answer (without eos). The warm-up step's targets (a token repeated counts each time)."""
+    return [segments[i + 1] if i + 1 < len(segments) else (answer or segments[i]) for i in range(len(segments))]
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -367,19 +384,41 @@ class LatentSFT(Method):
 
     def encoder_weights(self, encoder: nn.Module, lm: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """α at every latent slot: ([B, N, k] probabilities, ids or None, [B, N] valid)."""
-        ids, is_latent, lengths = batch["enc_ids"], batch["enc_latent"], batch["enc_lengths"]
+        scores, valid = self.encoder_scores(encoder, lm, batch)
+        probs, top = self.mixture_weights(scores)
+        return probs, top, valid
+
+    def encoder_scores(self, encoder: nn.Module, lm: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's hidden state at every latent slot projected on the table: ([B, N, V], [B, N] valid)."""
+        h, valid = self.encoder_hidden(encoder, batch, self._table(lm).dtype)
+        return self._scores(h, lm), valid
+
+    def _scores(self, h: torch.Tensor, lm: nn.Module) -> torch.Tensor:
         table = self._projection(lm)
-        mask = additive(induction_mask(is_latent, lengths, self.cfg.induction_mask), dtype=table.dtype)
+        wide = torch.promote_types(h.dtype, torch.float32)  # bf16 -> fp32; fp64 stays (gradient checks)
+        return h.to(wide) @ table.to(wide).T
+
+    def encoder_hidden(self, encoder: nn.Module, batch: dict[str, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's last hidden state at every latent slot, in order: ([B, N, d], [B, N] valid)."""
+        ids, is_latent, lengths = batch["enc_ids"], batch["enc_latent"], batch["enc_lengths"]
+        mask = additive(induction_mask(is_latent, lengths, self.cfg.induction_mask), dtype=dtype)
         hidden = encoder(ids, mask)
         counts = is_latent.sum(-1)
         n = int(counts.max())
         # gather each row's latent positions in order into [B, N]
         order = torch.argsort((~is_latent).int(), dim=1, stable=True)[:, :n]
         h = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
-        wide = torch.promote_types(h.dtype, torch.float32)  # bf16 -> fp32; fp64 stays (gradient checks)
-        probs, top = self.mixture_weights(h.to(wide) @ table.to(wide).T)
         valid = torch.arange(n, device=ids.device)[None] < counts[:, None]
-        return probs, top, valid
+        return h, valid
+
+    def stage1_latents(self, encoder: nn.Module, lm: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """What the stage-1 decoder reads at each latent slot: z = αᵀE, or the encoder's raw hidden
+        state under ``method.latent=hidden`` (the ablation). Returns (z, α, ids, valid)."""
+        table = self._table(lm)
+        h, valid = self.encoder_hidden(encoder, batch, table.dtype)
+        probs, top = self.mixture_weights(self._scores(h, lm))
+        z = h.to(table.dtype) if self.cfg.latent == "hidden" else self.mix(probs, top, table)
+        return z, probs, top, valid
 
     def _stage1_collate(self, examples: list[Example]) -> dict[str, Any]:
         lm = self.loaded
@@ -402,16 +441,37 @@ class LatentSFT(Method):
             n = len(seq)
             ids[i, :n], group[i, :n], index[i, :n], labels[i, :n] = (torch.tensor(v) for v in (seq, g, x, lab))
         lengths = torch.tensor([len(r[0]) for r in rows])
+        bags = [latent_bags(segments[i], answers[i][:-1]) for i in keep]
+        depth = max(len(bag) for row in bags for bag in row)
+        bag_ids = torch.zeros((b, max(len(row) for row in bags), depth), dtype=torch.long)
+        bag_weights = torch.zeros(bag_ids.shape)
+        for i, row in enumerate(bags):
+            for j, bag in enumerate(row):
+                bag_ids[i, j, :len(bag)] = torch.tensor(bag)
+                bag_weights[i, j, :len(bag)] = 1.0 / len(bag)
         batch = {"ids": ids, "group": group, "index": index, "labels": labels, "lengths": lengths,
+                 "bag_ids": bag_ids, "bag_weights": bag_weights,
                  "num_targets": int((labels != IGNORE).sum()), "dropped": len(examples) - len(keep)}
         batch.update(self.encode_batch([prompts[i] for i in keep], [segments[i] for i in keep]))
         return batch
 
+    def _warmup_loss(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Cross-entropy of the encoder's full-vocabulary α at each latent against the uniform
+        distribution over the tokens written after it (the decoder stays out of it). Averaged
+        over latents, on the decoder loss's token scale like the stage-2 KL."""
+        scores, valid = self.encoder_scores(modules["encoder"], modules["lm"], batch)
+        logp = (scores / self.cfg.temperature).log_softmax(-1)
+        ce = -(logp.gather(-1, batch["bag_ids"]) * batch["bag_weights"]).sum(-1)  # [B, N]
+        mean = (ce * valid).sum() / valid.sum().clamp(min=1)
+        probs, top = self.mixture_weights(scores.detach())
+        return {"loss_sum": mean * batch["num_targets"], "bag_ce": mean.detach(), **latent_statistics(probs, top, valid)}
+
     def _stage1_loss(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        stages = self.stages()
+        if stages and stages[self.stage_index].name == "warmup":
+            return self._warmup_loss(modules, batch)
         lm = modules["lm"]
-        table = self._table(lm)
-        probs, top, valid = self.encoder_weights(modules["encoder"], lm, batch)
-        z = self.mix(probs, top, table)
+        z, probs, top, valid = self.stage1_latents(modules["encoder"], lm, batch)
         ids, group, lengths = batch["ids"], batch["group"], batch["lengths"]
         embeds = embed_with_slots(lm, ids, group == LATENT, z)
         mask = additive(supervision_mask(group, batch["index"], lengths, self.cfg.supervision_mask), dtype=embeds.dtype)
@@ -520,8 +580,8 @@ class LatentSFT(Method):
         device = self.loaded.model.device
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            probs, top, valid = self.encoder_weights(self.encoder, self.loaded.model, batch)
-            z = self.mix(probs, top, self._table(self.loaded.model)) * valid[..., None]
+            z, _, _, valid = self.stage1_latents(self.encoder, self.loaded.model, batch)
+            z = z * valid[..., None]
         bound = self.cfg.max_latent_steps
         if z.shape[1] > bound:
             raise ValueError(f"a chain of this batch cuts into {z.shape[1]} latents, more than method.max_latent_steps="
