@@ -80,7 +80,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, 
     base = merge(DEMO_BASE, QUICK) if quick else DEMO_BASE
     extra = parse_overrides(overrides or [])
     summaries, eval_dirs, best, cot = [], [], "", ""
-    latent_sft = [merge(a, b) for a, b in zip(LATENT_SFT_DEMO, LATENT_SFT_QUICK)] if quick else list(LATENT_SFT_DEMO)
+    lsft = [merge(a, b) for a, b in zip(LATENT_SFT_DEMO, LATENT_SFT_QUICK)] if quick else list(LATENT_SFT_DEMO)
     methods = ("nocot-sft", "cot-sft", "coconut") + (("latent-sft-stage1", "latent-sft") if latent_sft else ())
     for method in methods:
         out = str(Path(output_dir) / method)
@@ -89,7 +89,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, 
             recipe = merge(COCONUT, COCONUT_QUICK) if quick else COCONUT
             data = merge(merge(data, recipe), {"train": {"init_from": cot}})  # the CoT model
         elif method.startswith("latent-sft"):  # stage 1 from the CoT model, stage 2 from stage 1
-            recipe = latent_sft[0] if method.endswith("stage1") else latent_sft[1]
+            recipe = lsft[0] if method.endswith("stage1") else lsft[1]
             data = merge(merge(data, recipe), {"train": {"init_from": cot if method.endswith("stage1") else best}})
         data = merge(data, extra)
         run = load_run_config(base=data)
