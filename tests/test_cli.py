@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,28 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     assert main(["eval", *cli_args(cfg), f"eval.output_dir={tmp_path / 'untrained'}"]) == 0
     untrained = json.loads((tmp_path / "untrained" / "summary.json").read_text())
     assert summary["accuracy"] > untrained["accuracy"]
+
+
+@pytest.mark.parametrize("flag", [[], ["--latent-sft"]], ids=["default", "latent-sft"])
+def test_demo_trains_latent_sft_only_when_asked(tmp_path, monkeypatch, flag):
+    """The default demo (the README's main command) stays within its time budget: no Latent-SFT."""
+    import latentreason.eval.report as report
+    import latentreason.recipes as recipes
+
+    trained = []
+
+    def fake_train(run):
+        trained.append(run.method.name)
+        (Path(run.train.output_dir) / "best").mkdir(parents=True)
+
+    monkeypatch.setattr(recipes, "run_train", fake_train)
+    monkeypatch.setattr(recipes, "run_eval", lambda run: {"method": run.method.name})
+    monkeypatch.setattr(report, "table", lambda summaries: "")
+    monkeypatch.setattr(report, "compare", lambda *a, **k: None)
+    monkeypatch.setattr(report, "plot_accuracy_vs_positions", lambda *a, **k: None)
+    assert main(["demo", "--quick", *flag, "--output-dir", str(tmp_path / "demo")]) == 0
+    expected = ["nocot-sft", "cot-sft", "coconut"] + (["latent-sft", "latent-sft"] if flag else [])
+    assert trained == expected
 
 
 def test_quick_demo_writes_table_plot_and_summaries(tmp_path, capsys):

@@ -4,6 +4,7 @@
     latentreason train --config configs/cot_sft_arith.yaml optim.lr=3e-4
     latentreason eval  model.name_or_path=runs/arith-cot/best         # a saved run: its method, task, rollout
     latentreason eval  model.name_or_path=runs/arith-cot/best rollout.max_new_tokens=128
+    latentreason refine model.name_or_path=runs/arith-coconut/best refine.contrastive=true   # α × η on valid
     latentreason inspect tasks|methods|steps|config [--config F] [overrides]
     latentreason compare runs/a/eval-valid runs/b/eval-valid=label --out runs/compare
 
@@ -23,14 +24,14 @@ from latentreason.recipes import run_eval, run_train
 logger = logging.getLogger("latentreason")
 
 def _field_help() -> str:
-    from latentreason.config import DataConfig, EvalConfig, LoraConfig, OptimConfig, TrainConfig
+    from latentreason.config import DataConfig, EvalConfig, LoraConfig, OptimConfig, RefineConfig, TrainConfig
     from latentreason.methods import METHODS
     from latentreason.models.loading import ModelConfig
     from latentreason.models.rollout import RolloutConfig
 
     lines = ["config fields (override with section.field=value):"]
     sections = [("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig), ("lora", LoraConfig),
-                ("train", TrainConfig), ("rollout", RolloutConfig), ("eval", EvalConfig)]
+                ("train", TrainConfig), ("rollout", RolloutConfig), ("eval", EvalConfig), ("refine", RefineConfig)]
     for name, cls in sections:
         lines.extend(help_text(cls, name))
     for name in METHODS.names():
@@ -52,8 +53,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(_config(args, saved_base=True))
     keys = ("model", "task", "method", "split", "device", "dtype", "n", "accuracy", "accuracy_ci95",
-            "accuracy_flexible", "mean_reasoning_positions", "mean_latent_steps", "questions_per_second", "probe")
+            "accuracy_flexible", "mean_reasoning_positions", "mean_latent_steps", "questions_per_second", "probe",
+            "refine")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from latentreason.methods.refine import run_refine
+
+    print(json.dumps(run_refine(_config(args, saved_base=True)), indent=2))
     return 0
 
 
@@ -144,6 +153,11 @@ def make_parser() -> argparse.ArgumentParser:
     add("eval", cmd_eval, "evaluate a model with a method on a split; writes predictions.jsonl and summary.json, resumes; "
         "a saved run folder as model.name_or_path brings its method, model, data and rollout settings "
         "(the --config file and overrides win)")
+    add("refine", cmd_refine, "post-training refinement of a latent model's latents (no weight changes): sweep "
+        "refine.sweep_alphas x refine.sweep_etas on data.valid_split (refine.sweep_limit questions), write sweep.json "
+        "and the heat map sweep.png, then evaluate the best setting and the unrefined model on eval.split; "
+        "references: refine.strong / refine.weak (auto: kept checkpoints of the CoT-SFT run, train.keep_every). "
+        "Evaluate one setting with 'latentreason eval refine.residual=true refine.alpha=0.5 ...'")
     demo = add("demo", cmd_demo, "train tiny no-CoT, CoT and Coconut models on arith, evaluate each, print a table, "
                "plot accuracy vs reasoning positions")
     demo.add_argument("--output-dir", default="runs/demo", help="where models, predictions and the plot go")

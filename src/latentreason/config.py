@@ -78,6 +78,9 @@ class TrainConfig:
     global_batch_size: int = field(default=64, metadata={"help": "examples per optimizer step over all processes"})
     micro_batch_size: int = field(default=64, metadata={"help": "examples per forward pass per process (gradient accumulation fills the rest)"})
     save_every: int = field(default=200, metadata={"help": "write a resumable checkpoint every N steps"})
+    keep_every: int = field(default=0, metadata={"help": (
+        "also keep the model every N steps as <output_dir>/keep-<step>/ (0 = never): early and late checkpoints "
+        "of one run, e.g. refinement's weak and strong references, without retraining")})
     log_every: int = field(default=20, metadata={"help": "append a line to log.jsonl every N steps"})
     eval_every: int = field(default=0, metadata={"help": "validation accuracy every N steps to pick best/ (0 = only at the end)"})
     eval_limit: int = field(default=200, metadata={"help": "validation examples used for model selection"})
@@ -107,6 +110,56 @@ class EvalConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Post-training refinement of any latent method's latents at inference (methods/refine.py)."""
+
+    residual: bool = field(default=False, metadata={"help": "residual refinement: z(t) = alpha z(t-1) + (1 - alpha) step(t)"})
+    alpha: float = field(default=0.5, metadata={"help": "memory rate in [0, 1]; 0 = the method's own latents"})
+    momentum: bool = field(default=False, metadata={"help": "residual in momentum form: v(t) = alpha v(t-1) + (1 - alpha)(step(t) - z(t-1)), z(t) = z(t-1) + v(t)"})
+    contrastive: bool = field(default=False, metadata={"help": (
+        "contrastive feedback: z <- z + sign (2 eta / d)(h_strong - h_weak), the references' last hidden states "
+        "with z fed next (run in lockstep with the model; no weight changes)")})
+    eta: float = field(default=1.0, metadata={"help": "contrastive step size (the update is scaled by 2 eta / d, d the hidden size)"})
+    search_steps: int = field(default=1, metadata={"help": "contrastive steps per latent (each asks both references again)"})
+    exact_references: bool = field(default=True, metadata={"help": (
+        "true: the references read exactly the vectors the model was fed (two columns per reference per latent "
+        "step); false: they keep the last vector they were asked about in its place (one column: about half "
+        "their cost where forwards are compute-bound, e.g. CPUs or large batches)")})
+    order: str = field(default="residual-first", metadata={"help": "residual-first (the paper's order) or contrastive-first"})
+    direction: str = field(default="strong", metadata={"help": (
+        "strong: descend the contrastive loss, toward the strong reference (the paper's stated intent; ours); "
+        "weak: the opposite sign (the paper's printed update, and the authors' code per an audit)")})
+    strong: str = field(default="auto", metadata={"help": (
+        "strong reference model folder; auto = the latest keep-<step>/ of the CoT-SFT run the model was "
+        "trained from (its train.init_from; keep them with train.keep_every)")})
+    weak: str = field(default="auto", metadata={"help": "weak reference model folder; auto = the earliest keep-<step>/ of that run"})
+    sweep_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75], metadata={
+        "help": "latentreason refine: alpha values swept on the validation split"})
+    sweep_etas: list[float] = field(default_factory=lambda: [0.0, 16.0, 64.0, 256.0], metadata={
+        "help": "latentreason refine: eta values swept on the validation split"})
+    sweep_limit: int = field(default=200, metadata={"help": "latentreason refine: validation questions per sweep cell"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"refine.alpha={self.alpha}, must be in [0, 1]")
+        if self.search_steps < 1:
+            raise ValueError(f"refine.search_steps={self.search_steps}, must be >= 1")
+        if self.order not in ("residual-first", "contrastive-first"):
+            raise ValueError(f"refine.order={self.order!r}, must be residual-first or contrastive-first")
+        if self.direction not in ("strong", "weak"):
+            raise ValueError(f"refine.direction={self.direction!r}, must be strong or weak")
+        bad = [a for a in self.sweep_alphas if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"refine.sweep_alphas holds {bad}: every alpha must be in [0, 1]")
+        if self.sweep_limit < 1:
+            raise ValueError(f"refine.sweep_limit={self.sweep_limit}, must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.residual or self.contrastive
+
+
+@dataclass
 class MethodConfig:
     """Base of every method's own section; ``name`` picks the method and its subclass."""
 
@@ -123,6 +176,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +226,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise TypeError(f"{where}={value!r}: expected a list of {len(args)} values")
         return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}={value!r}: expected a list, e.g. [0, 0.5]")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -276,6 +337,8 @@ def validate(run: RunConfig) -> list[str]:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
             f"{t.micro_batch_size}; pick a micro batch that divides it"
         )
+    if t.keep_every < 0:
+        problems.append(f"train.keep_every={t.keep_every}, must be >= 0 (0 = never)")
     for name in ("save_every", "log_every"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name}={getattr(t, name)}, must be >= 1")

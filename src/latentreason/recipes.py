@@ -52,11 +52,18 @@ def run_train(run: RunConfig) -> Path:
     return result.output_dir
 
 
-def run_eval(run: RunConfig) -> dict:
-    """Evaluate ``run`` into ``eval.output_dir``, resuming only rows made with the same row settings."""
+def run_eval(run: RunConfig, method: Method | None = None) -> dict:
+    """Evaluate ``run`` into ``eval.output_dir``, resuming only rows made with the same row settings.
+
+    ``method``: one already built for ``run``'s model, method and data (a sweep evaluates one model
+    under many settings); it then runs with ``run``'s rollout, evaluation and refinement settings.
+    """
     from latentreason.eval.harness import eval_fingerprint, evaluate, weights_identity
 
-    method = build_method(run)
+    if method is None:
+        method = build_method(run)
+    else:
+        method.run = run
     examples = method.task.load(run.eval.split, limit=run.eval.limit)
     out = run.eval.output_dir or str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
     config = to_dict(run)
@@ -67,6 +74,8 @@ def run_eval(run: RunConfig) -> dict:
         "device": str(method.loaded.model.device), "dtype": str(method.loaded.model.dtype).replace("torch.", ""),
         "command": "latentreason " + " ".join(sys.argv[1:]),
     }
+    if run.refine.enabled:
+        info["refine"] = config["refine"]
     fingerprint = eval_fingerprint(config, method.task.version)
     # What auto resolved to, not "auto": rows made in bfloat16 on a GPU never mix with float32 CPU rows.
     fingerprint["model.device"] = method.loaded.model.device.type

@@ -163,6 +163,7 @@ ROW_NEUTRAL_FIELDS: frozenset[str] = frozenset({
     "data.train_split", "data.valid_split", "data.train_limit",
     "train", "optim", "lora",
     "rollout.keep_distributions", "rollout.distribution_topk",
+    "refine.sweep_alphas", "refine.sweep_etas", "refine.sweep_limit",
 })
 
 
@@ -180,6 +181,9 @@ def eval_fingerprint(config: dict[str, Any], task_version: int | str | None = No
             key = f"{section}.{name}"
             if key not in ROW_NEUTRAL_FIELDS:
                 out[key] = value
+    refine = config.get("refine", {})
+    if not (refine.get("residual") or refine.get("contrastive")):
+        out = {k: v for k, v in out.items() if not k.startswith("refine.")}  # off: changes no row
     probe = config.get("eval", {}).get("probe")
     if probe == "shuffle":
         # the one case where rows depend on batching: each row is fed a batch-mate's latents
@@ -286,7 +290,8 @@ def _rank_files(out: Path) -> list[Path]:
 
 #: Fields added after evaluations were written, with the value that behaves as before they existed:
 #: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
-ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition"}
+ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition",
+                                 "refine.exact_references": True}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:

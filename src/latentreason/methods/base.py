@@ -338,7 +338,8 @@ def generate_batches(
     method: Method, examples: list[Example], batch_size: int, probe: str = "none", probe_seed: int = 0
 ) -> Iterator[GeneratedBatch]:
     """The one generation loop (evaluation, ``Method.generate``): the method's prompts, latent step and
-    rollout config through the shared rollout, under inference_mode.
+    rollout config through the shared rollout, under inference_mode. ``run.refine`` wraps the
+    step (``methods/refine.py``) and brings its reference models into the rollout.
 
     Prompts are sorted by length to save padding; sampled rows use :func:`row_seeds`, so no row
     depends on the batch size (except under ``probe="shuffle"``, which feeds each row another
@@ -348,14 +349,18 @@ def generate_batches(
     prompt_ids = method.prompt_ids(examples)
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
     cfg = method.rollout_config()
+    from latentreason.methods.refine import refine_step
+
     for idx in _batches(order, batch_size, probe):
         batch = [examples[i] for i in idx]
         t0 = time.perf_counter()
+        step, references = refine_step(method, probed_step(method, batch, probe, probe_seed))
         with torch.inference_mode():
             out = rollout(
-                loaded.model, [prompt_ids[i] for i in idx], probed_step(method, batch, probe, probe_seed), cfg,
+                loaded.model, [prompt_ids[i] for i in idx], step, cfg,
                 eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, eot_id=loaded.eot_id,
-                row_seeds=row_seeds(cfg, batch),
+                row_seeds=row_seeds(cfg, batch), references=references,
+                exact_references=method.run.refine.exact_references,
             )
         texts = loaded.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         yield GeneratedBatch(idx, texts, out, time.perf_counter() - t0)

@@ -156,8 +156,11 @@ def _resumable_state(module: _LossModule) -> dict[str, torch.Tensor]:
 
 
 #: Settings a run may change when it resumes: they alter neither the trajectory nor the selection.
+#: ``train.keep_every`` keeps ``<output_dir>/keep-<step>/``.
+KEEP_PREFIX = "keep-"
+
 RESUME_SAFE = ("train.max_steps", "train.save_every", "train.log_every", "train.eval_every", "train.resume",
-               "train.output_dir", "eval.")
+               "train.output_dir", "train.keep_every", "eval.", "refine.")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -576,6 +579,8 @@ class Trainer:
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                 self._maybe_select()
             stage_ended = self._end_of_stage()
+            if t.keep_every and self.step % t.keep_every == 0:
+                self.save_model(f"{KEEP_PREFIX}{self.step}")  # early and late models of one run (references)
             if self.step % t.save_every == 0 or self.step == t.max_steps or stage_ended:
                 self.save_resumable()
         bar.close()

@@ -10,6 +10,8 @@ whose ``forward`` still takes the old names (remote code written for 4.x) keeps 
 - ``cache_position``: required with a static cache in 4.x, gone by 5.24 (the cache counts the
   columns it was given itself);
 - ``logits_to_keep``: present in both, but not on every model class;
+- rewinding a static cache: 5.x caches count the columns written (``cumulative_length``, per layer)
+  and must be told to step back; 4.x ones are written where ``cache_position`` says;
 - special tokens: ``additional_special_tokens`` / ``replace_additional_special_tokens`` in 4.x,
   ``extra_special_tokens`` / ``replace_extra_special_tokens`` in 5.x (passing the 5.x keyword to a
   4.x tokenizer is a TypeError).
@@ -92,3 +94,15 @@ def add_extra_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[st
     return tokenizer.add_special_tokens(  # transformers 4
         {"additional_special_tokens": tokens}, replace_additional_special_tokens=False
     )
+
+
+def rewind_static_cache(cache: Any, n: int) -> None:
+    """Make the next write to a ``StaticCache`` land ``n`` columns earlier (the stale columns are
+    overwritten). Needed where the cache counts its own columns (5.x); a 4.x static cache is
+    written at the ``cache_position`` the caller passes, so there is nothing to do."""
+    for layer in getattr(cache, "layers", []):
+        length = getattr(layer, "cumulative_length", None)
+        if torch.is_tensor(length):
+            length.sub_(n)
+        elif isinstance(length, int):
+            layer.cumulative_length = length - n

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, StaticCache
 
-from latentreason.models.compat import forward_args, returned_cache
+from latentreason.models.compat import forward_args, returned_cache, rewind_static_cache
 from latentreason.models.steps import LatentStep, StepContext
 
 
@@ -433,6 +433,24 @@ class _Runner:
             self.cache = cache
         return logits, hidden if self.need_hidden else None
 
+    def retract(self, n: int) -> None:
+        """Forget the last ``n`` columns fed: the next feed takes their place (a peek at a vector
+        that is not kept). The static cache is overwritten in place; without a cache the stored
+        columns are trimmed; transformers' growing cache is not supported."""
+        if n <= 0:
+            return
+        if self.compiled is not None:
+            self.compiled.offset -= n
+            rewind_static_cache(self.compiled.cache, n)
+        elif self.static:
+            self.offset -= n
+            rewind_static_cache(self.cache, n)
+        elif not self.use_cache:
+            self.offset -= n
+            self.embeds, self.mask, self.positions = self.embeds[:, :-n], self.mask[:, :-n], self.positions[:, :-n]
+        else:
+            raise ValueError("retract needs the static cache or no cache (rollout.cache=static or use_cache=false)")
+
     def forward_all(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                     need_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every new column's logits (and last hidden states) over the cache: teacher forcing after
@@ -448,6 +466,83 @@ class _Runner:
         self.mask, self.cache = attention, returned_cache(out)
         self.offset += embeds.shape[1]
         return out.logits, out.hidden_states[-1] if need_hidden else None
+
+
+class References:
+    """Extra models run in lockstep with the main one over the latent phase (refinement's strong and
+    weak references): each with its own KV cache, the same left padding, positions and holes.
+
+    A step asks :meth:`hidden` "what would each reference's last hidden state be with this vector
+    fed next?"; the rollout then commits the vector actually fed with :meth:`commit`. A commit is
+    held back and fed together with the next question (two columns, one forward), so a reference
+    costs one forward per latent step it is asked about, and nothing for steps it is not (nor for
+    the answer, which references never see). Forwards run without gradients (the references only
+    define a direction). Models must share the main model's vocabulary and input width.
+
+    ``exact=False`` keeps the last vector a step asked about in the references' caches in place of
+    the vector then fed (refinement moves it by a step of a few percent): one column per reference
+    per step instead of two, which halves their cost where forwards are compute-bound (CPUs,
+    large batches), at the price of references reading a slightly different history.
+    """
+
+    def __init__(self, models: list[PreTrainedModel], ids: torch.Tensor, mask: torch.Tensor, cfg: RolloutConfig,
+                 max_len: int, dim: int, exact: bool = True) -> None:
+        from dataclasses import replace
+
+        self.models, self.exact = models, exact
+        self.asked = False  # exact=False: a vector asked about at this step sits in the caches
+        self.runners: list[_Runner] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # committed, not yet fed
+        self.forwards = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = ids.shape[0]
+        for i, ref in enumerate(models):
+            width = ref.get_input_embeddings().weight.shape[1]
+            if width != dim:
+                raise ValueError(f"reference model {i} has input width {width}; the main model's is {dim}: "
+                                 "references must share the main model's hidden size")
+            with torch.no_grad():
+                embed = ref.get_input_embeddings()
+                if int(ids.max()) >= embed.weight.shape[0]:
+                    raise ValueError(f"reference model {i} has {embed.weight.shape[0]} token embeddings but the "
+                                     f"prompts use id {int(ids.max())}: references must share the main model's tokenizer")
+                ref_ids = ids.to(ref.device)
+                static_ok = getattr(ref, "_can_compile_fullgraph", False) and cfg.use_cache
+                ref_cfg = replace(cfg, cache="static", use_cache=bool(static_ok), compile=cfg.compile and bool(static_ok))
+                runner = _Runner(ref, ref_cfg, True, batch, max_len, probe=embed(ref_ids[:1, -4:]))
+                runner(embed(ref_ids), mask.to(ref.device), positions.to(ref.device))  # the prompt
+            self.runners.append(runner)
+
+    def commit(self, fed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """The [B, 1, D] column the main model was fed (mask and positions [B, 1]), fed later."""
+        if self.asked:  # exact=False: the vector last asked about stays in its place
+            self.asked = False
+            return
+        self.pending.append((fed, mask, positions))
+
+    @torch.no_grad()
+    def hidden(self, vectors: torch.Tensor, active: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """Each reference's [B, D] last hidden state with ``vectors`` [B, D] fed at ``positions`` [B]
+        (rows not ``active`` are masked, as the main model's holes). Nothing is kept of the vector
+        (with ``exact=False``, it is kept until the step's next question or the commit)."""
+        if self.asked:  # exact=False, a second question at this step: forget the first
+            for runner in self.runners:
+                runner.retract(1)
+        cols = [*self.pending, (vectors[:, None], active.long()[:, None], positions[:, None])]
+        together = [tuple(torch.cat([c[i] for c in cols], 1) for i in range(3))]
+        out = []
+        for ref, runner in zip(self.models, self.runners):
+            dtype = ref.get_input_embeddings().weight.dtype
+            # Compiled (rollout.compile): one replay of the one-column step per column beats an
+            # eager forward of two columns on a launch-bound GPU; otherwise one forward.
+            for embeds, mask, pos in cols if runner.compiled is not None else together:
+                _, h = runner(embeds.to(ref.device, dtype), mask.to(ref.device), pos.to(ref.device))
+            if self.exact:
+                runner.retract(1)
+            out.append(h.to(vectors.device, vectors.dtype))
+        self.pending, self.asked = [], not self.exact
+        self.forwards += 1
+        return out
 
 
 def _select(logits: torch.Tensor, cfg: RolloutConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -500,6 +595,7 @@ class LatentPhase:
 def latent_phase(
     runner: _Runner, step: LatentStep | None, num_steps: int, logits: torch.Tensor, hidden: torch.Tensor | None,
     lengths: torch.Tensor, embedding: torch.Tensor, *, keep: str = "none", keep_topk: int = 10, sync_every: int = 1,
+    references: References | None = None,
 ) -> LatentPhase:
     """Up to ``num_steps`` latent steps after a prefill: the loop shared by the rollout (inference)
     and :func:`latentreason.models.latent_forward.latent_forward` (training, with gradients).
@@ -516,7 +612,7 @@ def latent_phase(
     active_list: list[torch.Tensor] = []  # [B] rows fed at each step
     kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     for t in range(num_steps):
-        result = step(StepContext(t, hidden, logits, embedding, active))
+        result = step(StepContext(t, hidden, logits, embedding, active, lengths, references))
         if result.stop is not None:
             active = active & ~result.stop
         # A host check waits for the device, so it runs every sync_every steps; until it runs, a
@@ -543,6 +639,8 @@ def latent_phase(
                     kept.append((probs, None))
         step_long = active.long()
         new_logits, new_hidden = runner(fed[:, None], step_long[:, None], lengths[:, None])
+        if references is not None:
+            references.commit(fed[:, None], step_long[:, None], lengths[:, None])
         # Stopped rows keep their last real outputs: that is where their answer continues from.
         logits = torch.where(active[:, None], new_logits, logits)
         if new_hidden is not None:
@@ -593,6 +691,8 @@ def rollout(
     pad_id: int,
     eot_id: int | None = None,
     row_seeds: list[int] | None = None,
+    references: list[PreTrainedModel] | None = None,
+    exact_references: bool = True,
 ) -> RolloutOutput:
     """Run prompts (token id lists, any lengths) through latent steps and answer decoding.
 
@@ -608,6 +708,10 @@ def rollout(
 
     Raises ``NonFiniteLatentError`` (checked once, after the latent phase: no per-step sync) if a
     reasoning row was fed NaN or inf; rows that stopped are fed zeros, whatever the step returned.
+
+    References: models run in lockstep with this one over the latent phase (see
+    :class:`References`, and its ``exact`` for ``exact_references``); a step reaches them through
+    ``StepContext.references``.
 
     Speed: ``cfg.compile`` runs each one-column forward compiled (under no_grad/inference_mode;
     with grad enabled the rollout stays eager); a step function runs between two compiled
@@ -642,8 +746,13 @@ def rollout(
 
     # ---- latent phase -------------------------------------------------------------------------
     t0 = time.perf_counter()
+    refs = None
+    if references and num_steps:
+        refs = References(references, ids, mask, cfg, max_len=ids.shape[1] + num_steps + 1, dim=dim,
+                          exact=exact_references)
     phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, embed.weight,
-                         keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every)
+                         keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every,
+                         references=refs)
     logits, lengths = phase.logits, phase.lengths
     latents, n_latent, dist_probs, dist_ids = phase.latents, phase.num_latent_steps, phase.dist_probs, phase.dist_ids
     if feed_eot:
@@ -671,6 +780,8 @@ def rollout(
             lengths = lengths + 1
     timings["decode_s"] = time.perf_counter() - t0
     timings["forwards"] = float(runner.forwards)
+    if refs is not None:
+        timings["reference_forwards"] = float(refs.forwards * len(refs.runners))
 
     tokens = []
     eos_set = set(eos_ids)

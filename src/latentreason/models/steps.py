@@ -19,6 +19,7 @@ steps follow this rule (``tests/models/test_steps.py`` runs them with syncs made
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,10 @@ class StepContext:
     logits: torch.Tensor  # [B, V] next-token logits at the last position
     embedding: torch.Tensor  # [V, D] the model's input embedding matrix
     active: torch.Tensor  # [B] bool, sequences still reasoning
+    positions: torch.Tensor | None = None  # [B] position id the vector returned now will take
+    #: Models run in lockstep over the latent phase (``rollout(..., references=...)``): a
+    #: :class:`~latentreason.models.rollout.References`, or None.
+    references: Any = None
 
 
 @dataclass

@@ -1,0 +1,217 @@
+"""Post-training refinement on tiny latent models: base, + residual, + contrastive, + both.
+
+    python benchmarks/bench_refine.py --task arith --seeds 0 1 2          # sweeps and reports
+    python benchmarks/bench_refine.py --task arith --seeds 0 1 2 --collect --cost   # + wall-clock, side by side
+
+Per seed, on the models of ``bench_baselines.py`` / ``bench_latent_sft.py`` (same seeds):
+
+- references: that seed's CoT-SFT recipe trained again with ``train.keep_every=50`` (``cot-sft-kept``):
+  strong = its last kept model (step 400), weak = its first (step 50), the paper's late and early
+  CoT checkpoints; neither is the latent model being refined;
+- Coconut latents: the seed's Coconut model (its final stage, 10 thoughts; about 21% on arith, and
+  its answers barely depend on its thoughts: the zero probe keeps most of it), and the same run's
+  curriculum stage-1 model (``coconut-stage-1``: 2 thoughts in place of the first step, the rest
+  written; about 88%, and zeroing its thoughts costs about 20 points: latents that matter);
+- Latent-SFT latents: r = 4 with stage 2 cut to 400 of the recipe's 1200 steps (from the same
+  stage 1 and soft labels; a shorter budget, so the base sits well below 90%);
+- ``latentreason refine``: α × η swept on 200 validation questions, each of base, + residual,
+  + contrastive, + both taken as the best validation cell of its kind and evaluated once on the
+  generated test split (500); the contrastive step is also swept with the sign flipped
+  (``refine.direction=weak``: the paper's printed update).
+
+``--cost`` times test-split evaluation without refinement, with the residual alone, and with both
+operators, alternating back to back (``residual_cost_ratio``, ``refine_cost_ratio``: medians of
+the ratios; ``+refine-inexact``: ``refine.exact_references=false``). Writes ``benchmarks/results/refine_<task>.json``; ``--collect`` rebuilds it from disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, write_results
+
+from latentreason.config import load_run_config, load_yaml, merge
+from latentreason.recipes import build_method, run_eval, run_train
+
+MODEL = "tiny-llama-l4-d128"
+STAGE2_STEPS = 400
+#: η is in the paper's units ((2η/d) times the references' hidden-state difference): Coconut's
+#: latents are hidden states (norm ~13), Latent-SFT's are embedding mixtures (norm ~0.5), so the
+#: grids differ: Coconut's spans steps of about 3% to 100% of a latent's norm; Latent-SFT's goes lower
+#: (0.3% to 10%) and its α too, as its latents degrade at the smallest settings of a Coconut-like grid.
+GRIDS = {
+    "coconut": {"alphas": [0.0, 0.25, 0.5, 0.75, 0.9], "etas": [0.0, 8.0, 24.0, 72.0, 216.0]},
+    "coconut-stage-1": {"alphas": [0.0, 0.25, 0.5, 0.75, 0.9], "etas": [0.0, 8.0, 24.0, 72.0, 216.0]},
+    "latent-sft-r4": {"alphas": [0.0, 0.05, 0.1, 0.25, 0.5], "etas": [0.0, 0.01, 0.03, 0.1, 0.3]},
+}
+ROW_NAMES = {"base": "", "residual": "+residual", "contrastive": "+contrastive", "both": "+refine"}
+NOTE = ("Tiny model (4 layers, d = 128), generated arith (6 steps, mod 10), CPU. References: the seed's CoT-SFT recipe "
+        "(400 steps) run again keeping every 50 steps: strong = step 400, weak = step 50. Coconut: the seed's model "
+        "of bench_baselines.py (10 thoughts); coconut-stage-1: its curriculum stage-1 model (2 thoughts, then the "
+        "remaining steps written). latent-sft-r4: r = 4 with stage 2 cut to 400 of 1200 steps. Every "
+        "setting chosen on 200 validation questions (alpha x eta grid), reported once on the generated test split (500). "
+        "ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds).")
+
+
+def kept_cot(root: Path) -> tuple[str, str]:
+    """(strong, weak) from the seed's CoT-SFT recipe re-run with kept checkpoints (trained if missing)."""
+    out = root / "cot-sft-kept"
+    if not (out / "train_summary.json").exists():
+        data = merge(load_yaml(root / "cot-sft" / "run_config.yaml"),
+                     {"train": {"output_dir": str(out), "keep_every": 50, "save_every": 50}})
+        run_train(load_run_config(base=data))
+    kept = sorted(out.glob("keep-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(kept[-1]), str(kept[0])
+
+
+def short_latent_sft(root: Path) -> Path:
+    """Latent-SFT r = 4 with a stage 2 of STAGE2_STEPS steps, from the recipe's stage 1 and soft labels."""
+    full = root / "latent-sft-r4" / "stage2"
+    out = root / f"latent-sft-r4-stage2-{STAGE2_STEPS}"
+    if not (out / "train_summary.json").exists():
+        data = merge(load_yaml(full / "run_config.yaml"), {
+            "method": {"soft_labels": str(full / "soft_labels")},
+            "train": {"output_dir": str(out), "max_steps": STAGE2_STEPS, "save_every": STAGE2_STEPS}})
+        run_train(load_run_config(base=data))
+    return out / "best"
+
+
+def latent_models(root: Path) -> dict[str, Path]:
+    return {"coconut": root / "coconut" / "best", "latent-sft-r4": short_latent_sft(root),
+            "coconut-stage-1": root / "coconut" / "stage-1"}
+
+
+def refine_overrides(model: Path, name: str, refs: tuple[str, str], out: Path, direction: str) -> list[str]:
+    grid = GRIDS[name]
+    alphas = grid["alphas"] if direction == "strong" else [0.0]
+    return [f"model.name_or_path={model}", f"refine.strong={refs[0]}", f"refine.weak={refs[1]}",
+            f"refine.direction={direction}", f"refine.sweep_alphas={json.dumps(alphas)}",
+            f"refine.sweep_etas={json.dumps(grid['etas'])}", "refine.sweep_limit=200", "eval.split=test",
+            "eval.batch_size=250", f"eval.output_dir={out}"]
+
+
+def run_seed(root: Path) -> None:
+    from latentreason.methods.refine import run_refine
+
+    refs = kept_cot(root)
+    for name, model in latent_models(root).items():
+        for direction in ("strong", "weak"):
+            out = root / "refine" / f"{name}-{direction}"
+            run_refine(load_run_config(overrides=refine_overrides(model, name, refs, out, direction), saved_base=True))
+
+
+def collect(root: Path, task: str, seeds: list[int]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    values: dict[str, list[tuple[int, float, float]]] = {}  # method -> (seed, accuracy, gain over base)
+    for seed in seeds:
+        for name in GRIDS:
+            for direction in ("strong", "weak"):
+                path = root / task / f"seed{seed}" / "refine" / f"{name}-{direction}" / "refine_summary.json"
+                if not path.exists():
+                    continue
+                report = json.loads(path.read_text())["report"]
+                kinds = ROW_NAMES if direction == "strong" else {"contrastive": "+contrastive-weak"}
+                for kind, suffix in kinds.items():
+                    if kind not in report:
+                        continue
+                    r = report[kind]
+                    method = name + suffix
+                    rows.append({"task": task, "model": MODEL, "method": method, "seed": seed, "split": "test",
+                                 "metric": "accuracy", "value": r["accuracy"], "n": r["n"], "ci95": r["accuracy_ci95"],
+                                 "alpha": r["alpha"], "eta": r["eta"], "valid_accuracy": r["valid_accuracy"],
+                                 "direction": direction})
+                    values.setdefault(method, []).append((seed, r["accuracy"], r["accuracy"] - report["base"]["accuracy"]))
+    for method, items in values.items():
+        if len(items) < 2:
+            continue
+        for metric, idx in (("accuracy", 1), ("accuracy_gain", 2)):
+            vals = [it[idx] for it in items]
+            mean, sd = statistics.mean(vals), statistics.stdev(vals)
+            half = _t975(len(vals) - 1) * sd / math.sqrt(len(vals))
+            rows.append({"task": task, "model": MODEL, "method": method, "seed": "mean", "split": "test",
+                         "metric": metric, "value": round(mean, 4), "n": len(vals), "seeds": [it[0] for it in items],
+                         "std": round(sd, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
+                         "note": "n = training seeds; accuracy_gain = this row minus the same seed's base, paired"})
+    return rows
+
+
+def _t975(df: int) -> float:
+    return {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}.get(df, 1.96)
+
+
+def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any]]:
+    """Wall-clock of the test split without refinement / residual alone / both, alternating."""
+    from latentreason.methods.base import generate_batches
+
+    folder = root / task / f"seed{seed}"
+    refs = kept_cot(folder)
+    rows = []
+    for name, model in latent_models(folder).items():
+        if name not in ("coconut", "latent-sft-r4"):
+            continue
+        summary = json.loads((folder / "refine" / f"{name}-strong" / "refine_summary.json").read_text())["report"]
+        both = summary.get("both", {"alpha": 0.5, "eta": GRIDS[name]["etas"][2]})
+        settings = {
+            "base": [],
+            "residual": ["refine.residual=true", f"refine.alpha={both['alpha']}"],
+            "both": ["refine.residual=true", f"refine.alpha={both['alpha']}", "refine.contrastive=true",
+                     f"refine.eta={both['eta']}"],
+        }
+        settings["both-inexact"] = settings["both"] + ["refine.exact_references=false"]
+        base_over = [f"model.name_or_path={model}", f"refine.strong={refs[0]}", f"refine.weak={refs[1]}"]
+        method = build_method(load_run_config(overrides=base_over, saved_base=True))
+        examples = method.task.load("test")
+        seconds: dict[str, list[float]] = {k: [] for k in settings}
+        for rep in range(reps + 1):  # the first round warms up (reference loading, allocations) and is dropped
+            for key in (list(settings) if rep % 2 == 0 else list(settings)[::-1]):
+                method.run = load_run_config(overrides=base_over + settings[key], saved_base=True)
+                t0 = time.perf_counter()
+                for _ in generate_batches(method, examples, batch_size=250):
+                    pass
+                if rep:
+                    seconds[key].append(time.perf_counter() - t0)
+        labels = {"residual": "+residual", "both": "+refine", "both-inexact": "+refine-inexact"}
+        for key, metric in (("residual", "residual_cost_ratio"), ("both", "refine_cost_ratio"),
+                            ("both-inexact", "refine_cost_ratio")):
+            ratios = [a / b for a, b in zip(seconds[key], seconds["base"])]
+            rows.append({"task": task, "model": MODEL, "method": name + labels[key],
+                         "seed": seed, "split": "test", "metric": metric, "value": round(statistics.median(ratios), 3),
+                         "n": reps, "ratios": [round(r, 3) for r in ratios], "alpha": both["alpha"],
+                         "eta": both["eta"] if key.startswith("both") else 0.0,
+                         "seconds": {k: [round(v, 3) for v in vs] for k, vs in seconds.items()},
+                         "note": "median over alternating back-to-back runs of the 500 test questions, batch 250"})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="arith", choices=["arith"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-baselines"), help="the runs of bench_baselines.py")
+    ap.add_argument("--collect", action="store_true", help="only rebuild the result file from the runs on disk")
+    ap.add_argument("--cost", action="store_true", help="also time evaluation with and without refinement (on --cost-seed)")
+    ap.add_argument("--cost-seed", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=4)
+    args = ap.parse_args()
+    root = Path(args.out)
+    for seed in [] if args.collect else args.seeds:
+        run_seed(root / args.task / f"seed{seed}")
+    rows = collect(root, args.task, args.seeds)
+    if args.cost:
+        rows += cost_rows(root, args.task, args.cost_seed, args.reps)
+    seeds = " ".join(map(str, args.seeds))
+    command = f"python benchmarks/bench_refine.py --task {args.task} --seeds {seeds}"
+    if args.cost:
+        command += f"; python benchmarks/bench_refine.py --task {args.task} --seeds {seeds} --collect --cost"
+    print(write_results(f"refine_{args.task}", command, rows, note=NOTE))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

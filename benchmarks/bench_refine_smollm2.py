@@ -1,0 +1,118 @@
+"""Refinement of Soft Thinking's latents on SmolLM2-135M-Instruct, training-free, GSM8K-Aug valid.
+
+    python benchmarks/bench_refine_smollm2.py [--limit 64]
+
+The main model is SmolLM2-135M-Instruct as shipped, running Soft Thinking (the settings of
+``bench_soft_thinking_smollm2.py``: up to 96 mixture steps, cold stop after 16, 96 answer tokens).
+References: a short CoT-SFT of the same model on GSM8K-Aug (``configs/cot_sft_gsm8k_smollm2.yaml``
+cut to ``--ref-steps`` steps, kept every ``ref-steps / 2``: weak = the middle, strong = the end;
+no validation). Four rows on the first ``--limit`` validation questions: base, + residual
+(α = 0.5), + contrastive, + both, at fixed settings (no sweep: on 2 cores one evaluation takes
+minutes). η is set so that the contrastive step is 10% of a latent's norm on average over the first
+8 questions (a scale, not an accuracy choice). The cost ratios come from the same runs' wall-clock
+(the four evaluations run back to back in one process). Writes benchmarks/results/refine_smollm2.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from common import ROOT, write_results
+
+from latentreason.config import load_run_config, merge
+from latentreason.methods.refine import load_references
+from latentreason.models.rollout import rollout
+from latentreason.models.steps import LatentStep, StepContext, StepResult
+from latentreason.recipes import build_method, run_eval, run_train
+
+SOFT_THINKING = {"method": {"name": "soft-thinking", "num_latent_steps": 96, "cold_stop_steps": 16},
+                 "rollout": {"max_new_tokens": 96}}
+
+
+def references(out: Path, steps: int) -> tuple[str, str]:
+    """(strong, weak): the end and the middle of a short CoT-SFT run of SmolLM2 (trained if missing)."""
+    if not (out / "train_summary.json").exists():
+        data = yaml.safe_load((ROOT / "configs" / "cot_sft_gsm8k_smollm2.yaml").read_text())
+        data = merge(data, {"train": {"output_dir": str(out), "max_steps": steps, "keep_every": steps // 2,
+                                      "save_every": steps // 2, "select_on_valid": False},
+                            "optim": {"warmup_steps": min(5, steps // 4)}})
+        run_train(load_run_config(base=data))
+    return str(out / f"keep-{steps}"), str(out / f"keep-{steps // 2}")
+
+
+class _Scale(LatentStep):
+    """Records |z| and |h_strong - h_weak| per active row, feeding the inner step unchanged."""
+
+    def __init__(self, inner: LatentStep) -> None:
+        self.inner, self.needs_hidden, self.ratios = inner, inner.needs_hidden, []
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        result = self.inner(ctx)
+        strong, weak = ctx.references.hidden(result.embeds, ctx.active, ctx.positions)
+        a = ctx.active
+        self.ratios.append((result.embeds[a].norm(dim=-1).mean() / (strong - weak)[a].norm(dim=-1).mean()).item())
+        return result
+
+
+def calibrate_eta(method, examples, dim: int) -> float:
+    """η with (2η/d) |h_s - h_w| = 0.1 |z| on average: a 10% step."""
+    probe = _Scale(method.latent_step(examples))
+    with torch.inference_mode():
+        rollout(method.loaded.model, method.prompt_ids(examples), probe, method.rollout_config(),
+                eos_ids=method.loaded.eos_ids, pad_id=method.loaded.pad_id, eot_id=method.loaded.eot_id,
+                references=load_references(method))
+    return round(0.1 * statistics.mean(probe.ratios) * dim / 2, 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=64)
+    ap.add_argument("--ref-steps", type=int, default=20)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-refine-smollm2"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    strong, weak = references(out / "cot-sft-kept", args.ref_steps)
+    data = yaml.safe_load((ROOT / "configs" / "zero_shot_gsm8k_aug_smollm2.yaml").read_text())
+    data["method"] = {}
+    data = merge(merge(data, SOFT_THINKING), {"refine": {"strong": strong, "weak": weak}})
+    run = load_run_config(base=data, overrides=[f"eval.limit={args.limit}"])
+    method = build_method(run)
+    examples = method.task.load("valid", limit=8)
+    eta = calibrate_eta(method, examples, method.loaded.model.get_input_embeddings().weight.shape[1])
+    settings = {
+        "soft-thinking": {},
+        "soft-thinking+residual": {"residual": True, "alpha": args.alpha},
+        "soft-thinking+contrastive": {"contrastive": True, "eta": eta},
+        "soft-thinking+refine": {"residual": True, "alpha": args.alpha, "contrastive": True, "eta": eta},
+    }
+    rows, seconds = [], {}
+    for name, refine in settings.items():
+        cell = load_run_config(base=merge(data, {"refine": refine}),
+                               overrides=[f"eval.limit={args.limit}", f"eval.output_dir={out / name}"])
+        s = run_eval(cell, method=method)
+        seconds[name] = 1 / s["questions_per_second"]
+        base = {"task": s["task"], "model": "smollm2-135m", "method": name, "split": s["split"], "n": s["n"],
+                "alpha": refine.get("alpha", 0.0), "eta": refine.get("eta", 0.0)}
+        rows += [{**base, "metric": "accuracy", "value": s["accuracy"], "ci95": s["accuracy_ci95"]},
+                 {**base, "metric": "accuracy_flexible", "value": s["accuracy_flexible"]},
+                 {**base, "metric": "mean_latent_steps", "value": s["mean_latent_steps"]},
+                 {**base, "metric": "seconds_per_question", "value": round(seconds[name], 3)}]
+    for name, metric in (("soft-thinking+residual", "residual_cost_ratio"), ("soft-thinking+refine", "refine_cost_ratio")):
+        rows.append({"task": "gsm8k-aug", "model": "smollm2-135m", "method": name, "split": "valid", "n": args.limit,
+                     "metric": metric, "value": round(seconds[name] / seconds["soft-thinking"], 3),
+                     "note": "one run each, back to back in one process (batch 32)"})
+    note = (f"SmolLM2-135M-Instruct, Soft Thinking training-free, first {args.limit} GSM8K-Aug valid questions, CPU. "
+            f"References: CoT-SFT of the same model on GSM8K-Aug, strong = step {args.ref_steps}, weak = step "
+            f"{args.ref_steps // 2} (a short run: 16 examples per step). Fixed settings, no sweep: alpha = {args.alpha}, "
+            f"eta = {eta} (a 10% step on the first 8 questions).")
+    print(write_results("refine_smollm2", "python benchmarks/bench_refine_smollm2.py " + " ".join(sys.argv[1:]), rows,
+                        note=note))
+
+
+if __name__ == "__main__":
+    main()
