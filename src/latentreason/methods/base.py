@@ -288,16 +288,20 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return clone.state_dict()
 
 
-def row_seeds(cfg: RolloutConfig, examples: list[Example]) -> list[int] | None:
+def row_seeds(cfg: RolloutConfig, examples: list[Example], group_size: int = 1) -> list[int] | None:
     """Sampling seeds keyed by example id, so a row's sample is the same in any batch, order or resume.
 
     None when decoding is greedy. Sampling with ``rollout.seed`` unset uses seed 0 rather than an
     unseeded generator: a resumable evaluation must be reproducible; set a seed to draw others.
+    ``group_size`` G > 1 (``rollout(..., group_size=G)``): G seeds per example, keyed by its id and
+    the sample's index, in the rollout's row order (example b's samples are rows b·G ... b·G + G − 1).
     """
     if cfg.temperature == 0:
         return None
     seed = 0 if cfg.seed is None else cfg.seed
-    return [derive_seed(seed, ex.id) for ex in examples]
+    if group_size == 1:
+        return [derive_seed(seed, ex.id) for ex in examples]
+    return [derive_seed(seed, f"{ex.id}#{g}") for ex in examples for g in range(group_size)]
 
 
 @dataclass

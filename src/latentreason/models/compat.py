@@ -10,6 +10,9 @@ whose ``forward`` still takes the old names (remote code written for 4.x) keeps 
 - ``cache_position``: required with a static cache in 4.x, gone by 5.24 (the cache counts the
   columns it was given itself);
 - ``logits_to_keep``: present in both, but not on every model class;
+- repeating a cache's rows (one prefill, G samples): dynamic layers have
+  ``batch_repeat_interleave``; static layers do not, and name their batch size ``max_batch_size``
+  (4.x) or ``batch_size`` (5.x);
 - rewinding a static cache: 5.x caches count the columns written (``cumulative_length``, per layer)
   and must be told to step back; 4.x ones are written where ``cache_position`` says;
 - special tokens: ``additional_special_tokens`` / ``replace_additional_special_tokens`` in 4.x,
@@ -106,3 +109,20 @@ def rewind_static_cache(cache: Any, n: int) -> None:
             length.sub_(n)
         elif isinstance(length, int):
             layer.cumulative_length = length - n
+
+
+def repeat_cache_rows(cache: Any, repeats: int) -> None:
+    """Repeat every row of a filled KV cache ``repeats`` times in place (row b becomes rows
+    b·repeats … b·repeats + repeats − 1): G samples that share one prefill of their prompt."""
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "batch_repeat_interleave") and not hasattr(layer, "max_cache_len"):
+            layer.batch_repeat_interleave(repeats)  # a growing layer
+            continue
+        keys = getattr(layer, "keys", None)
+        if not torch.is_tensor(keys) or keys.numel() == 0:
+            continue  # not written yet (a layer that never saw the prompt)
+        layer.keys = keys.repeat_interleave(repeats, dim=0)
+        layer.values = layer.values.repeat_interleave(repeats, dim=0)
+        for name in ("max_batch_size", "batch_size"):
+            if isinstance(getattr(layer, name, None), int):
+                setattr(layer, name, layer.keys.shape[0])

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, StaticCache
 
-from latentreason.models.compat import forward_args, returned_cache, rewind_static_cache
+from latentreason.models.compat import forward_args, repeat_cache_rows, returned_cache, rewind_static_cache
 from latentreason.models.steps import LatentStep, StepContext
 
 
@@ -80,13 +80,16 @@ class RolloutConfig:
 class RolloutOutput:
     """Everything a method or the harness needs from one batch. B batch, K latent bound, D hidden."""
 
-    tokens: list[list[int]]  # decoded answer tokens per sequence, eos excluded
+    tokens: list[list[int]]  # decoded answer tokens per sequence, eos excluded (B·G rows with group_size G)
     finished: torch.Tensor  # [B] bool: the answer ended with an eos token
     num_latent_steps: torch.Tensor  # [B] long: latent vectors actually fed
     latents: torch.Tensor  # [B, K, D] fed vectors (zeros after a sequence stopped)
     dist_probs: torch.Tensor | None  # [B, K, k] (topk) or [B, K, V] (full): p(· | prefix) that produced step t
     dist_ids: torch.Tensor | None  # [B, K, k] token ids for topk
     timings: dict[str, float] = field(default_factory=dict)
+    #: [B, T] log-probability of each decoded token under the distribution it was drawn from
+    #: (softmax(logits / temperature); greedy: temperature 1), 0 after a row ended; with return_logprobs
+    logprobs: torch.Tensor | None = None
 
 
 class ContextLengthError(ValueError):
@@ -433,6 +436,22 @@ class _Runner:
             self.cache = cache
         return logits, hidden if self.need_hidden else None
 
+    def repeat_rows(self, repeats: int) -> None:
+        """Every row ``repeats`` times (row b -> rows b·repeats ...), cache included: after one
+        prefill, G samples per prompt. Not for the compiled step (its buffers have fixed shapes)."""
+        if self.compiled is not None:
+            raise ValueError("repeat_rows: the compiled step's buffers have fixed shapes")
+        if self.static:
+            repeat_cache_rows(self.cache, repeats)
+            self.mask_buf = self.mask_buf.repeat_interleave(repeats, 0)
+        elif self.use_cache:
+            repeat_cache_rows(self.cache, repeats)
+            self.mask = self.mask.repeat_interleave(repeats, 0)
+        else:
+            self.embeds = self.embeds.repeat_interleave(repeats, 0)
+            self.mask = self.mask.repeat_interleave(repeats, 0)
+            self.positions = self.positions.repeat_interleave(repeats, 0)
+
     def retract(self, n: int) -> None:
         """Forget the last ``n`` columns fed: the next feed takes their place (a peek at a vector
         that is not kept). The static cache is overwritten in place; without a cache the stored
@@ -693,6 +712,8 @@ def rollout(
     row_seeds: list[int] | None = None,
     references: list[PreTrainedModel] | None = None,
     exact_references: bool = True,
+    group_size: int = 1,
+    return_logprobs: bool = False,
 ) -> RolloutOutput:
     """Run prompts (token id lists, any lengths) through latent steps and answer decoding.
 
@@ -708,6 +729,12 @@ def rollout(
 
     Raises ``NonFiniteLatentError`` (checked once, after the latent phase: no per-step sync) if a
     reasoning row was fed NaN or inf; rows that stopped are fed zeros, whatever the step returned.
+
+    Groups (RL: G answers per question): ``group_size`` G runs every prompt G times, rows
+    b·G … b·G + G − 1 (``row_seeds``, the step and every output have B·G rows). The prompts are
+    prefilled once and the cache's rows repeated, not prefilled G times (under ``cfg.compile`` the
+    compiled step's buffers have fixed shapes, so the prompts are repeated before the prefill: the
+    same outputs, G prefills). ``return_logprobs`` fills ``RolloutOutput.logprobs``.
 
     References: models run in lockstep with this one over the latent phase (see
     :class:`References`, and its ``exact`` for ``exact_references``); a step reaches them through
@@ -726,14 +753,20 @@ def rollout(
     feed_eot = cfg.feed_eot and num_steps > 0 and eot_id is not None
     extra = num_steps + int(feed_eot) + cfg.max_new_tokens
     check_context(model, [len(p) for p in prompts], extra)
+    if group_size < 1:
+        raise ValueError(f"rollout: group_size={group_size}, must be >= 1")
     ids, mask = left_pad(prompts, pad_id, device)
-    batch = ids.shape[0]
+    shared = group_size > 1 and not (cfg.compile and not torch.is_grad_enabled())  # compiled: fixed shapes
+    if group_size > 1 and not shared:  # the compiled step: G prefills, the same outputs
+        ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+    prefill_rows = ids.shape[0]
+    batch = prefill_rows * (group_size if shared else 1)
     dim = embed.weight.shape[1]
     generators = _row_generators(cfg, row_seeds, batch, device)
     if step is not None:
         step.validate(batch, num_steps, dim)
-    runner = _Runner(model, cfg, step is not None and step.needs_hidden, batch, max_len=ids.shape[1] + extra,
-                     probe=embed(ids[:1, -4:]))
+    runner = _Runner(model, cfg, step is not None and step.needs_hidden, prefill_rows,
+                     max_len=ids.shape[1] + extra, probe=embed(ids[:1, -4:]))
     sync_every = cfg.sync_every or (1 if device.type == "cpu" else 8)
     timings: dict[str, float] = {}
     ones = torch.ones(batch, 1, dtype=torch.long, device=device)
@@ -742,6 +775,11 @@ def rollout(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     lengths = mask.sum(-1)  # [B] real tokens so far: the next real token's position id
     logits, hidden = runner(embed(ids), mask, positions)
+    if shared:  # one prefill, G rows per prompt from here on
+        runner.repeat_rows(group_size)
+        ids, mask, lengths = (t.repeat_interleave(group_size, 0) for t in (ids, mask, lengths))
+        logits = logits.repeat_interleave(group_size, 0)
+        hidden = None if hidden is None else hidden.repeat_interleave(group_size, 0)
     timings["prefill_s"] = time.perf_counter() - t0
 
     # ---- latent phase -------------------------------------------------------------------------
@@ -767,11 +805,16 @@ def rollout(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pads = torch.full((batch,), pad_id, dtype=torch.long, device=device)
     out = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(batch, cfg.max_new_tokens, device=device) if return_logprobs else None
     produced = 0
     with torch.no_grad():
         for i in range(cfg.max_new_tokens):
             nxt = torch.where(done, pads, _select(logits, cfg, generators))
             out[:, i] = nxt
+            if logps is not None:
+                scaled = logits.float() / (cfg.temperature or 1.0)
+                chosen = scaled.log_softmax(-1).gather(-1, nxt[:, None])[:, 0]
+                logps[:, i] = torch.where(done, torch.zeros_like(chosen), chosen)
             produced = i + 1
             done = done | torch.isin(nxt, eos)
             if i == cfg.max_new_tokens - 1 or ((i + 1) % sync_every == 0 and bool(done.all())):
@@ -788,4 +831,6 @@ def rollout(
     for row in out[:, :produced].tolist():
         cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
         tokens.append(row[:cut])
-    return RolloutOutput(tokens, done, n_latent, latents, dist_probs, dist_ids, timings)
+    if logps is not None:
+        logps = logps[:, :produced]
+    return RolloutOutput(tokens, done, n_latent, latents, dist_probs, dist_ids, timings, logps)
