@@ -56,7 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 #: the runs behind the published result file (``--collect`` names them as its command)
 RUNS = ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause hidden",
-        "--seeds 0 --compression 2")
+        "--seeds 0 1 2 --compression 2")
 NOTE = ("Tiny model (4 layers, d = 128), generated arith (6 steps, mod 10), trained on CPU. CoT-SFT and no-CoT: "
         "the demo recipe, 400 steps of 64 examples from scratch. Latent-SFT and the pause control start from that seed's CoT-SFT model and add "
         "600 stage-1 steps (warm-up, decoder, both: 200 each) and 1200 stage-2 steps of 64 examples; every model is "

@@ -201,6 +201,21 @@ def test_contrastive_step_by_hand(trio, direction: str, search_steps: int) -> No
     assert bool((moved > 1e-3).all())  # the step did move every latent
 
 
+def test_contrastive_first_order_by_hand(trio) -> None:
+    main, strong, weak = trio
+    v, eta, a = _vectors(main), 40.0, 0.4
+    cfg = RefineConfig(residual=True, alpha=a, contrastive=True, eta=eta, order="contrastive-first")
+    out = _run(main, RefineStep(ExternalStep(v), cfg), [strong, weak])
+    prompts, c = _prompts(main), 2 * eta / v.shape[-1]
+    for row in range(len(TEXTS)):
+        fed: list[torch.Tensor] = []
+        for t in range(NUM_LATENT):
+            z = v[row, t] + c * (_alone(strong, prompts[row], [*fed, v[row, t]]) - _alone(weak, prompts[row], [*fed, v[row, t]]))
+            z = z if t == 0 else a * fed[-1] + (1 - a) * z
+            torch.testing.assert_close(out.latents[row, t], z, atol=1e-5, rtol=0)
+            fed.append(out.latents[row, t])
+
+
 def test_same_reference_twice_changes_nothing(trio) -> None:
     main, strong, _ = trio
     v = _vectors(main)
