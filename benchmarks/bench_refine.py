@@ -30,7 +30,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 from common import ROOT, write_results
 
 from latentreason.config import load_run_config, load_yaml, merge
-from latentreason.recipes import build_method, run_eval, run_train
+from latentreason.recipes import build_method, run_train
 
 MODEL = "tiny-llama-l4-d128"
 STAGE2_STEPS = 400
