@@ -130,6 +130,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curves(args: argparse.Namespace) -> int:
+    from latentreason.eval.report import plot_curves
+
+    logs = {}
+    for spec in args.runs:
+        folder, _, label = spec.partition("=")
+        logs[label or folder] = folder
+    print(f"wrote {plot_curves(logs, args.out, key=args.key, smooth=args.smooth)}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentreason", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,6 +194,16 @@ def make_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default="runs/compare", help="where compare.md, compare.json and compare.png go")
     comp.add_argument("--title", default=None, help="table and figure title (default: task and split)")
     comp.set_defaults(func=cmd_compare)
+    curves = sub.add_parser(
+        "curves", help="plot a logged quantity (reward, loss, ...) of training runs against the step",
+        description="Read <run>/log.jsonl of each run and plot one line per run of --key (an RL run logs reward, "
+                    "reward_correct, reward_format, loss_rl, ...; every run logs loss). Labels 'method/seed' that "
+                    "share the text before '/' share a colour.")
+    curves.add_argument("runs", nargs="+", metavar="RUN[=LABEL]", help="run folder (or its log.jsonl), optionally =label")
+    curves.add_argument("--key", default="reward", help="the logged field to plot (default: reward)")
+    curves.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged rows")
+    curves.add_argument("--out", default="runs/curves.png", help="the figure to write")
+    curves.set_defaults(func=cmd_curves)
     return parser
 
 

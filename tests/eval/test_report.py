@@ -68,3 +68,24 @@ def test_compare_names_an_unfinished_folder(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="half/summary.json: missing"):
         compare([str(tmp_path / "half")], tmp_path / "cmp")
+
+
+def test_curves_plot_the_logged_key_per_run_and_name_a_log_without_it(tmp_path, capsys):
+    from latentreason.cli import main
+    from latentreason.eval.report import read_curve
+
+    for name, rewards in (("a", [0.1, 0.3, 0.2]), ("b", [0.5, 0.4, 0.6])):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"stage": "rl", "step": 0}] + [{"step": i + 1, "loss": 1.0, "reward": r} for i, r in enumerate(rewards)]
+        rows.insert(2, {"step": 1, "valid_metric": 0.5})
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_curve(tmp_path / "a", "reward") == [(1, 0.1), (2, 0.3), (3, 0.2)]
+    out = tmp_path / "fig.png"
+    assert main(["curves", f"{tmp_path / 'a'}=dlr/seed0", f"{tmp_path / 'b' / 'log.jsonl'}=grpo/seed0",
+                 "--out", str(out), "--smooth", "2"]) == 0
+    assert out.stat().st_size > 1000 and str(out) in capsys.readouterr().out
+    assert main(["curves", str(tmp_path / "a"), "--key", "kl", "--out", str(out)]) == 2
+    assert "no rows with 'kl'" in capsys.readouterr().err
+    assert main(["curves", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no training log here" in capsys.readouterr().err

@@ -21,6 +21,8 @@ trained from scratch (multiplication, arith) have none, to keep prompts short.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import re
 from pathlib import Path
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from latentreason.data import answers, generators
-from latentreason.data.base import SHARED_DATA, TASKS, DataError, Example, Task
+from latentreason.data.base import SHARED_DATA, TASKS, DataError, Example, Score, Task
 from latentreason.data.loaders import Row, field, locate, memo, read_rows, source_key
 
 log = logging.getLogger(__name__)
@@ -442,3 +444,84 @@ class Arith(Task):
                 return _take(_generated(self, split, rows, "steps"), limit)
             held |= {r["question"] for r in rows}
         return _generated(self, split, generate("train", size, held), "steps")
+
+
+# -- mix -----------------------------------------------------------------------------------------
+def _option_value(text: str) -> Any:
+    """``6`` -> 6, ``0.5`` -> 0.5, ``true`` -> True, anything else stays a string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+@TASKS.register("mix")
+class Mix(Task):
+    """Several tasks as one: a model trained on all of them, then measured on one part alone
+    (forgetting: RL on one part, accuracy on another before and after).
+
+    ``parts`` lists tasks with their options, ``;`` between tasks and ``:`` before each option:
+    ``arith:num_steps=6;arith:num_steps=3:modulus=7``. Every split interleaves the parts' own
+    splits (a limit keeps both parts represented); prompts, chains and scoring are each part's
+    own, so the trained model is evaluated on a part with ``data.task=<that part>``.
+    """
+
+    name = "mix"
+    option_defaults: ClassVar[dict[str, Any]] = {"parts": ""}
+
+    def __init__(self, path: str | None = None, chain_format: str | None = None, **options: Any) -> None:
+        super().__init__(path, chain_format, **options)
+        specs = [s.strip() for s in str(self.options["parts"]).split(";") if s.strip()]
+        if len(specs) < 2:
+            raise ValueError(f"task 'mix': option parts={self.options['parts']!r} must list two or more tasks, "
+                             "e.g. parts='arith:num_steps=6;arith:num_steps=3:modulus=7'")
+        from latentreason.data.base import build_task
+
+        self.parts: list[Task] = []
+        for spec in specs:
+            name, *pairs = spec.split(":")
+            opts = {}
+            for pair in pairs:
+                key, eq, value = pair.partition("=")
+                if not eq:
+                    raise ValueError(f"task 'mix': {pair!r} in part {spec!r} is not key=value")
+                opts[key.strip()] = _option_value(value.strip())
+            if name.strip() == "mix":
+                raise ValueError("task 'mix': a part cannot be a mix")
+            self.parts.append(build_task(name.strip(), path=path, chain_format=chain_format, **opts))
+        self.splits = tuple(s for s in self.parts[0].splits if all(s in p.splits for p in self.parts))  # type: ignore[misc]
+        self.vocabulary = tuple(dict.fromkeys(w for p in self.parts for w in p.vocabulary))  # type: ignore[misc]
+        self.version = sum(p.version for p in self.parts)  # type: ignore[misc]
+
+    def load(self, split: str, limit: int | None = None) -> list[Example]:
+        self.check_split(split)
+        loaded = [[dataclasses.replace(ex, id=f"{i}:{ex.id}", meta={**ex.meta, "part": i}) for ex in p.load(split)]
+                  for i, p in enumerate(self.parts)]
+        mixed = [ex for row in itertools.zip_longest(*loaded) for ex in row if ex is not None]
+        return mixed if limit is None else mixed[:limit]
+
+    def _part(self, ex: Example) -> Task:
+        return self.parts[ex.meta["part"]]
+
+    def prompt(self, ex: Example, instruction: bool = True) -> str:
+        return self._part(ex).prompt(ex, instruction)
+
+    def chain_text(self, ex: Example) -> str:
+        return self._part(ex).chain_text(ex)
+
+    def chain_steps(self, ex: Example) -> list[str]:
+        return self._part(ex).chain_steps(ex)
+
+    def solutions(self, ex: Example) -> list[str]:
+        return self._part(ex).solutions(ex)
+
+    def answer_text(self, ex: Example) -> str:
+        return self._part(ex).answer_text(ex)
+
+    def check(self, prediction: str | None, ex: Example) -> bool:
+        return self._part(ex).check(prediction, ex)
+
+    def score(self, text: str, ex: Example) -> Score:
+        return self._part(ex).score(text, ex)

@@ -248,3 +248,49 @@ def inspect_latents(method: Any, example: Any, out: str | Path | None = None, to
     path = _save(fig, Path(out) / f"latents-{example.id}.png")
     (Path(out) / f"latents-{example.id}.txt").write_text(text)
     return text, path
+
+
+def read_curve(log: str | Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of ``key`` in a training log (``log.jsonl`` or the run folder holding it)."""
+    from latentreason.io import read_jsonl
+
+    path = Path(log)
+    path = path / "log.jsonl" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no training log here (train writes <train.output_dir>/log.jsonl)")
+    rows = [(int(r["step"]), float(r[key])) for r in read_jsonl(path, drop_torn_tail=True) if key in r]
+    if not rows:
+        raise ValueError(f"{path}: no rows with {key!r} (an RL run logs reward, reward_correct, ...; "
+                         "every run logs loss)")
+    return rows
+
+
+def plot_curves(logs: dict[str, str | Path], path: str | Path, key: str = "reward", smooth: int = 1,
+                title: str = "") -> Path:
+    """One line per run of ``key`` against the training step (a trailing mean over ``smooth`` logged
+    rows); runs whose labels share the text before '/' share a colour (seeds of one method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours: dict[str, str] = {}
+    for label, log in logs.items():
+        steps, values = zip(*read_curve(log, key))
+        smoothed = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
+                    for i in range(len(values))]
+        group = label.split("/")[0]
+        first = group not in colours
+        colour = colours.setdefault(group, f"C{len(colours) % 10}")
+        ax.plot(steps, smoothed, color=colour, alpha=0.85, lw=1.2, label=group if first else None)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(key if smooth <= 1 else f"{key} (mean of {smooth} logged rows)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -7,3 +7,5 @@ from latentreason.methods import softcot  # noqa: F401  (registers softcot)
 
 __all__ = ["METHODS", "Method"]
 from latentreason.methods import latent_sft  # noqa: F401  (registers latent-sft)
+from latentreason.methods import dlr  # noqa: F401  (registers dlr)
+from latentreason.methods import grpo  # noqa: F401  (registers grpo)

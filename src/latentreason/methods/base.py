@@ -157,6 +157,16 @@ class Method:
         """``{"loss_sum": summed loss over the batch's num_targets, ...metrics}``."""
         raise NotImplementedError(f"method {self.name!r} does not train")
 
+    #: True for on-policy methods (RL: DLR, GRPO), whose batches are drawn from the model being trained.
+    on_policy: ClassVar[bool] = False
+
+    def sample(self, modules: nn.ModuleDict, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """On-policy methods: complete a collated micro-batch with samples from the current weights
+        (generate, score), setting ``num_targets`` now that it is known. The trainer calls it for
+        every micro-batch of step ``step`` before the loss normaliser is summed, without gradients,
+        in eval mode; samples keyed by (step, example id) make a resumed run draw the same ones."""
+        return batch
+
     # -- evaluation ----------------------------------------------------------------------------
     def prompt_ids(self, examples: list[Example]) -> list[list[int]]:
         """Token ids the rollout starts from (latent methods append <bot>)."""

@@ -11,6 +11,9 @@ Design choices, and why:
   scheduler, RNG, step) is written to a temporary folder and renamed, so a SIGKILL at any moment
   leaves the previous one intact; log lines past the checkpoint are dropped on resume.
 - ``best/`` is chosen on the validation split by the caller's ``select`` function, never on test.
+- On-policy methods (``Method.on_policy``: DLR, GRPO) complete each micro-batch with samples
+  drawn from the current weights (``Method.sample``) before the normaliser is summed, so a
+  normaliser known only after generation (GRPO's sampled tokens) still gives one global batch.
 - A method may declare stages (``Method.stages``). The stage of step s is a pure function of s,
   so resume needs nothing more; each stage's end saves ``<stage.name>/`` and a checkpoint, so a
   run killed later resumes after the switch; an optimizer reset at a stage's first step is
@@ -432,6 +435,16 @@ class Trainer:
         chunks = [mine[i: i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
         return [self.method.collate([self.examples[i] for i in c]) for c in chunks]
 
+    def _sample(self, micro: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """On-policy step, first half: samples from the current weights (no gradients, eval mode);
+        the unwrapped parts run it, so every process samples its own slice of the global batch."""
+        self.wrapped.eval()
+        try:
+            with torch.no_grad():
+                return [self.method.sample(self.module.parts, b, self.step) for b in micro]
+        finally:
+            self.wrapped.train()
+
     def _current_stage(self) -> Stage | None:
         """The stage of the step last taken (the first stage before any step)."""
         if self.stages is None:
@@ -537,6 +550,8 @@ class Trainer:
             if self.stages is not None:
                 self._enter_stage()
             micro = self._micro_batches(self.step)
+            if self.method.on_policy:
+                micro = self._sample(micro)
             local = torch.tensor(float(sum(b["num_targets"] for b in micro)), device=self.acc.device)
             total = float(self.acc.reduce(local, reduction="sum")) if self.acc.num_processes > 1 else float(local)
             scale = self.acc.num_processes / max(total, 1.0)  # DDP averages gradients over processes

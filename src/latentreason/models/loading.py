@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from latentreason.io import atomic_replace_dir, recover_dir
@@ -346,3 +347,30 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     loaded.tokenizer.save_pretrained(tmp)
     atomic_replace_dir(tmp, path)
+
+
+def decoder_body(model: PreTrainedModel, num_layers: int = 0) -> nn.Module:
+    """The model's transformer body without its output head, optionally only its first
+    ``num_layers`` blocks (0 = all): a shallow model initialised from a deeper one (DLR's assistant).
+
+    Works for any model whose body keeps its blocks in one ``nn.ModuleList`` (Llama, Qwen, GPT-2,
+    ...); the config's layer count (and per-layer lists) are cut to match.
+    """
+    body = model.base_model
+    if num_layers <= 0:
+        return body
+    lists = [(name, m) for name, m in body.named_children() if isinstance(m, nn.ModuleList)]
+    if len(lists) != 1:
+        raise ValueError(f"decoder_body: cannot find the one list of blocks in {type(body).__name__} "
+                         f"(found {[n for n, _ in lists]}); use num_layers=0 (all layers)")
+    name, blocks = lists[0]
+    if num_layers > len(blocks):
+        raise ValueError(f"decoder_body: num_layers={num_layers}, but the model has {len(blocks)} layers")
+    setattr(body, name, nn.ModuleList(list(blocks)[:num_layers]))
+    cfg = body.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            setattr(cfg, key, num_layers)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:num_layers]
+    return body
