@@ -81,7 +81,7 @@ def main() -> None:
     from latentreason.eval.report import plot_curves
 
     plot_curves({"dlr": dlr}, RESULTS / "dlr_smollm2_reward.png", key="reward",
-                title="DLR on SmolLM2-135M (frozen), GSM8K-Aug train: reward per update (G = 4 x 8 questions)")
+                title="DLR, SmolLM2-135M frozen, GSM8K-Aug train: reward per update (G = 4 x 8)")
     note = (f"SmolLM2-135M-Instruct frozen main model, CPU (2 cores), a short run: warm start {args.warm_steps} steps "
             f"x 16 questions, RL {args.rl_steps} updates x 8 questions x G = 4; assistant = SmolLM2's first 4 blocks. "
             f"Evaluated on the first {args.limit} GSM8K-Aug valid questions (no selection on them: final/ of each run).")

@@ -324,3 +324,12 @@ def test_grpo_on_two_processes_matches_one_process(tmp_path, trained_arith_model
     assert any(not torch.equal(a[k], start[k]) for k in a)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_dlr_with_chain_trains_the_main_model_to_write_the_chain_after_the_latents(tmp_path, trained_arith_model) -> None:
+    ex = build_task("arith", num_steps=2).load("train", limit=1)
+    for with_chain in (False, True):
+        m = _dlr(tmp_path, trained_arith_model, with_chain=with_chain)
+        text = m.loaded.tokenizer.decode(m.collate(ex)["targets"][0], skip_special_tokens=True)
+        answer = m.task.answer_text(ex[0])
+        assert text == (f"{m.task.chain_text(ex[0])} {answer}" if with_chain else answer)

@@ -469,7 +469,9 @@ class Mix(Task):
     """
 
     name = "mix"
-    option_defaults: ClassVar[dict[str, Any]] = {"parts": ""}
+    #: default: the forgetting test bed of benchmarks/bench_dlr.py (two arith skills; the number of
+    #: operators tells which modulus applies)
+    option_defaults: ClassVar[dict[str, Any]] = {"parts": "arith:num_steps=6;arith:num_steps=3:modulus=7:seed=1"}
 
     def __init__(self, path: str | None = None, chain_format: str | None = None, **options: Any) -> None:
         super().__init__(path, chain_format, **options)
@@ -497,7 +499,7 @@ class Mix(Task):
 
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         self.check_split(split)
-        loaded = [[dataclasses.replace(ex, id=f"{i}:{ex.id}", meta={**ex.meta, "part": i}) for ex in p.load(split)]
+        loaded = [[dataclasses.replace(ex, id=f"mix-{split}-{i}:{ex.id}", meta={**ex.meta, "part": i}) for ex in p.load(split)]
                   for i, p in enumerate(self.parts)]
         mixed = [ex for row in itertools.zip_longest(*loaded) for ex in row if ex is not None]
         return mixed if limit is None else mixed[:limit]
