@@ -210,10 +210,9 @@ def cost(root: Path, main: Path, warm: Path, dlr: dict[str, Any], updates: int =
                                                          "micro_batch_size": RL_BATCH})
         m = build_method(load_run_config(base=data), model_path=str(folder), training=True)
         modules = torch.nn.ModuleDict({"lm": m.loaded.model, **m.extra_modules()})
-        if hasattr(m, "stages"):
-            stages = m.stages()
-            if stages:
-                m.set_stage(len(stages) - 1, stages[-1])
+        stages = m.stages()
+        if stages:  # DLR: its RL stage
+            m.set_stage(len(stages) - 1, stages[-1])
         params = [p for p in modules.parameters() if p.requires_grad]
         return m, modules, torch.optim.AdamW(params, lr=1e-4)
 

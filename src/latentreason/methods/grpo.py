@@ -75,18 +75,18 @@ class GRPO(Method):
         rewards = score_samples(self.task, texts, examples, G, c.format_weight)
         eos = self.loaded.eos_ids[0]
         finished = out.finished.tolist()
-        seqs, labels, olds = [], [], []
-        logps = out.logprobs.cpu()
+        seqs, labels, spans = [], [], []
         for i, toks in enumerate(out.tokens):
             completion = toks + ([eos] if finished[i] else [])  # the eos that ended a row was sampled too
             prompt = prompts[i // G]
             seqs.append(prompt + completion)
             labels.append([IGNORE] * len(prompt) + completion)
-            olds.append(logps[i, :len(completion)])
+            spans.append((len(prompt) - 1, len(completion)))  # index j of the shifted logits predicts token j + 1
         padded = pad_right(seqs, labels, self.loaded.pad_id)
         old = torch.zeros(padded["labels"].shape[0], padded["labels"].shape[1] - 1)
-        for i, (prompt_len, lp) in enumerate(zip((len(prompts[i // G]) for i in range(len(seqs))), olds)):
-            old[i, prompt_len - 1: prompt_len - 1 + len(lp)] = lp  # index j predicts token j + 1
+        logps = out.logprobs.cpu()
+        for i, (start, n) in enumerate(spans):
+            old[i, start: start + n] = logps[i, :n]
         num = int((padded["labels"][:, 1:] != IGNORE).sum())
         return {**batch, **padded, "old_logp": old, "advantages": group_advantages(rewards.total).flatten(),
                 "metrics": {**reward_metrics(rewards), "sampled_tokens": torch.tensor(float(num) / len(seqs))},
