@@ -13,8 +13,9 @@ where the task has several solutions per question), and under the three probes. 
 model's accuracy with its encoder reading the gold chain (``-teacher``) says how much the latents
 can carry before the LLM has to produce them. Variants (``--variants``; ``main`` is the recipe):
 ``paper-steps`` (the paper's step order encoder, decoder, both, without our warm-up), ``no-ltim``
-and ``no-ltsum`` (either attention mask off), ``hidden`` (stage 1 only: the decoder reads the encoder's
-raw hidden states instead of superpositions; compare its ``-teacher`` row with the recipe's),
+and ``no-ltsum`` (either attention mask off), ``hidden`` (the decoder reads the encoder's raw hidden
+states instead of superpositions; in stage 2 the LLM regresses its hidden state on them and feeds it
+back at inference, Coconut-style, same budget),
 ``pause`` (the control: as many learned constant
 vectors as r = 4 has latents, trained from the CoT model with the same step budget). The CoT-SFT
 and no-CoT rows of the same seeds come from ``bench_baselines.py``'s runs. ``--speed`` times the
@@ -34,8 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_baselines import PROBES, TASKS, train_eval
-from common import ROOT, seed_mean_rows, write_results
+from bench_baselines import PROBES, TASKS, train_cot, train_eval
+from common import ROOT, earlier_rows, seed_mean_rows, write_results
 
 from latentreason.config import load_run_config, merge, parse_overrides
 from latentreason.demo import LATENT_SFT_STAGE1, LATENT_SFT_STAGE2
@@ -176,8 +177,7 @@ def main() -> None:
     for seed in [] if args.collect else args.seeds:
         root = Path(args.out) / args.task / f"seed{seed}"
         base = merge(merge(spec["base"], {"train": {"seed": seed}, "model": {"seed": seed}}), extra)
-        train_eval(base, root / "cot-sft", {"name": "cot-sft"}, report)
-        from_cot = {"train": {"init_from": str(root / "cot-sft" / "best")}}
+        from_cot = {"train": {"init_from": train_cot(base, root, args.task)}}
         for variant in args.variants:
             folder = root / method_name(args.compression, variant)
             if variant == "pause":
@@ -187,18 +187,21 @@ def main() -> None:
                 continue
             one = merge(merge(merge(LATENT_SFT_STAGE1, rate), {"method": VARIANTS[variant]}), from_cot)
             train_eval(base, folder / "stage1", one["method"], report, {k: v for k, v in one.items() if k != "method"})
-            if variant == "hidden":  # a stage-1 ablation: stage 2 learns superposition soft labels only
-                continue
             two = merge(merge(LATENT_SFT_STAGE2, rate), {"train": {"init_from": str(folder / "stage1" / "best")}})
+            if variant == "hidden":  # stage 2 regresses hidden states; the rest of the recipe is the same
+                two = merge(two, {"method": {"latent": "hidden"}})
             train_eval(base, folder / "stage2", two["method"], report, {k: v for k, v in two.items() if k != "method"},
-                       PROBES if variant == "main" else ())
+                       PROBES if variant in ("main", "hidden") else ())
     command = " ".join(["python benchmarks/bench_latent_sft.py", *[a for a in sys.argv[1:] if a not in ("--collect", "--speed")]])
     if args.collect:  # the file holds every run on disk: name the runs that made them
         command = "; ".join(f"python benchmarks/bench_latent_sft.py --task {args.task} {a}" for a in RUNS) + \
-            f"; then --collect --seeds {' '.join(map(str, args.seeds))}" + (" --speed" if args.speed else "")
+            f"; then --collect --seeds {' '.join(map(str, args.seeds))}" + \
+            (" --speed" if args.speed else " (speedup_vs_cot rows kept from the last --speed run)")
     rows = collect(Path(args.out), args.task, model, report, args.seeds)
     if args.speed:
         rows += speed_rows(Path(args.out), args.task, model, report, args.seeds, method_name(args.compression, "main"))
+    else:  # keep the side-by-side timings of the last --speed run
+        rows += earlier_rows(f"latent_sft_{args.task}", "speedup_vs_cot")
     print(write_results(f"latent_sft_{args.task}", command, rows, note=NOTE))
 
 

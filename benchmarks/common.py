@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -38,6 +39,15 @@ def write_results(name: str, command: str, rows: list[dict[str, Any]], *, path: 
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra, "rows": rows}
     atomic_write_json(path, doc)
     return path
+
+
+def earlier_rows(name: str, metric: str) -> list[dict[str, Any]]:
+    """Rows of ``metric`` in the published ``<name>.json``: a rebuild that does not re-time keeps the
+    timings measured earlier (on an idle machine) instead of dropping them."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["rows"] if r.get("metric") == metric]
 
 
 def summary_rows(summary: dict[str, Any], model: str, method: str, **fields: Any) -> list[dict[str, Any]]:

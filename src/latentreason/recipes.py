@@ -83,5 +83,10 @@ def run_eval(run: RunConfig, method: Method | None = None) -> dict:
     weights = weights_identity(run.model.name_or_path)
     if weights is not None:
         fingerprint["model.weight_files"] = weights
+    if run.refine.enabled and run.refine.contrastive:  # a reference retrained in place must not resume old rows
+        from latentreason.methods.refine import reference_paths
+
+        fingerprint["refine.references"] = {role: {"path": path, "weight_files": weights_identity(path)}
+                                            for role, path in zip(("strong", "weak"), reference_paths(run))}
     return evaluate(method, examples, out, batch_size=run.eval.batch_size, info=info, overwrite=run.eval.overwrite,
                     fingerprint=fingerprint, probe=run.eval.probe, probe_seed=run.eval.probe_seed)

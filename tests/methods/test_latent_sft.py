@@ -22,7 +22,6 @@ from latentreason.methods.latent_sft import (
     decoder_sequence,
     dual_positions,
     encoder_sequence,
-    export_soft_labels,
     induction_mask,
     latent_bags,
     latent_sft_stages,
@@ -370,9 +369,108 @@ def test_hidden_state_ablation_feeds_the_encoders_raw_hidden_state(tmp_path):
     assert torch.allclose(z, method.mix(probs, top, method._table(method.loaded.model)))
     assert not torch.allclose(z[valid], h[valid])
     cfg = tiny_run(tmp_path, "latent-sft")
-    cfg["method"].update(stage=2, latent="hidden", soft_labels="x")
-    with pytest.raises(ConfigError, match="method.latent=hidden is a stage-1 ablation"):
+    cfg["method"].update(stage=2, latent="hidden", soft_labels="x", gumbel=True)
+    with pytest.raises(ConfigError, match="method.gumbel=true perturbs superposition soft labels"):
         load_run_config(base=cfg)
+
+
+def test_hidden_stage_two_loss_equals_a_hand_computation(tmp_path):
+    """latent=hidden: the LLM's last hidden state before latent t is regressed on the exported z_t
+    (relative squared error, averaged like the KL), plus the same CE on <eot>, answer and eos."""
+    method = _method(tmp_path, stage=2, latent="hidden", soft_labels=str(tmp_path / "unused"))
+    lm = method.loaded
+    d = lm.model.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(0)
+    vectors = torch.randn(2, 2, d)
+    vectors[1, 1] = 0.0
+    prompts, targets = [[3, 4, lm.bot_id], [4, lm.bot_id]], [[40, 41, EOS], [42, EOS]]
+    batch = {"prompts": prompts, "targets": targets, "probs": vectors, "ids": None, "counts": [2, 1], "ce_tokens": 7}
+    out = method.loss(torch.nn.ModuleDict({"lm": lm.model}), batch)
+    E = lm.model.get_input_embeddings().weight.detach()
+    err_rows, ce = [], 0.0
+    for r in range(2):
+        n = batch["counts"][r]
+        seq = torch.cat([E[prompts[r]], vectors[r, :n], E[[lm.eot_id] + targets[r][:-1]]])
+        with torch.no_grad():
+            o = lm.model(inputs_embeds=seq[None], output_hidden_states=True)
+        h, logp = o.hidden_states[-1][0], o.logits[0].log_softmax(-1)
+        p0 = len(prompts[r]) - 1
+        errs = [float((h[p0 + t] - vectors[r, t]).pow(2).sum() / vectors[r, t].pow(2).sum()) for t in range(n)]
+        err_rows.append(sum(errs) / n)
+        after = [lm.eot_id] + targets[r]
+        ce -= sum(float(logp[p0 + n + j, after[j]]) for j in range(len(after)))
+    expected = (sum(err_rows) / 2) * batch["ce_tokens"] + ce
+    assert abs(out["loss_sum"].item() - expected) < 1e-3 * max(1.0, abs(expected))
+    assert "latent_err" in out and "kl" not in out
+
+
+def test_hidden_stage_two_trains_on_what_the_hidden_state_step_feeds(tmp_path):
+    """Targets equal to the states the rollout's hidden-state step fed: the regression term is 0,
+    so the position a latent is predicted at is the position inference reads it from."""
+    from latentreason.models.rollout import RolloutConfig, rollout
+    from latentreason.models.steps import HiddenStateStep
+
+    cfg = tiny_run(tmp_path, "latent-sft", rollout={"max_new_tokens": 6})
+    cfg["method"].update(stage=2, latent="hidden", compression=4, max_latent_steps=4, soft_labels=str(tmp_path / "x"))
+    method = build_method(load_run_config(base=cfg))
+    step = method.latent_step([])
+    assert isinstance(step, HiddenStateStep) and step.stop_token_id == method.loaded.eot_id
+    assert method.superposition_rate() is False and method.rollout_config().distribution_topk == method.run.rollout.distribution_topk
+    lm = method.loaded
+    examples = method.task.load("valid", limit=5)
+    prompts = method.prompt_ids(examples)
+    with torch.no_grad():  # a fixed count (no stop), so that every row has latents
+        out = rollout(lm.model, prompts, HiddenStateStep(), RolloutConfig(num_latent_steps=3, max_new_tokens=6),
+                      eos_ids=lm.eos_ids, pad_id=lm.pad_id, eot_id=lm.eot_id)
+    targets = [t + [lm.eos_ids[0]] for t in out.tokens]
+    batch = {"prompts": prompts, "targets": targets, "probs": out.latents[:, :3].clone(), "ids": None,
+             "counts": [3] * len(prompts), "ce_tokens": sum(len(t) for t in targets) + len(targets)}
+    with torch.no_grad():
+        loss = method.loss(torch.nn.ModuleDict({"lm": lm.model}), batch)
+    assert float(loss["latent_err"]) < 1e-8
+    batch["probs"] = torch.roll(batch["probs"], 1, dims=1)  # one position off: far from zero
+    with torch.no_grad():
+        assert float(method.loss(torch.nn.ModuleDict({"lm": lm.model}), batch)["latent_err"]) > 1e-5  # random weights: thoughts change little
+
+
+def test_hidden_latents_end_to_end_export_states_train_reload_and_refuse_mixing(stage1, tmp_path):
+    import latentreason
+    from latentreason.methods.base import CheckpointError
+    from latentreason.recipes import run_eval, run_train
+
+    cfg = tiny_run(tmp_path / "s1", "latent-sft", train={"select_on_valid": True, "max_steps": 3, "eval_every": 1,
+                                                         "save_every": 1, "eval_limit": 4}, rollout={"max_new_tokens": 8})
+    cfg["method"].update(compression=4, steps_per_step=1, max_latent_steps=8, latent="hidden")
+    run_train(load_run_config(base=cfg))
+    hidden_stage1 = tmp_path / "s1" / "run" / "best"
+    cfg = tiny_run(tmp_path, "latent-sft", train={"init_from": str(hidden_stage1), "max_steps": 2, "eval_limit": 4},
+                   data={"train_limit": 8}, rollout={"max_new_tokens": 8})
+    cfg["method"].update(stage=2, compression=4, max_latent_steps=6, latent="hidden")
+    run_train(load_run_config(base=cfg))
+    labels = SoftLabels(tmp_path / "run" / "soft_labels")
+    assert labels.kind == "vectors" and len(labels.rows) == 8
+    # the exported states are the stage-1 encoder's hidden states at the latent slots
+    teacher = latentreason.load(hidden_stage1)
+    examples = teacher.task.load("train", limit=2)
+    batch = teacher.encode_batch(teacher.bot_prompt_ids(examples), teacher._chain_segments(examples))
+    with torch.no_grad():
+        h, valid = teacher.encoder_hidden(teacher.encoder, batch, torch.float32)
+    vec, ids = labels.get(examples[0].id)
+    assert ids.shape[1] == 0 and torch.allclose(vec, h[0, :int(valid[0].sum())], atol=1e-5)
+    method = latentreason.load(tmp_path / "run" / "best")
+    assert method.cfg.latent == "hidden" and len(method.generate(["1+2*3\n"])) == 1
+    summary = run_eval(load_run_config(overrides=[f"model.name_or_path={tmp_path / 'run' / 'best'}", "eval.limit=4",
+                                                  f"eval.output_dir={tmp_path / 'ev'}"], saved_base=True))
+    assert summary["n"] == 4 and not {"ecr@1", "n_eff", "top2"} & set(summary)
+    # a superposition stage 1 under a hidden stage 2 (or the reverse) is refused, not silently projected
+    cfg["method"]["latent"] = "superposition"
+    cfg["train"]["output_dir"] = str(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="stage 1 ran with method.latent='hidden'"):
+        run_train(load_run_config(base=cfg))
+    cfg["method"]["soft_labels"] = str(tmp_path / "run" / "soft_labels")
+    cfg["train"]["init_from"] = None
+    with pytest.raises(CheckpointError, match="exported vectors, but method.latent='superposition'"):
+        run_train(load_run_config(base=cfg))
 
 
 def test_latent_statistics_flag_a_collapsed_encoder():

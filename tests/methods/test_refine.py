@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,12 @@ def test_refinement_changes_no_weight_and_changes_answers(cot_run: Path, tmp_pat
     rows = lambda p: [json.loads(x)["output"] for x in (p / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "base") != rows(tmp_path / "refined")
     assert "refine" not in base
+    # a reference retrained in place (same folder, new weights) does not resume the old rows
+    weak = Path(auto_references(str(cot_run / "best"))[1]) / "model.safetensors"
+    weak.write_bytes(weak.read_bytes())  # new file, same bytes: as a retrained model would be
+    os.utime(weak, ns=(weak.stat().st_atime_ns, weak.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"differs in refine.references"):
+        run_eval(refined, method=method)
 
 
 def test_fingerprint_holds_refinement_only_when_on() -> None:

@@ -211,8 +211,6 @@ class Method:
 
         The folder is what :meth:`from_pretrained` (and ``latentreason eval``) reads back.
         """
-        from latentreason.config import to_dict
-
         path = Path(path)
         save_checkpoint(self.loaded, path)
         extras = self.extra_modules()

@@ -19,7 +19,10 @@ Two runs, each one ``latentreason train``:
   latents' distributions over the training chains once (soft labels, resumable shards), then the
   LLM learns to produce them itself: ``[Q, <bot>, z̃1..z̃N, <eot>, answer, eos]`` in one parallel
   pass, loss ``λ·KL(α̃ ‖ p) + β·CE``. At inference the shared rollout's mixture step feeds
-  ``pᵀE`` until ``<eot>`` is the argmax.
+  ``pᵀE`` until ``<eot>`` is the argmax. Under ``method.latent=hidden`` (the paper's ablation) the
+  export holds the encoder's hidden states, the LLM's last hidden state before each latent is
+  regressed on it (relative squared error in place of the KL), and inference feeds the last
+  hidden state back (the shared hidden-state step, Coconut's), with the same ``<eot>`` stop.
 
 A stage-1 folder evaluates with its encoder reading the gold chain (the teacher: that is what its
 validation selects on, an upper bound rather than a method result); a stage-2 folder generates
@@ -37,12 +40,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from latentreason.config import MethodConfig
+from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example
 from latentreason.data.collate import encode_targets
 from latentreason.io import atomic_write_json
@@ -50,7 +54,7 @@ from latentreason.methods.base import EXTRA_MODULES_FILE, METHODS, Method, Stage
 from latentreason.models.loading import CheckpointError, process_state
 from latentreason.models.latent_forward import IGNORE, embed_with_slots, latent_forward
 from latentreason.models.rollout import RolloutConfig, max_positions
-from latentreason.models.steps import ExternalStep, LatentStep, MixtureStep
+from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep
 
 STEPS = ("warmup", "encoder", "decoder", "both")
 # Group of each position in the stage-1 decoder sequence (the supervision mask is written in them).
@@ -64,7 +68,8 @@ class LatentSFTConfig(MethodConfig):
     compression: int = field(default=4, metadata={"help": "r: explicit chain tokens per latent token (paper: 2 and 4 on GSM8K)"})
     top_k: int = field(default=10, metadata={"help": "latent = mixture of the k most probable tokens' embeddings (paper v2, official code: 10); 0 = the full vocabulary (v1)"})
     temperature: float = field(default=1.0, metadata={"help": "τ of the softmax that gives the mixture weights"})
-    latent: str = field(default="superposition", metadata={"help": "stage 1: superposition (z = αᵀE) or hidden (the ablation: the decoder reads the encoder's raw last hidden state; stage 2 supports superposition only)"})
+    latent: str = field(default="superposition", metadata={"help": "superposition (z = αᵀE) or hidden (the paper's ablation: the decoder reads the encoder's raw last hidden state; "
+                                                                     "in stage 2 the LLM's last hidden state is regressed on it and fed back at inference, as Coconut's thoughts are)"})
     projection: str = field(default="input", metadata={"help": "table the encoder's hidden state is projected on for α: input (E, the official code) or output (W; the same table on tied models)"})
     positions: str = field(default="dual", metadata={"help": "stage-1 decoder position ids: dual (latents consecutive, each segment continues from its latent: v2, no train/inference mismatch) or consecutive (v1)"})
     induction_mask: bool = field(default=True, metadata={"help": "encoder: no position attends to an earlier <latent> (LTIM); false = plain causal (ablation)"})
@@ -76,7 +81,8 @@ class LatentSFTConfig(MethodConfig):
     reset_optimizer: bool = field(default=True, metadata={"help": "clear AdamW's state when a stage-1 step begins"})
     soft_labels: str = field(default="", metadata={"help": "stage 2: folder of exported soft labels; empty = <train.output_dir>/soft_labels, exported from the stage-1 encoder of train.init_from (resumable)"})
     export_shard_size: int = field(default=1024, metadata={"help": "stage 2: examples per soft-label shard (a killed export resumes at the next shard)"})
-    kl_weight: float = field(default=1.0, metadata={"help": "λ: weight of KL(soft label ‖ the LLM's next-token distribution) at latent positions"})
+    kl_weight: float = field(default=1.0, metadata={"help": "λ: weight of KL(soft label ‖ the LLM's next-token distribution) at latent positions "
+                                                          "(latent=hidden: of the relative squared error ‖h − z‖² / ‖z‖² between the LLM's hidden state and the exported one)"})
     ce_weight: float = field(default=1.0, metadata={"help": "β: weight of the cross-entropy on <eot>, answer and eos"})
     kl_average: str = field(default="sequence", metadata={"help": "sequence: KL averaged over a row's latents then over rows, CE over tokens (the official code); token: one mean over latent positions and CE tokens together"})
     gumbel: bool = field(default=False, metadata={"help": "stage 2: Gumbel noise on the soft labels while training (paper v2; resampled if <eot> becomes a latent's top token)"})
@@ -95,9 +101,8 @@ class LatentSFTConfig(MethodConfig):
             problems.append(f"method.top_k={self.top_k}, must be >= 0 (0 = full vocabulary)")
         if self.temperature <= 0:
             problems.append(f"method.temperature={self.temperature}, must be > 0")
-        if self.latent == "hidden" and self.stage == 2:
-            problems.append("method.latent=hidden is a stage-1 ablation: stage 2 learns superposition soft labels; "
-                            "set method.latent=superposition")
+        if self.latent == "hidden" and self.gumbel:
+            problems.append("method.gumbel=true perturbs superposition soft labels; method.latent=hidden has none")
         for key, value, allowed in (("latent", self.latent, ("superposition", "hidden")),
                                     ("projection", self.projection, ("input", "output")),
                                     ("positions", self.positions, ("dual", "consecutive")),
@@ -326,6 +331,12 @@ class LatentSFT(Method):
         """Stage 2 started from a stage-1 folder: its encoder is read only to export the soft labels."""
         if self.cfg.stage == 2:
             self._export_from = Path(path)
+            saved = Path(path) / RUN_CONFIG_FILE
+            latent = (yaml.safe_load(saved.read_text()) or {}).get("method", {}).get("latent", "superposition") \
+                if saved.exists() else self.cfg.latent
+            if latent != self.cfg.latent:  # hidden states projected on E are not the latents stage 1 trained with
+                raise CheckpointError(f"{saved}: stage 1 ran with method.latent={latent!r}, this stage 2 with "
+                                      f"{self.cfg.latent!r}; set method.latent={latent}")
             return
         super().load_extra_modules(path)
 
@@ -499,6 +510,10 @@ class LatentSFT(Method):
 
     def _stage2_collate(self, examples: list[Example]) -> dict[str, Any]:
         labels = self.soft_labels()
+        want = "vectors" if self.cfg.latent == "hidden" else "probs"
+        if labels.kind not in (None, want):
+            raise CheckpointError(f"{labels.folder}: exported {labels.kind}, but method.latent={self.cfg.latent!r} trains on "
+                                  f"{want}; export from a stage-1 run of the same method.latent")
         prompts, answers = self.bot_prompt_ids(examples), self._answers(examples)
         drawn = [labels.get(ex.id) for ex in examples]
         limit = self._limit()
@@ -511,7 +526,7 @@ class LatentSFT(Method):
             probs = [self._noisy(p, x) for p, x in zip(probs, ids)]
         n = max(p.shape[0] for p in probs)
         k = probs[0].shape[1]
-        full = ids[0].shape[-1] == 0  # labels over the whole vocabulary (method.top_k=0): no ids stored
+        full = ids[0].shape[-1] == 0  # labels over the whole vocabulary (method.top_k=0) or hidden states: no ids
         pad_p = torch.zeros(len(keep), n, k)
         pad_i = None if full else torch.zeros(len(keep), n, k, dtype=torch.long)
         for j, (p, x) in enumerate(zip(probs, ids)):
@@ -541,16 +556,22 @@ class LatentSFT(Method):
         lm = modules["lm"]
         table = self._table(lm)
         probs, ids = batch["probs"], batch["ids"]
-        vectors = self.mix(probs, ids, table)
+        hidden = self.cfg.latent == "hidden"  # probs holds the exported hidden states [B, N, d]
+        vectors = probs.to(table.dtype) if hidden else self.mix(probs, ids, table)
         out = latent_forward(lm, batch["prompts"], batch["targets"], eot_id=self.loaded.eot_id, pad_id=self.loaded.pad_id,
-                             vectors=vectors, num_latents=batch["counts"], return_latent_logits=True)
+                             vectors=vectors, num_latents=batch["counts"], return_latent_logits=True, return_hidden=hidden)
         counts = out.num_latents
         logp = out.latent_logits.float().log_softmax(-1)  # [B, K+1, V]
         n = probs.shape[1]
         valid = torch.arange(n, device=probs.device)[None] < counts[:, None]
-        teacher = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
-        student = logp[:, :n] if ids is None else logp[:, :n].gather(-1, ids)
-        kl = (teacher * ((teacher + 1e-12).log() - student)).sum(-1) * valid  # [B, N]
+        if hidden:  # the state inference would feed as latent t, against the exported one
+            target = probs.to(out.latent_hidden.dtype)
+            err = (out.latent_hidden[:, :n] - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-12)
+            kl = err.float() * valid  # [B, N]
+        else:
+            teacher = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+            student = logp[:, :n] if ids is None else logp[:, :n].gather(-1, ids)
+            kl = (teacher * ((teacher + 1e-12).log() - student)).sum(-1) * valid  # [B, N]
         eot_logp = logp.gather(1, counts[:, None, None].expand(-1, 1, logp.shape[-1])).squeeze(1)[:, self.loaded.eot_id]
         ce = out.loss_sum() - eot_logp.sum()
         if self.cfg.kl_average == "token":
@@ -559,7 +580,8 @@ class LatentSFT(Method):
             per_row = kl.sum(-1) / counts.clamp(min=1)
             kl_sum = per_row.mean() * batch["ce_tokens"]
         loss = self.cfg.kl_weight * kl_sum + self.cfg.ce_weight * ce
-        return {"loss_sum": loss, "kl": kl.sum().detach() / valid.sum().clamp(min=1), "ce": ce.detach() / batch["ce_tokens"]}
+        name = "latent_err" if hidden else "kl"
+        return {"loss_sum": loss, name: kl.sum().detach() / valid.sum().clamp(min=1), "ce": ce.detach() / batch["ce_tokens"]}
 
     # -- the hooks -----------------------------------------------------------------------------
     def collate(self, examples: list[Example]) -> dict[str, Any]:
@@ -572,6 +594,8 @@ class LatentSFT(Method):
         return self.bot_prompt_ids(examples)
 
     def latent_step(self, examples: list[Example]) -> LatentStep | None:
+        if self.cfg.stage == 2 and self.cfg.latent == "hidden":
+            return HiddenStateStep(stop_token_id=self.loaded.eot_id)
         if self.cfg.stage == 2:
             return MixtureStep(temperature=self.cfg.temperature, top_k=self.cfg.top_k, stop_token_id=self.loaded.eot_id)
         # stage 1: the encoder reads the gold chain (the teacher; what validation selects on)
@@ -591,12 +615,12 @@ class LatentSFT(Method):
 
     def rollout_config(self) -> RolloutConfig:
         cfg = replace(self.run.rollout, num_latent_steps=self.cfg.max_latent_steps)
-        if self.cfg.stage == 2:  # the superposition metrics read the top-100 of each step
+        if self.cfg.stage == 2 and self.cfg.latent == "superposition":  # the superposition metrics read the top-100 of each step
             cfg = replace(cfg, keep_distributions="topk", distribution_topk=max(cfg.distribution_topk, 100))
         return cfg
 
     def superposition_rate(self) -> int | None | bool:
-        return self.cfg.compression if self.cfg.stage == 2 else False
+        return self.cfg.compression if self.cfg.stage == 2 and self.cfg.latent == "superposition" else False
 
 
 # -- soft labels: the stage-1 encoder's latents over the training chains -------------------------
@@ -619,6 +643,8 @@ def export_soft_labels(method: LatentSFT, examples: list[Example], folder: Path,
             "first_id": examples[0].id if examples else None, "last_id": examples[-1].id if examples else None,
             "compression": c.compression, "top_k": c.top_k, "temperature": c.temperature, "projection": c.projection,
             "induction_mask": c.induction_mask, "shard_size": c.export_shard_size}
+    if c.latent != "superposition":  # only then: folders exported before the option existed stay valid
+        meta["latent"] = c.latent
     state = process_state()
     with state.main_process_first():
         if not state.is_main_process:
@@ -652,13 +678,18 @@ def export_soft_labels(method: LatentSFT, examples: list[Example], folder: Path,
                 batch = method.encode_batch(method.bot_prompt_ids(part_ex), method._chain_segments(part_ex))
                 batch = {k: v.to(method.loaded.model.device) for k, v in batch.items()}
                 with torch.no_grad():
-                    p, top, valid = method.encoder_weights(encoder, method.loaded.model, batch)
+                    if c.latent == "hidden":  # the vectors the stage-1 decoder read; no ids
+                        p, valid = method.encoder_hidden(encoder, batch, method._table(method.loaded.model).dtype)
+                        top = None
+                    else:
+                        p, top, valid = method.encoder_weights(encoder, method.loaded.model, batch)
                 for r in range(p.shape[0]):
                     n = int(valid[r].sum())
                     probs.append(p[r, :n].float().cpu())
                     ids.append((top[r, :n] if top is not None else torch.zeros(n, 0, dtype=torch.long)).int().cpu())
                     counts.append(n)
-            tensors = {"probs": torch.cat(probs), "ids": torch.cat(ids), "counts": torch.tensor(counts)}
+            key = "vectors" if c.latent == "hidden" else "probs"
+            tensors = {key: torch.cat(probs), "ids": torch.cat(ids), "counts": torch.tensor(counts)}
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             os.close(fd)
             save_file(tensors, tmp, metadata={"ids": json.dumps([ex.id for ex in chunk])})
@@ -668,7 +699,8 @@ def export_soft_labels(method: LatentSFT, examples: list[Example], folder: Path,
 
 
 class SoftLabels:
-    """Exported soft labels, by example id: ([N, k] probabilities, [N, k] token ids)."""
+    """Exported soft labels, by example id: ([N, k] probabilities, [N, k] token ids), or under
+    ``method.latent=hidden`` ([N, d] hidden states, [N, 0])."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -676,16 +708,21 @@ class SoftLabels:
             raise CheckpointError(f"{self.folder}: no complete soft-label export (complete.json missing); run stage 2 "
                                   "with train.init_from=<the stage-1 folder> to export them")
         self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kind: str | None = None  # "probs" (superposition) or "vectors" (hidden states)
         for shard in sorted(self.folder.glob("shard-*.safetensors")):
             with safe_open(str(shard), "pt") as f:
                 ids = json.loads(f.metadata()["ids"])
             t = load_file(str(shard))
+            kind = "vectors" if "vectors" in t else "probs"
+            if self.kind not in (None, kind):
+                raise CheckpointError(f"{shard}: holds {kind} but an earlier shard holds {self.kind}; export again into an empty folder")
+            self.kind = kind
             offsets = [0, *t["counts"].cumsum(0).tolist()]
             for j, key in enumerate(ids):
                 if key in self.rows:
                     raise CheckpointError(f"{shard}: example {key!r} is in two shards; export again into an empty folder")
                 a, b = offsets[j], offsets[j + 1]
-                self.rows[key] = (t["probs"][a:b], t["ids"][a:b].long())
+                self.rows[key] = (t[kind][a:b], t["ids"][a:b].long())
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         try:

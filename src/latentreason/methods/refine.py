@@ -137,18 +137,23 @@ def auto_references(model_path: str) -> tuple[str, str]:
     )
 
 
+def reference_paths(run: RunConfig) -> tuple[str, str]:
+    """(strong, weak) model folders of ``run.refine``, ``auto`` resolved."""
+    strong, weak = run.refine.strong, run.refine.weak
+    if "auto" in (strong, weak):
+        auto_strong, auto_weak = auto_references(run.model.name_or_path)
+        strong = auto_strong if strong == "auto" else strong
+        weak = auto_weak if weak == "auto" else weak
+    return strong, weak
+
+
 def load_references(method: Method) -> list[PreTrainedModel]:
     """[strong, weak] for ``method.run.refine``, loaded once per method on its model's device and
     dtype, frozen (the same model object serves every batch)."""
     from latentreason.methods.base import task_model_config
     from latentreason.models.loading import load_model
 
-    cfg = method.run.refine
-    strong, weak = cfg.strong, cfg.weak
-    if "auto" in (strong, weak):
-        auto_strong, auto_weak = auto_references(method.run.model.name_or_path)
-        strong = auto_strong if strong == "auto" else strong
-        weak = auto_weak if weak == "auto" else weak
+    strong, weak = reference_paths(method.run)
     cache: dict[tuple[str, str], list[Any]] = method.__dict__.setdefault("_references", {})
     key = (strong, weak)
     if key not in cache:

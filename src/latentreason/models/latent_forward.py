@@ -43,6 +43,9 @@ class LatentForwardOutput:
     #: [B, K+1, V] (on request): index j predicts latent j+1 (the last prompt column predicts the
     #: first latent), index num_latents[i] predicts <eot>; what a distillation loss on latents needs.
     latent_logits: torch.Tensor | None = None
+    #: [B, K+1, D] (with ``return_latent_logits`` and ``return_hidden``): the last hidden states at the
+    #: same columns; index j is what a hidden-state step would feed as latent j+1.
+    latent_hidden: torch.Tensor | None = None
 
     def loss_sum(self) -> torch.Tensor:
         """Summed cross-entropy over the target tokens (divide by ``num_targets``)."""
@@ -107,7 +110,8 @@ def latent_forward(
     ``attention_mask`` ([B, 1, L, L] additive float, 0 = attend) apply to the parallel pass, L =
     prompt width + K + 1 + T - 1 (the last target is predicted, never fed).
     ``return_latent_logits`` (parallel pass only) also returns the outputs at the last prompt
-    column and every latent column (Latent-SFT's KL on its latents).
+    column and every latent column (Latent-SFT's KL on its latents), and with ``return_hidden``
+    the last hidden states there (a distillation loss on hidden-state latents).
     """
     if vectors is not None and step is not None:
         raise ValueError("latent_forward: give vectors (parallel) or a step (sequential), not both")
@@ -168,7 +172,8 @@ def latent_forward(
         start = width + k  # the <eot> column predicts target 0
         hidden = out.hidden_states[-1][:, start:] if return_hidden else None
         latent_logits = out.logits[:, width - 1:start] if return_latent_logits else None
-        return LatentForwardOutput(out.logits[:, start:], labels, lat, counts, hidden, latent_logits)
+        latent_hidden = out.hidden_states[-1][:, width - 1:start] if return_latent_logits and return_hidden else None
+        return LatentForwardOutput(out.logits[:, start:], labels, lat, counts, hidden, latent_logits, latent_hidden)
 
     # sequential: prefill, the shared latent loop over a growing cache, then <eot> + targets at once
     if position_ids is not None or attention_mask is not None or return_latent_logits:
