@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, seed_mean_rows, write_results
+from common import ROOT, earlier_rows, seed_mean_rows, write_results
 
 from latentreason.config import load_run_config, merge, parse_overrides
 from latentreason.demo import COCONUT, DEMO_BASE
@@ -44,14 +44,14 @@ PROSQA_COCONUT = merge(COCONUT, {"method": {"thoughts_per_step": 1, "max_stage":
                                             "final_stage_steps": 60}, "train": {"max_steps": 420, "save_every": 60}})
 #: the setting each result file states above its table
 NOTES = {
-    "arith": "Tiny model (tiny-llama-l4-d128, 4 layers, width 128, char-level), arith with 6 steps mod 10; 3 training seeds (model init and data order); every model selected on the generated valid split, reported on the generated test split (500). Coconut and pause: 480 steps from that seed's CoT-SFT model (c = 2, stages 1-5 of 80 steps, a final stage of 80 steps, 10 thoughts, optimizer reset at each stage); SoftCoT: 300 steps of the projection only, with the seed's CoT-SFT model as frozen main model and frozen assistant, 4 thoughts; Soft Thinking: training-free on the CoT-SFT model. coconut-stage-<k>: the model saved at the end of each curriculum stage. speedup_vs_cot: evaluations re-timed back to back on an idle machine.",
+    "arith": "Tiny model (tiny-llama-l4-d128, 4 layers, width 128, char-level), arith with 6 steps mod 10; 3 training seeds (model init and data order); every model selected on the generated valid split, reported on the generated test split (500). Coconut and pause: 480 steps from that seed's CoT-SFT model (c = 2, stages 1-5 of 80 steps, a final stage of 80 steps, 10 thoughts, optimizer reset at each stage); SoftCoT: 300 steps of the projection only, with the seed's CoT-SFT model as frozen main model and frozen assistant, 4 thoughts; Soft Thinking: training-free on the CoT-SFT model (reasoning ends at cold stop or where #### is the top token). coconut-stage-<k>: the model saved at the end of each curriculum stage. speedup_vs_cot: evaluations re-timed back to back on an idle machine.",
     "prosqa": ("Tiny model (tiny-llama-l4-d128, 4 layers, width 128, word-level over ProsQA's closed vocabulary), trained from "
                "scratch on generated ProsQA graphs (no-CoT and CoT-SFT: 600 steps of 64, about 2 epochs of 17,886 questions), "
                "selected on the generated dev split, reported on the shipped valid.json (300), "
                "which selection never sees. Coconut and pause: 420 steps from the seed's CoT-SFT model (c = 1, stages 1-6 of "
                "60 steps, a final stage of 60, 6 thoughts, optimizer reset at each stage); SoftCoT: 300 steps of the "
                "projection only, the seed's CoT-SFT model as frozen main model and frozen assistant; Soft Thinking: "
-               "training-free on the CoT-SFT model. A short CPU budget: see the CoT-SFT row before reading the others."),
+               "training-free on the CoT-SFT model (reasoning ends at cold stop or where #### is the top token). A short CPU budget: see the CoT-SFT row before reading the others."),
 }
 TASKS: dict[str, dict[str, Any]] = {
     "arith": {"base": DEMO_BASE, "report": "test", "coconut": COCONUT},
@@ -175,6 +175,8 @@ def main() -> None:
     command = " ".join(["python benchmarks/bench_baselines.py", *[a for a in sys.argv[1:] if a not in ("--collect", "--speed")]])
     if args.speed:
         command += "; then the same with --collect --speed (re-times the evaluations side by side)"
+    published = f"baselines_{args.task}"  # read before the per-seed writes below replace the file
+    kept = [] if args.speed else earlier_rows(published, method_prefix="coconut-stage-") + earlier_rows(published, "speedup_vs_cot")
     for seed in [] if args.collect else args.seeds:
         root = Path(args.out) / args.task / f"seed{seed}"
         base = merge(merge(spec["base"], {"train": {"seed": seed}, "model": {"seed": seed}}), extra)
@@ -198,6 +200,10 @@ def main() -> None:
     if args.speed:
         rows += stage_rows(Path(args.out), args.task, model, report, args.seeds)
         rows += speed_rows(Path(args.out), args.task, model, report, args.seeds)
+    else:  # keep what only --speed computes (per-stage evaluations, side-by-side timings) from the last such pass
+        rows += [r for r in kept if r.get("seed") in args.seeds]
+        if kept:
+            command += "; then --collect --speed (its coconut-stage and speedup_vs_cot rows kept from that pass)"
     path = write_results(f"baselines_{args.task}", command, rows, note=NOTES[args.task])
     print(path)
 

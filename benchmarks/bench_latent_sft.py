@@ -3,6 +3,7 @@ the probes, the ablations and the pause control.
 
     python benchmarks/bench_latent_sft.py --task arith --seeds 0 1 2 --compression 4
     python benchmarks/bench_latent_sft.py --task arith --seeds 0 --variants no-ltim no-ltsum paper-steps pause
+    python benchmarks/bench_latent_sft.py --task prosqa --seeds 0 1 2 --variants main pause   # a shorter recipe
 
 Per seed, from that seed's CoT-SFT model of ``bench_baselines.py`` (trained here if missing, with
 the same recipe): stage 1 (the recipe's steps, each continuing from the previous one's best on
@@ -56,24 +57,42 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 #: the runs behind the published result file (``--collect`` names them as its command)
-RUNS = ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause hidden",
-        "--seeds 0 1 2 --compression 2")
-NOTE = ("Tiny model (4 layers, d = 128), generated arith (6 steps, mod 10), trained on CPU. CoT-SFT and no-CoT: "
-        "the demo recipe, 400 steps of 64 examples from scratch. Latent-SFT and the pause control start from that seed's CoT-SFT model and add "
-        "600 stage-1 steps (warm-up, decoder, both: 200 each) and 1200 stage-2 steps of 64 examples; every model is "
-        "selected on the validation split and reported on the generated test split (500 questions). -teacher = the "
-        "stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, not a method).")
+RUNS = {"arith": ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause",
+                  "--seeds 0 1 2 --compression 4 --variants hidden", "--seeds 0 1 2 --compression 2"),
+        "prosqa": ("--seeds 0 1 2 --compression 4 --variants main pause", "--seeds 0 1 2 --compression 2")}
+#: per task: (stage-1 recipe, stage-2 recipe). ProsQA's is shorter (a step there costs 2 to 3 times
+#: an arith step): stage 1 of 100 steps per step (warm-up, decoder, both), stage 2 of 400 steps.
+RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "arith": (LATENT_SFT_STAGE1, LATENT_SFT_STAGE2),
+    "prosqa": (merge(LATENT_SFT_STAGE1, {"method": {"steps_per_step": 100}, "train": {"max_steps": 300, "save_every": 100}}),
+               merge(LATENT_SFT_STAGE2, {"train": {"max_steps": 400, "save_every": 200}})),
+}
+NOTES = {
+    "arith": ("Tiny model (4 layers, d = 128), generated arith (6 steps, mod 10), trained on CPU. CoT-SFT and no-CoT: "
+              "the demo recipe, 400 steps of 64 examples from scratch. Latent-SFT and the pause control start from that seed's "
+              "CoT-SFT model and add 600 stage-1 steps (warm-up, decoder, both: 200 each) and 1200 stage-2 steps of 64 "
+              "examples; every model is selected on the validation split and reported on the generated test split (500 "
+              "questions). -teacher = the stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, "
+              "not a method)."),
+    "prosqa": ("Tiny model (4 layers, d = 128, word-level), ProsQA as in bench_baselines.py: CoT-SFT and no-CoT 600 steps "
+               "of 64 from scratch (under-trained: see baselines_prosqa). Latent-SFT and the pause control start from that "
+               "seed's CoT-SFT model and add 300 stage-1 steps (warm-up, decoder, both: 100 each) and 400 stage-2 steps "
+               "of 64; every model is selected on the generated dev split and reported on the shipped valid.json (300). "
+               "-teacher = the stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, not a "
+               "method)."),
+}
 
 
 def method_name(rate: int, variant: str) -> str:
     return f"latent-sft-r{rate}" + ("" if variant == "main" else f"-{variant}")
 
 
-def pause_recipe(latents: int) -> dict[str, Any]:
+def pause_recipe(latents: int, task: str) -> dict[str, Any]:
     """Pause control: ``latents`` learned constant vectors in place of Latent-SFT's latents, Coconut's
     curriculum from the CoT model (3 stages, each dropping a third of the steps), the same total steps
     as Latent-SFT's two stages."""
-    total = LATENT_SFT_STAGE1["train"]["max_steps"] + LATENT_SFT_STAGE2["train"]["max_steps"]
+    one, two = RECIPES[task]
+    total = one["train"]["max_steps"] + two["train"]["max_steps"]
     per = total // 4
     return {"method": {"name": "pause", "thoughts_per_step": latents // 3, "max_stage": 3, "first_stage": 1,
                        "steps_per_stage": per, "final_stage_steps": total - 3 * per, "reset_optimizer": True},
@@ -182,19 +201,19 @@ def main() -> None:
             folder = root / method_name(args.compression, variant)
             if variant == "pause":
                 latents = -(-35 // args.compression) if args.task == "arith" else 6
-                recipe = merge(pause_recipe(latents), from_cot)
+                recipe = merge(pause_recipe(latents, args.task), from_cot)
                 train_eval(base, folder, recipe["method"], report, {k: v for k, v in recipe.items() if k != "method"})
                 continue
-            one = merge(merge(merge(LATENT_SFT_STAGE1, rate), {"method": VARIANTS[variant]}), from_cot)
+            one = merge(merge(merge(RECIPES[args.task][0], rate), {"method": VARIANTS[variant]}), from_cot)
             train_eval(base, folder / "stage1", one["method"], report, {k: v for k, v in one.items() if k != "method"})
-            two = merge(merge(LATENT_SFT_STAGE2, rate), {"train": {"init_from": str(folder / "stage1" / "best")}})
+            two = merge(merge(RECIPES[args.task][1], rate), {"train": {"init_from": str(folder / "stage1" / "best")}})
             if variant == "hidden":  # stage 2 regresses hidden states; the rest of the recipe is the same
                 two = merge(two, {"method": {"latent": "hidden"}})
             train_eval(base, folder / "stage2", two["method"], report, {k: v for k, v in two.items() if k != "method"},
                        PROBES if variant in ("main", "hidden") else ())
     command = " ".join(["python benchmarks/bench_latent_sft.py", *[a for a in sys.argv[1:] if a not in ("--collect", "--speed")]])
     if args.collect:  # the file holds every run on disk: name the runs that made them
-        command = "; ".join(f"python benchmarks/bench_latent_sft.py --task {args.task} {a}" for a in RUNS) + \
+        command = "; ".join(f"python benchmarks/bench_latent_sft.py --task {args.task} {a}" for a in RUNS[args.task]) + \
             f"; then --collect --seeds {' '.join(map(str, args.seeds))}" + \
             (" --speed" if args.speed else " (speedup_vs_cot rows kept from the last --speed run)")
     rows = collect(Path(args.out), args.task, model, report, args.seeds)
@@ -202,7 +221,7 @@ def main() -> None:
         rows += speed_rows(Path(args.out), args.task, model, report, args.seeds, method_name(args.compression, "main"))
     else:  # keep the side-by-side timings of the last --speed run
         rows += earlier_rows(f"latent_sft_{args.task}", "speedup_vs_cot")
-    print(write_results(f"latent_sft_{args.task}", command, rows, note=NOTE))
+    print(write_results(f"latent_sft_{args.task}", command, rows, note=NOTES[args.task]))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_refine.py --task arith --seeds 0 1 2          # sweeps and reports
     python benchmarks/bench_refine.py --task arith --seeds 0 1 2 --collect --cost   # + wall-clock, side by side
+    python benchmarks/bench_refine.py --task prosqa --seeds 0 1 2
 
-Per seed, on the models of ``bench_baselines.py`` / ``bench_latent_sft.py`` (same seeds):
+Per seed (arith; ProsQA below), on the models of ``bench_baselines.py`` / ``bench_latent_sft.py`` (same seeds):
 
 - references: that seed's CoT-SFT recipe trained again with ``train.keep_every=50`` (``cot-sft-kept``):
   strong = its last kept model (step 400), weak = its first (step 50), the paper's late and early
@@ -19,7 +20,13 @@ Per seed, on the models of ``bench_baselines.py`` / ``bench_latent_sft.py`` (sam
   generated test split (500); the contrastive step is also swept with the sign flipped
   (``refine.direction=weak``: the paper's printed update).
 
-``--cost`` times test-split evaluation without refinement, with the residual alone, and with both
+ProsQA: references are the first and last models the seed's CoT-SFT run kept (every 150 steps:
+steps 150 and 600; re-run with kept models where it kept none); Latent-SFT r = 4 is
+``bench_latent_sft.py --task prosqa``'s model as it is (its recipe is short already; skipped with
+a message where it has not run); the sweep selects on the generated dev split and the report is
+the shipped valid.json.
+
+``--cost`` times report-split evaluation without refinement, with the residual alone, and with both
 operators, alternating back to back (``residual_cost_ratio``, ``refine_cost_ratio``: medians of
 the ratios; ``+refine-inexact``: ``refine.exact_references=false``). Writes ``benchmarks/results/refine_<task>.json``; ``--collect`` rebuilds it from disk.
 """
@@ -51,21 +58,37 @@ GRIDS = {
     "latent-sft-r4": {"alphas": [0.0, 0.05, 0.1, 0.25, 0.5], "etas": [0.0, 0.01, 0.03, 0.1, 0.3]},
 }
 ROW_NAMES = {"base": "", "residual": "+residual", "contrastive": "+contrastive", "both": "+refine"}
-NOTE = ("Tiny model (4 layers, d = 128), generated arith (6 steps, mod 10), CPU. References: the seed's CoT-SFT recipe "
-        "(400 steps) run again keeping every 50 steps: strong = step 400, weak = step 50. Coconut: the seed's model "
-        "of bench_baselines.py (10 thoughts); coconut-stage-1: its curriculum stage-1 model (2 thoughts, then the "
-        "remaining steps written). latent-sft-r4: r = 4 with stage 2 cut to 400 of 1200 steps. Every "
-        "setting chosen on 200 validation questions (alpha x eta grid), reported once on the generated test split (500). "
-        "ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds).")
+NOTES = {
+    "arith": ("Tiny model (4 layers, d = 128), generated arith (6 steps, mod 10), CPU. References: the seed's CoT-SFT recipe "
+              "(400 steps) run again keeping every 50 steps: strong = step 400, weak = step 50. Coconut: the seed's model "
+              "of bench_baselines.py (10 thoughts); coconut-stage-1: its curriculum stage-1 model (2 thoughts, then the "
+              "remaining steps written). latent-sft-r4: r = 4 with stage 2 cut to 400 of 1200 steps. Every "
+              "setting chosen on 200 validation questions (alpha x eta grid), reported once on the generated test split (500). "
+              "ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds)."),
+    "prosqa": ("Tiny model (4 layers, d = 128, word-level), ProsQA as in bench_baselines.py (600 CoT-SFT steps from scratch: "
+               "under-trained, see baselines_prosqa). References: the seed's CoT-SFT run keeping every 150 steps: strong = "
+               "step 600, weak = step 150. Coconut: the seed's model (6 thoughts); coconut-stage-1: its curriculum stage-1 "
+               "model (1 thought, then the remaining steps written); latent-sft-r4: bench_latent_sft.py's ProsQA recipe. "
+               "Every setting chosen on 200 questions of the generated dev split (alpha x eta grid), reported once on the "
+               "shipped valid.json (300). ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds)."),
+}
+#: where each task reports (selection always runs on the saved model's own ``data.valid_split``) and
+#: how often the reference CoT-SFT run keeps a model
+REPORT = {"arith": "test", "prosqa": "valid"}
+KEEP_EVERY = {"arith": 50, "prosqa": 150}
 
 
-def kept_cot(root: Path) -> tuple[str, str]:
-    """(strong, weak) from the seed's CoT-SFT recipe re-run with kept checkpoints (trained if missing)."""
-    out = root / "cot-sft-kept"
-    if not (out / "train_summary.json").exists():
-        data = merge(load_yaml(root / "cot-sft" / "run_config.yaml"),
-                     {"train": {"output_dir": str(out), "keep_every": 50, "save_every": 50}})
-        run_train(load_run_config(base=data))
+def kept_cot(root: Path, task: str) -> tuple[str, str]:
+    """(strong, weak): the last and first model the seed's CoT-SFT run kept (``train.keep_every``); a run
+    that kept none is re-run with kept models (``cot-sft-kept``, trained if missing)."""
+    out = root / "cot-sft"
+    if not list(out.glob("keep-*")):
+        out = root / "cot-sft-kept"
+        if not (out / "train_summary.json").exists():
+            every = KEEP_EVERY[task]
+            data = merge(load_yaml(root / "cot-sft" / "run_config.yaml"),
+                         {"train": {"output_dir": str(out), "keep_every": every, "save_every": every}})
+            run_train(load_run_config(base=data))
     kept = sorted(out.glob("keep-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(kept[-1]), str(kept[0])
 
@@ -82,28 +105,38 @@ def short_latent_sft(root: Path) -> Path:
     return out / "best"
 
 
-def latent_models(root: Path) -> dict[str, Path]:
-    return {"coconut": root / "coconut" / "best", "latent-sft-r4": short_latent_sft(root),
-            "coconut-stage-1": root / "coconut" / "stage-1"}
+def latent_models(root: Path, task: str) -> dict[str, Path]:
+    """The latent models refined for one seed. On arith, Latent-SFT's stage 2 is cut short (its full recipe
+    sits at the ceiling); ProsQA's recipe is short already, and runs only if bench_latent_sft.py made it."""
+    models = {"coconut": root / "coconut" / "best", "coconut-stage-1": root / "coconut" / "stage-1"}
+    if task == "arith":
+        models["latent-sft-r4"] = short_latent_sft(root)
+    elif (root / "latent-sft-r4" / "stage2" / "best").exists():
+        models["latent-sft-r4"] = root / "latent-sft-r4" / "stage2" / "best"
+    else:
+        print(f"{root}: no latent-sft-r4 run (python benchmarks/bench_latent_sft.py --task {task}); refining Coconut only")
+    return models
 
 
-def refine_overrides(model: Path, name: str, refs: tuple[str, str], out: Path, direction: str) -> list[str]:
+def refine_overrides(model: Path, name: str, refs: tuple[str, str], out: Path, direction: str,
+                     report: str) -> list[str]:
     grid = GRIDS[name]
     alphas = grid["alphas"] if direction == "strong" else [0.0]
     return [f"model.name_or_path={model}", f"refine.strong={refs[0]}", f"refine.weak={refs[1]}",
             f"refine.direction={direction}", f"refine.sweep_alphas={json.dumps(alphas)}",
-            f"refine.sweep_etas={json.dumps(grid['etas'])}", "refine.sweep_limit=200", "eval.split=test",
+            f"refine.sweep_etas={json.dumps(grid['etas'])}", "refine.sweep_limit=200", f"eval.split={report}",
             "eval.batch_size=250", f"eval.output_dir={out}"]
 
 
-def run_seed(root: Path) -> None:
+def run_seed(root: Path, task: str) -> None:
     from latentreason.methods.refine import run_refine
 
-    refs = kept_cot(root)
-    for name, model in latent_models(root).items():
+    refs = kept_cot(root, task)
+    for name, model in latent_models(root, task).items():
         for direction in ("strong", "weak"):
             out = root / "refine" / f"{name}-{direction}"
-            run_refine(load_run_config(overrides=refine_overrides(model, name, refs, out, direction), saved_base=True))
+            overrides = refine_overrides(model, name, refs, out, direction, REPORT[task])
+            run_refine(load_run_config(overrides=overrides, saved_base=True))
 
 
 def collect(root: Path, task: str, seeds: list[int]) -> list[dict[str, Any]]:
@@ -122,7 +155,7 @@ def collect(root: Path, task: str, seeds: list[int]) -> list[dict[str, Any]]:
                         continue
                     r = report[kind]
                     method = name + suffix
-                    rows.append({"task": task, "model": MODEL, "method": method, "seed": seed, "split": "test",
+                    rows.append({"task": task, "model": MODEL, "method": method, "seed": seed, "split": REPORT[task],
                                  "metric": "accuracy", "value": r["accuracy"], "n": r["n"], "ci95": r["accuracy_ci95"],
                                  "alpha": r["alpha"], "eta": r["eta"], "valid_accuracy": r["valid_accuracy"],
                                  "direction": direction})
@@ -134,7 +167,7 @@ def collect(root: Path, task: str, seeds: list[int]) -> list[dict[str, Any]]:
             vals = [it[idx] for it in items]
             mean, sd = statistics.mean(vals), statistics.stdev(vals)
             half = _t975(len(vals) - 1) * sd / math.sqrt(len(vals))
-            rows.append({"task": task, "model": MODEL, "method": method, "seed": "mean", "split": "test",
+            rows.append({"task": task, "model": MODEL, "method": method, "seed": "mean", "split": REPORT[task],
                          "metric": metric, "value": round(mean, 4), "n": len(vals), "seeds": [it[0] for it in items],
                          "std": round(sd, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
                          "note": "n = training seeds; accuracy_gain = this row minus the same seed's base, paired"})
@@ -150,9 +183,9 @@ def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any
     from latentreason.methods.base import generate_batches
 
     folder = root / task / f"seed{seed}"
-    refs = kept_cot(folder)
+    refs = kept_cot(folder, task)
     rows = []
-    for name, model in latent_models(folder).items():
+    for name, model in latent_models(folder, task).items():
         if name not in ("coconut", "latent-sft-r4"):
             continue
         summary = json.loads((folder / "refine" / f"{name}-strong" / "refine_summary.json").read_text())["report"]
@@ -166,7 +199,7 @@ def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any
         settings["both-inexact"] = settings["both"] + ["refine.exact_references=false"]
         base_over = [f"model.name_or_path={model}", f"refine.strong={refs[0]}", f"refine.weak={refs[1]}"]
         method = build_method(load_run_config(overrides=base_over, saved_base=True))
-        examples = method.task.load("test")
+        examples = method.task.load(REPORT[task])
         seconds: dict[str, list[float]] = {k: [] for k in settings}
         for rep in range(reps + 1):  # the first round warms up (reference loading, allocations) and is dropped
             for key in (list(settings) if rep % 2 == 0 else list(settings)[::-1]):
@@ -181,17 +214,17 @@ def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any
                             ("both-inexact", "refine_cost_ratio")):
             ratios = [a / b for a, b in zip(seconds[key], seconds["base"])]
             rows.append({"task": task, "model": MODEL, "method": name + labels[key],
-                         "seed": seed, "split": "test", "metric": metric, "value": round(statistics.median(ratios), 3),
+                         "seed": seed, "split": REPORT[task], "metric": metric, "value": round(statistics.median(ratios), 3),
                          "n": reps, "ratios": [round(r, 3) for r in ratios], "alpha": both["alpha"],
                          "eta": both["eta"] if key.startswith("both") else 0.0,
                          "seconds": {k: [round(v, 3) for v in vs] for k, vs in seconds.items()},
-                         "note": "median over alternating back-to-back runs of the 500 test questions, batch 250"})
+                         "note": f"median over alternating back-to-back runs of the {len(examples)} {REPORT[task]} questions, batch 250"})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="arith", choices=["arith"])
+    ap.add_argument("--task", default="arith", choices=list(REPORT))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-baselines"), help="the runs of bench_baselines.py")
     ap.add_argument("--collect", action="store_true", help="only rebuild the result file from the runs on disk")
@@ -201,7 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.out)
     for seed in [] if args.collect else args.seeds:
-        run_seed(root / args.task / f"seed{seed}")
+        run_seed(root / args.task / f"seed{seed}", args.task)
     rows = collect(root, args.task, args.seeds)
     if args.cost:
         rows += cost_rows(root, args.task, args.cost_seed, args.reps)
@@ -209,7 +242,7 @@ def main() -> None:
     command = f"python benchmarks/bench_refine.py --task {args.task} --seeds {seeds}"
     if args.cost:
         command += f"; python benchmarks/bench_refine.py --task {args.task} --seeds {seeds} --collect --cost"
-    print(write_results(f"refine_{args.task}", command, rows, note=NOTE))
+    print(write_results(f"refine_{args.task}", command, rows, note=NOTES[args.task]))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Both in one run, same prompt (the task's instruction and the question, in the ch
 same model, same harness, batch 32: ``cot-decoding`` is the model writing its reasoning greedily
 (192 new tokens, as ``zero_shot_smollm2``), ``soft-thinking`` feeds the paper's filtered mixture
 (T 0.6, top-k 30, top-p 0.95, min-p 0.001, 10 tokens mixed) for up to 96 steps (cold stop after 16
-consecutive steps with entropy below 0.01), then decodes up to 96 tokens. Reported: accuracy
+consecutive steps with entropy below 0.01, or at the step whose top token is ``####``), then decodes
+up to 96 tokens. Reported: accuracy
 (strict ``####`` and flexible last number), reasoning positions (latent steps + chain tokens before
 the answer line), seconds per question (timed side by side: both methods on the first
 ``--speed-limit`` questions, alternating, in one process; the full runs' times are kept beside). Each evaluation resumes if stopped. Writes

@@ -41,13 +41,15 @@ def write_results(name: str, command: str, rows: list[dict[str, Any]], *, path: 
     return path
 
 
-def earlier_rows(name: str, metric: str) -> list[dict[str, Any]]:
-    """Rows of ``metric`` in the published ``<name>.json``: a rebuild that does not re-time keeps the
-    timings measured earlier (on an idle machine) instead of dropping them."""
+def earlier_rows(name: str, metric: str | None = None, method_prefix: str = "") -> list[dict[str, Any]]:
+    """Rows of ``metric`` (any, if None) whose method starts with ``method_prefix`` in the published
+    ``<name>.json``: a rebuild that does not re-time keeps the timings measured earlier (on an idle
+    machine), and the rows only a slower pass computes, instead of dropping them."""
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return []
-    return [r for r in json.loads(path.read_text())["rows"] if r.get("metric") == metric]
+    return [r for r in json.loads(path.read_text())["rows"]
+            if metric in (None, r.get("metric")) and str(r.get("method", "")).startswith(method_prefix)]
 
 
 def summary_rows(summary: dict[str, Any], model: str, method: str, **fields: Any) -> list[dict[str, Any]]:

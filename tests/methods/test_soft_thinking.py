@@ -46,7 +46,10 @@ def test_prompt_rollout_and_step_follow_the_config(tmp_path):
     assert cfg.num_latent_steps == 7 and not cfg.feed_eot
     step = plain.latent_step(examples)
     assert isinstance(step, SoftThinkingStep) and step.cold_stop_steps == 3 and step.max_topk == 10
-    assert step.stop_token_id == plain.loaded.eot_id is not None
+    # <eot>, then the answer delimiter's first token (a character here): the CoT model's </think>.
+    tok = plain.loaded.tokenizer
+    assert step.stop_token_id == [plain.loaded.eot_id, tok.convert_tokens_to_ids("#")]
+    assert build_method(_run(tmp_path, {"stop_at_answer": False})).latent_step(examples).stop_token_id == [plain.loaded.eot_id]
     bot = build_method(_run(tmp_path, {"append_bot": True}))
     assert bot.prompt_ids(examples) == [p + [bot.loaded.bot_id] for p in cot.prompt_ids(examples)]
     assert bot.rollout_config().feed_eot
@@ -70,3 +73,23 @@ def test_eval_through_the_cli_reports_latent_steps(tmp_path, capsys):
     # Every step "confident" (tau above any entropy): each row stops at its second step, one fed.
     summary, rows = evaluate("cold", entropy_threshold=1e6, cold_stop_steps=2)
     assert [r["latent_steps"] for r in rows] == [1] * 6 and summary["mean_latent_steps"] == 1.0
+
+
+def test_reasoning_stops_at_the_answer_delimiter_so_the_answer_is_written(tmp_path, trained_arith_model, capsys):
+    """A CoT model that writes "chain #### answer": without the delimiter stop, its (confident) mixtures
+    run on through the answer line, which is then never written; with it, thinking hands over at "####"."""
+    def evaluate(stop: bool) -> list[dict]:
+        out = tmp_path / f"stop-{stop}"
+        args = [f"model.name_or_path={trained_arith_model}", "method.name=soft-thinking", "method.num_latent_steps=30",
+                "method.entropy_threshold=0", f"method.stop_at_answer={str(stop).lower()}", "rollout.max_new_tokens=12",
+                "eval.split=test", "eval.limit=16", f"eval.output_dir={out}"]
+        assert main(["eval", *args]) == 0
+        capsys.readouterr()
+        return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+    stopped, unstopped = evaluate(True), evaluate(False)
+    assert all(r["output"].startswith("####") and r["prediction"] is not None for r in stopped)
+    assert all(r["latent_steps"] < 30 for r in stopped)
+    assert all(r["latent_steps"] == 30 for r in unstopped)  # cold stop off: nothing else ends reasoning
+    assert sum(r["prediction"] is not None for r in unstopped) < len(unstopped) // 2
+    assert sum(r["correct"] for r in stopped) > sum(r["correct"] for r in unstopped)

@@ -267,6 +267,9 @@ def test_soft_thinking_stops_rows_whose_top_token_is_eot() -> None:
     out = SoftThinkingStep(stop_token_id=7, cold_stop_steps=1)(_ctx(logits=logits))
     assert out.stop.tolist() == [True, False, True]
     assert SoftThinkingStep(cold_stop_steps=1)(_ctx(logits=logits)).stop.tolist() == [False] * B
+    # Several stop ids (<eot> and the answer delimiter): a row stops on either.
+    assert SoftThinkingStep(stop_token_id=[9, 2], cold_stop_steps=1)(_ctx(logits=logits)).stop.tolist() == [False, True, False]
+    assert SoftThinkingStep(stop_token_id=[7, 2], cold_stop_steps=1)(_ctx(logits=logits)).stop.tolist() == [True] * B
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -291,7 +291,7 @@ def _rank_files(out: Path) -> list[Path]:
 #: Fields added after evaluations were written, with the value that behaves as before they existed:
 #: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
 ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition",
-                                 "refine.exact_references": True}
+                                 "refine.exact_references": True, "method.stop_at_answer": False}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ probability-weighted mixture of the input embeddings of its ``max_topk`` most pr
 tokens after temperature, top-k, top-p and min-p filtering (``SoftThinkingStep`` in
 ``models/steps.py``). A row stops reasoning when the entropy of its temperature-scaled
 distribution stays below ``entropy_threshold`` for ``cold_stop_steps`` steps in a row (Cold Stop),
-when ``<eot>`` is its top token, or after ``num_latent_steps`` steps; the answer is then decoded
+when ``<eot>`` or the answer delimiter ``####`` is its top token (``stop_at_answer``: for a model
+that writes ``chain #### answer``, the delimiter plays the paper's ``</think>``), or after
+``num_latent_steps`` steps; the answer is then decoded
 by the shared rollout. Its authors find it weak on models of 7B-14B and below: on the small models
 used here expect a weak baseline, and report it as measured.
 """
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from latentreason.config import MethodConfig
-from latentreason.data.base import Example
+from latentreason.data.base import ANSWER_DELIMITER, Example
 from latentreason.methods.base import METHODS, Method
 from latentreason.models.rollout import RolloutConfig
 from latentreason.models.steps import LatentStep, SoftThinkingStep
@@ -49,6 +51,11 @@ class SoftThinkingConfig(MethodConfig):
     cold_stop_steps: int = field(default=8, metadata={"help": (
         "cold stop's L: a row stops at its L-th consecutive confident step (that step's mixture is not fed). "
         "The paper uses 256 for math chains of thousands of tokens; scale to the task's chain length")})
+    stop_at_answer: bool = field(default=True, metadata={"help": (
+        "also end reasoning when the answer delimiter '####' (its first token) is the top token: for a model "
+        "that writes 'chain #### answer' this is the paper's </think>. Without it the mixtures run on through "
+        "the answer itself (it is confident, so cold stop comes late) and the decoder is left with nothing "
+        "to write")})
     append_bot: bool = field(default=False, metadata={"help": (
         "end the prompt with <bot> (and feed <eot> after reasoning, when rollout.feed_eot). Only for a model "
         "trained with them (latent-sft, coconut): a CoT-SFT or off-the-shelf model never saw these tokens, whose "
@@ -113,16 +120,29 @@ class SoftThinking(Method):
                              "(model.add_latent_tokens=false); set method.append_bot=false")
         return [p + [self.loaded.bot_id] for p in ids]
 
+    def stop_ids(self) -> list[int]:
+        """Token ids whose argmax ends reasoning: ``<eot>`` and, with ``stop_at_answer``, the first
+        non-blank token of the answer delimiter as the tokenizer writes it alone, after a space or
+        after a newline (the forms a chain can end with)."""
+        ids = [] if self.loaded.eot_id is None else [self.loaded.eot_id]
+        if self.cfg.stop_at_answer:
+            tok = self.loaded.tokenizer
+            for text in (ANSWER_DELIMITER, " " + ANSWER_DELIMITER, "\n" + ANSWER_DELIMITER):
+                first = next((i for i in tok(text, add_special_tokens=False)["input_ids"] if tok.decode([i]).strip()), None)
+                if first is not None and first not in ids:
+                    ids.append(first)
+        return ids
+
     def latent_step(self, examples: list[Example]) -> LatentStep:
-        eot = self.loaded.eot_id
-        if eot is None and not getattr(self, "_warned_no_eot", False):
-            logger.warning("soft-thinking: model %r has no latent tokens (model.add_latent_tokens=false), so no <eot> "
-                           "stop: only cold stop and method.num_latent_steps end reasoning", self.loaded.name)
+        if self.loaded.eot_id is None and not self.cfg.stop_at_answer and not getattr(self, "_warned_no_eot", False):
+            logger.warning("soft-thinking: model %r has no latent tokens (model.add_latent_tokens=false) and "
+                           "method.stop_at_answer=false: only cold stop and method.num_latent_steps end reasoning",
+                           self.loaded.name)
             self._warned_no_eot = True
         c = self.cfg
         return SoftThinkingStep(
             temperature=c.temperature, max_topk=c.max_topk, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p,
-            entropy_threshold=c.entropy_threshold, cold_stop_steps=c.cold_stop_steps, stop_token_id=eot,
+            entropy_threshold=c.entropy_threshold, cold_stop_steps=c.cold_stop_steps, stop_token_id=self.stop_ids() or None,
         )
 
     def rollout_config(self) -> RolloutConfig:

@@ -18,6 +18,7 @@ steps follow this rule (``tests/models/test_steps.py`` runs them with syncs made
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,9 @@ class LatentStep:
     """Base class. ``needs_hidden`` tells the rollout whether to return hidden states."""
 
     needs_hidden = False
-    #: Token id whose argmax stops a sequence (Latent-SFT's "<eot> is the argmax" rule); None = never.
-    stop_token_id: int | None = None
+    #: Token id (or ids) whose argmax stops a sequence (Latent-SFT's "<eot> is the argmax" rule; Soft
+    #: Thinking's answer delimiter); None = never.
+    stop_token_id: int | Sequence[int] | None = None
 
     def __call__(self, ctx: StepContext) -> StepResult:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
@@ -62,9 +64,16 @@ class LatentStep:
         ``batch`` rows for ``num_steps`` steps of width ``dim`` (a clear error, not a mid-loop crash)."""
 
     def stop_mask(self, ctx: StepContext) -> torch.Tensor | None:
-        if self.stop_token_id is None:
+        ids = self.stop_token_id
+        if ids is None:
             return None
-        return ctx.logits.argmax(-1) == self.stop_token_id
+        top = ctx.logits.argmax(-1)
+        if isinstance(ids, int):
+            return top == ids
+        cached = getattr(self, "_stop_ids", None)  # made once per device: no copy inside the step
+        if cached is None or cached.device != top.device:
+            cached = self._stop_ids = torch.tensor(list(ids), dtype=top.dtype, device=top.device)
+        return torch.isin(top, cached)
 
 
 LATENT_STEPS: Registry[type[LatentStep]] = Registry("latent step", base=LatentStep)
@@ -164,7 +173,7 @@ class SoftThinkingStep(MixtureStep):
     A row stops (``StepResult.stop``) at the step whose temperature-scaled distribution is the
     ``cold_stop_steps``-th in a row with entropy below ``entropy_threshold`` (that step's vector
     is not fed, as the official code writes ``</think>`` in its place), or whose top token is
-    ``stop_token_id`` (``<eot>``). The per-row counter is a device tensor, reset at step 0: no
+    one of ``stop_token_id`` (``<eot>``, the answer delimiter: the paper's ``</think>``). The per-row counter is a device tensor, reset at step 0: no
     host sync (see the module docstring).
     """
 
@@ -177,7 +186,7 @@ class SoftThinkingStep(MixtureStep):
         min_p: float = 0.001,
         entropy_threshold: float = 0.01,
         cold_stop_steps: int = 8,
-        stop_token_id: int | None = None,
+        stop_token_id: int | Sequence[int] | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"soft-thinking step: temperature={temperature}, must be > 0 "
