@@ -103,6 +103,10 @@ class EvalConfig:
         "the latent of the batch's next question at the same step: needs eval.batch_size >= 2, and rows "
         "then depend on how questions are batched)")})
     probe_seed: int = field(default=0, metadata={"help": "seed of eval.probe=noise (each question's draws are keyed by its id)"})
+    solutions: str | None = field(default=None, metadata={"help": (
+        "JSONL of further explicit solutions, one object per line {\"id\": question id, \"solutions\": [chain, ...]}, "
+        "added to the task's own for N_eff and Top-2 (tasks with one gold chain per question, such as GSM8K: "
+        "sample chains from a CoT-SFT model, see eval/superposition.py solutions_from_predictions)")})
 
     def __post_init__(self) -> None:
         if self.probe not in ("none", "zero", "noise", "shuffle"):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from latentreason.config import ConfigError, RunConfig, to_dict
+from latentreason.data.base import attach_solutions
 from latentreason.methods.base import Method
 
 logger = logging.getLogger("latentreason")
@@ -65,6 +66,8 @@ def run_eval(run: RunConfig, method: Method | None = None) -> dict:
     else:
         method.run = run
     examples = method.task.load(run.eval.split, limit=run.eval.limit)
+    if run.eval.solutions:
+        examples = attach_solutions(examples, run.eval.solutions)
     out = run.eval.output_dir or str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
     config = to_dict(run)
     info = {

@@ -49,3 +49,28 @@ def test_naive_alignment_and_one_solution():
     assert one["n_eff"] is None and one["solutions"] == 1 and one["ecr@1"] == 1.0
     two = question_metrics(PROBS, IDS, A, [A, B], 2)
     assert two["n_eff"] == pytest.approx(aligned) and two["solutions"] == 2
+
+
+def test_solutions_from_predictions_and_attach(tmp_path):
+    import json
+
+    from latentreason.data.base import DataError, Example, Task, attach_solutions
+    from latentreason.eval.superposition import solutions_from_predictions
+
+    preds = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    preds[0].write_text(json.dumps({"id": "q1", "output": "<<2*3=6>>  <<6+1=7>> #### 7"}) + "\n"
+                        + json.dumps({"id": "q2", "output": "#### 5"}) + "\n")
+    preds[1].write_text(json.dumps({"id": "q1", "output": "<<2*3=6>> <<6+1=7>>\n#### 8"}) + "\n"
+                        + json.dumps({"id": "q1", "output": "<<3*2=6>> #### 6"}) + "\n")
+    out = tmp_path / "solutions.jsonl"
+    found = solutions_from_predictions(preds, out)
+    # whitespace-normalised, deduplicated, right or wrong; an empty chain is no solution
+    assert found == {"q1": ["<<2*3=6>> <<6+1=7>>", "<<3*2=6>>"]}
+    examples = [Example("q1", "?", "7", "<<2*3=6>> <<6+1=7>>"), Example("q2", "?", "5", "<<5=5>>")]
+    attached = attach_solutions(examples, out)
+    assert Task().solutions(attached[0]) == ["<<2*3=6>> <<6+1=7>>", "<<3*2=6>>"]  # the gold chain once
+    assert Task().solutions(attached[1]) == ["<<5=5>>"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "q1", "solutions": ["a"]}) + "\n" + json.dumps({"id": "q2", "solutions": "a"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl: line 2: field 'solutions'"):
+        attach_solutions(examples, bad)

@@ -280,8 +280,15 @@ def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage
     assert {"ecr@1", "ecr@5", "ecr@10", "pass_at_1_over_latent_steps"} <= set(summary)
     assert summary["n_eff_questions"] == 0 and summary["n_eff"] is None  # arith has one solution per question
     assert summary["ecr@1"] <= summary["ecr@5"] <= summary["ecr@10"]
-    row = json.loads((tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()[0])
-    assert set(row["superposition"]) >= {"ecr@1", "n_eff", "top2"}
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert set(rows[0]["superposition"]) >= {"ecr@1", "n_eff", "top2"}
+    # further solutions from a file (GSM8K's case: chains sampled from a CoT model) make N_eff measurable
+    sols = tmp_path / "solutions.jsonl"
+    sols.write_text("".join(json.dumps({"id": r["id"], "solutions": ["1+1=2 2*2=4", "3*3=9"]}) + "\n" for r in rows[:5]))
+    more = run_eval(load_run_config(overrides=[f"model.name_or_path={out / 'best'}", "eval.limit=8", f"eval.solutions={sols}",
+                                               f"eval.output_dir={tmp_path / 'ev-sols'}"], saved_base=True))
+    assert more["n_eff_questions"] == 5 and 1.0 <= more["n_eff"] <= 3.0
+    assert more["accuracy"] == summary["accuracy"] and more["ecr@1"] == summary["ecr@1"]
     # the superposition made visible: one line per latent step, top-5 tokens and the entropy; a figure
     from latentreason.cli import main
 

@@ -126,8 +126,8 @@ class Task:
 
     def solutions(self, ex: Example) -> list[str]:
         """Distinct explicit solutions of ``ex`` (Latent-SFT's N_eff needs several); default: the
-        gold chain alone, so N_eff is not reported for the task."""
-        return [self.chain_text(ex)]
+        gold chain and any ``alt_chains`` (``eval.solutions``), so with neither N_eff is not reported."""
+        return list(dict.fromkeys([self.chain_text(ex), *ex.alt_chains]))
 
     def answer_text(self, ex: Example) -> str:
         """The answer line every method is trained to write: ``#### <answer>``."""
@@ -165,3 +165,22 @@ def build_task(name: str, path: str | None = None, chain_format: str | None = No
     from latentreason.data import tasks  # noqa: F401  (registers the built-in tasks)
 
     return TASKS.get(name)(path=path, chain_format=chain_format, **options)
+
+
+def attach_solutions(examples: list[Example], path: str | Path) -> list[Example]:
+    """``examples`` with the further solutions of a JSONL file (``{"id", "solutions": [str, ...]}``
+    per line) appended to their ``alt_chains``; ids absent from the file keep their own."""
+    from dataclasses import replace
+
+    from latentreason.io import iter_jsonl
+
+    extra: dict[str, list[str]] = {}
+    for line, row in enumerate(iter_jsonl(path), 1):
+        if not isinstance(row.get("id"), str):
+            raise DataError(f"{path}: line {line}: field 'id' must be a string (the question's id)")
+        sols = row.get("solutions")
+        if not isinstance(sols, list) or not all(isinstance(s, str) for s in sols):
+            raise DataError(f"{path}: line {line}: field 'solutions' must be a list of strings")
+        extra.setdefault(row["id"], []).extend(sols)
+    return [replace(ex, alt_chains=tuple(dict.fromkeys([*ex.alt_chains, *extra[ex.id]]))) if ex.id in extra else ex
+            for ex in examples]

@@ -291,7 +291,8 @@ def _rank_files(out: Path) -> list[Path]:
 #: Fields added after evaluations were written, with the value that behaves as before they existed:
 #: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
 ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition",
-                                 "refine.exact_references": True, "method.stop_at_answer": False}
+                                 "refine.exact_references": True, "method.stop_at_answer": False,
+                                 "eval.solutions": None}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:

@@ -14,9 +14,11 @@ explicit solutions of a question (token ids), these say how much of them the lat
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -117,3 +119,21 @@ def question_metrics(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int]
     else:
         out.update({"n_eff": None, "n_eff_over_naive": None, "top2": None, "solutions": len(distinct)})
     return out
+
+
+def solutions_from_predictions(files: Sequence[str | Path], out: str | Path) -> dict[str, list[str]]:
+    """Distinct explicit chains per question id from evaluation outputs (``predictions.jsonl`` of
+    sampled runs of a CoT model, right or wrong, as the authors do), written to ``out`` as the JSONL
+    ``eval.solutions`` reads. The chain is the output before the answer delimiter, whitespace-normalised."""
+    from latentreason.data.base import ANSWER_DELIMITER
+    from latentreason.io import atomic_write_text, iter_jsonl
+
+    found: dict[str, dict[str, None]] = {}
+    for file in files:
+        for row in iter_jsonl(file):
+            chain = " ".join(str(row.get("output", "")).split(ANSWER_DELIMITER)[0].split())
+            if chain:
+                found.setdefault(row["id"], {})[chain] = None
+    result = {qid: list(chains) for qid, chains in found.items()}
+    atomic_write_text(out, "".join(json.dumps({"id": q, "solutions": s}) + "\n" for q, s in result.items()))
+    return result

@@ -1,0 +1,169 @@
+"""Latent-SFT on SmolLM2-135M-Instruct, GSM8K train / GSM8K-Aug valid: a short run on 2 CPU cores.
+
+    python benchmarks/bench_latent_sft_smollm2.py [--rates 4 2] [--stage1-steps 6] [--stage2-steps 30]
+        [--init runs/bench-refine-smollm2/cot-sft-kept/final] [--limit 200]
+
+Every model starts from one short CoT-SFT of SmolLM2 (``--init``, a model folder; without it one is
+trained here: ``configs/cot_sft_gsm8k_smollm2.yaml`` cut to ``--init-steps``). From there, the
+same budget of optimizer steps of 16 examples for each method:
+
+* ``cot-sft``: CoT-SFT continued for 3 x stage1-steps + stage2-steps steps;
+* ``latent-sft-r<r>``: stage 1 (warm-up, decoder, both: stage1-steps each, the best of each step
+  on 32 validation questions), soft labels exported from the stage-1 encoder for the 16 x
+  stage2-steps training examples stage 2 then sees once, stage 2 for stage2-steps steps (its last model).
+
+Each is evaluated greedily on the first ``--limit`` GSM8K-Aug valid questions: accuracy, reasoning
+positions (#L for Latent-SFT), seconds per question, and for Latent-SFT ECR@1/5/10, N_eff,
+N_eff / N_eff_naive and Top-2. GSM8K has one gold chain per question, so N_eff's further solutions
+are ``--samples`` chains sampled (T = 0.6, top-p 0.95) from the continued CoT-SFT model on the same
+questions (right or wrong, as the paper's authors do), given to the evaluation as ``eval.solutions``.
+``speedup_vs_cot``: the r = 4 model's evaluation against the continued CoT-SFT model's, alternating
+back to back (``--speed-reps``), batch 32, the same questions. Everything resumes when rerun.
+Writes benchmarks/results/latent_sft_smollm2.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import ROOT, write_results
+
+from latentreason.config import load_run_config, merge
+from latentreason.eval.superposition import solutions_from_predictions
+from latentreason.recipes import run_eval, run_train
+
+MODEL = "smollm2-135m"
+COT = ROOT / "configs" / "cot_sft_gsm8k_smollm2.yaml"
+LATENT_METRICS = ("ecr@1", "ecr@5", "ecr@10", "n_eff", "n_eff_over_naive", "top2", "pass_at_1_over_latent_steps")
+
+
+def cot_base() -> dict[str, Any]:
+    return yaml.safe_load(COT.read_text())
+
+
+def trained(folder: Path) -> Path:
+    return folder / ("best" if (folder / "best").exists() else "final")
+
+
+def train(data: dict[str, Any]) -> Path:
+    """Train ``data`` unless its folder holds a finished run (a stopped one resumes)."""
+    out = Path(data["train"]["output_dir"])
+    if not (out / "train_summary.json").exists():
+        run_train(load_run_config(base=data))
+    return trained(out)
+
+
+def evaluate(model: Path, out: Path, limit: int, overrides: list[str] = ()) -> dict[str, Any]:
+    run = load_run_config(overrides=[f"model.name_or_path={model}", "eval.split=valid", f"eval.limit={limit}",
+                                     f"eval.output_dir={out}", "eval.batch_size=32", *overrides], saved_base=True)
+    return run_eval(run)
+
+
+def rows_for(summary: dict[str, Any], method: str, **extra: Any) -> list[dict[str, Any]]:
+    base = {"task": "gsm8k-aug", "model": MODEL, "method": method, "split": "valid", **extra}
+    n = summary["n"]
+    rows = [{**base, "metric": "accuracy", "value": round(summary["accuracy"], 4), "n": n, "ci95": summary["accuracy_ci95"]},
+            {**base, "metric": "reasoning_positions", "value": round(summary["mean_reasoning_positions"], 2), "n": n},
+            {**base, "metric": "latent_steps", "value": round(summary["mean_latent_steps"], 2), "n": n,
+             "note": "#L: latent steps fed (reasoning_positions adds any text written before the answer line)"},
+            {**base, "metric": "seconds_per_question", "value": round(1 / summary["questions_per_second"], 4), "n": n,
+             "note": "this evaluation alone, batch 32; see speedup_vs_cot for the side-by-side ratio"}]
+    for key in LATENT_METRICS:
+        if summary.get(key) is not None:
+            few = key in ("n_eff", "n_eff_over_naive", "top2")
+            rows.append({**base, "metric": key, "value": round(summary[key], 4),
+                         "n": summary.get("n_eff_questions", n) if few else n})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", type=int, nargs="+", default=[4], help="compression rates r to train")
+    ap.add_argument("--init", default=None, help="a CoT-SFT model folder of SmolLM2 to start from (default: train one)")
+    ap.add_argument("--init-steps", type=int, default=20)
+    ap.add_argument("--stage1-steps", type=int, default=6, help="optimizer steps of each of stage 1's three steps")
+    ap.add_argument("--stage2-steps", type=int, default=30)
+    ap.add_argument("--limit", type=int, default=200, help="GSM8K-Aug valid questions evaluated")
+    ap.add_argument("--samples", type=int, default=3, help="chains sampled per question for N_eff")
+    ap.add_argument("--speed-reps", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-latent-sft-smollm2"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    budget = 3 * args.stage1_steps + args.stage2_steps
+    no_select = {"select_on_valid": False, "eval_every": 0}
+
+    init = Path(args.init) if args.init else train(merge(cot_base(), {
+        "train": {"output_dir": str(out / "cot-sft-init"), "max_steps": args.init_steps, "save_every": args.init_steps,
+                  **no_select}, "optim": {"warmup_steps": min(5, args.init_steps // 4)}}))
+    cot = train(merge(cot_base(), {"train": {"output_dir": str(out / "cot-sft"), "init_from": str(init), "max_steps": budget,
+                                             "save_every": budget, **no_select}, "optim": {"warmup_steps": 0}}))
+    rows = rows_for(evaluate(cot, out / "cot-sft" / "eval-valid", args.limit), "cot-sft", train_steps=budget)
+
+    sampled = [out / "samples" / f"seed{s}" for s in range(args.samples)]
+    for s, folder in enumerate(sampled):
+        evaluate(cot, folder, args.limit, ["rollout.temperature=0.6", "rollout.top_p=0.95", f"rollout.seed={s}"])
+    solutions = out / "samples" / "solutions.jsonl"
+    found = solutions_from_predictions([f / "predictions.jsonl" for f in sampled], solutions)
+
+    latent_paths = {}
+    for rate in args.rates:
+        folder = out / f"latent-sft-r{rate}"
+        common = {"model": {"name_or_path": MODEL}, "data": {"task": "gsm8k-aug", "valid_split": "valid"},
+                  "optim": {"lr": 1e-4, "warmup_steps": 0, "scheduler": "constant", "weight_decay": 0.01},
+                  "rollout": {"max_new_tokens": 32}}
+        method = {"name": "latent-sft", "compression": rate, "top_k": 10, "max_latent_steps": 128 // rate,
+                  "max_length": 320}
+        one = merge(common, {"method": {**method, "stage": 1, "steps": "warmup,decoder,both",
+                                        "steps_per_step": args.stage1_steps},
+                             "train": {"output_dir": str(folder / "stage1"), "init_from": str(init),
+                                       "max_steps": 3 * args.stage1_steps, "global_batch_size": 16, "micro_batch_size": 8,
+                                       "save_every": args.stage1_steps, "eval_every": args.stage1_steps,
+                                       "eval_limit": 32, "select_on_valid": True, "log_every": 2}})
+        stage1 = train(one)
+        # stage 2 sees stage2-steps x 16 examples once: export soft labels for those only
+        two = merge(common, {"method": {**method, "stage": 2}, "data": {"train_limit": 16 * args.stage2_steps},
+                             "train": {"output_dir": str(folder / "stage2"), "init_from": str(stage1),
+                                       "max_steps": args.stage2_steps, "global_batch_size": 16, "micro_batch_size": 8,
+                                       "save_every": args.stage2_steps, "log_every": 5, **no_select}})
+        latent_paths[rate] = train(two)
+        summary = evaluate(latent_paths[rate], folder / "stage2" / "eval-valid", args.limit, [f"eval.solutions={solutions}"])
+        rows += rows_for(summary, f"latent-sft-r{rate}", compression=rate, train_steps=budget,
+                         stage1_steps=3 * args.stage1_steps, stage2_steps=args.stage2_steps)
+
+    if 4 in latent_paths and args.speed_reps:
+        paths = {"cot-sft": cot, "latent-sft-r4": latent_paths[4]}
+        qps: dict[str, list[float]] = {k: [] for k in paths}
+        for rep in range(args.speed_reps):
+            for name in (list(paths) if rep % 2 == 0 else list(paths)[::-1]):
+                with tempfile.TemporaryDirectory() as tmp:
+                    qps[name].append(evaluate(paths[name], Path(tmp), args.limit)["questions_per_second"])
+        ratios = [a / b for a, b in zip(qps["latent-sft-r4"], qps["cot-sft"])]
+        rows.append({"task": "gsm8k-aug", "model": MODEL, "method": "latent-sft-r4", "split": "valid",
+                     "metric": "speedup_vs_cot", "value": round(statistics.median(ratios), 3), "n": args.speed_reps,
+                     "ratios": [round(r, 3) for r in ratios],
+                     "questions_per_second": {k: [round(v, 3) for v in vs] for k, vs in qps.items()},
+                     "note": f"median over alternating back-to-back evaluations of the same {args.limit} questions, "
+                             "batch 32, greedy; CoT answers up to 96 new tokens, Latent-SFT up to 32 after its latents"})
+
+    with_sols = sum(1 for v in found.values() if len(v) >= 1)
+    note = (f"SHORT RUN on 2 CPU cores, one seed: SmolLM2-135M-Instruct from a {args.init_steps}-step CoT-SFT "
+            f"({init}); then {budget} optimizer steps of 16 GSM8K train examples per method (Latent-SFT: stage 1 "
+            f"3 x {args.stage1_steps} steps at about 2.2x a CoT step's cost, stage 2 {args.stage2_steps} steps). Full "
+            f"fine-tune, lr 1e-4. Evaluated on the first {args.limit} GSM8K-Aug valid questions (selection used at most "
+            f"32 of them, in stage 1 only). N_eff: the gold chain plus {args.samples} chains sampled from the continued "
+            f"CoT-SFT model ({with_sols} questions gave at least one non-empty chain). Far from the paper's budget "
+            "(full epochs of GSM8K-Aug on Llama-3.2-1B): these rows measure the pipeline and the cost, not the "
+            "method's accuracy at scale.")
+    command = "python benchmarks/bench_latent_sft_smollm2.py " + " ".join(sys.argv[1:])
+    print(write_results("latent_sft_smollm2", command, rows, note=note))
+    for r in rows:
+        print(f"{r['method']:16} {r['metric']:26} {r['value']}  n={r['n']}")
+
+
+if __name__ == "__main__":
+    main()
