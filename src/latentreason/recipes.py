@@ -5,6 +5,7 @@ started from the command line, a notebook or a benchmark is the same run.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -83,6 +84,8 @@ def run_eval(run: RunConfig, method: Method | None = None) -> dict:
     # What auto resolved to, not "auto": rows made in bfloat16 on a GPU never mix with float32 CPU rows.
     fingerprint["model.device"] = method.loaded.model.device.type
     fingerprint["model.dtype"] = info["dtype"]
+    if run.eval.solutions:  # a solutions file rewritten in place must not resume rows scored on the old one
+        fingerprint["eval.solutions_sha256"] = hashlib.sha256(Path(run.eval.solutions).read_bytes()).hexdigest()[:16]
     weights = weights_identity(run.model.name_or_path)
     if weights is not None:
         fingerprint["model.weight_files"] = weights

@@ -289,6 +289,10 @@ def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage
                                                f"eval.output_dir={tmp_path / 'ev-sols'}"], saved_base=True))
     assert more["n_eff_questions"] == 5 and 1.0 <= more["n_eff"] <= 3.0
     assert more["accuracy"] == summary["accuracy"] and more["ecr@1"] == summary["ecr@1"]
+    sols.write_text(json.dumps({"id": rows[0]["id"], "solutions": ["4*4=6"]}) + "\n")  # rewritten in place
+    with pytest.raises(ValueError, match="other settings"):
+        run_eval(load_run_config(overrides=[f"model.name_or_path={out / 'best'}", "eval.limit=8", f"eval.solutions={sols}",
+                                            f"eval.output_dir={tmp_path / 'ev-sols'}"], saved_base=True))
     # the superposition made visible: one line per latent step, top-5 tokens and the entropy; a figure
     from latentreason.cli import main
 
