@@ -150,13 +150,12 @@ def main() -> None:
                      "note": f"median over alternating back-to-back evaluations of the same {args.limit} questions, "
                              "batch 32, greedy; CoT answers up to 96 new tokens, Latent-SFT up to 32 after its latents"})
 
-    with_sols = sum(1 for v in found.values() if len(v) >= 1)
     note = (f"SHORT RUN on 2 CPU cores, one seed: SmolLM2-135M-Instruct from a {args.init_steps}-step CoT-SFT "
             f"({init}); then {budget} optimizer steps of 16 GSM8K train examples per method (Latent-SFT: stage 1 "
             f"3 x {args.stage1_steps} steps at about 2.2x a CoT step's cost, stage 2 {args.stage2_steps} steps). Full "
             f"fine-tune, lr 1e-4. Evaluated on the first {args.limit} GSM8K-Aug valid questions (selection used at most "
             f"32 of them, in stage 1 only). N_eff: the gold chain plus {args.samples} chains sampled from the continued "
-            f"CoT-SFT model ({with_sols} questions gave at least one non-empty chain). Far from the paper's budget "
+            f"CoT-SFT model ({len(found)} questions gave at least one non-empty chain). Far from the paper's budget "
             "(full epochs of GSM8K-Aug on Llama-3.2-1B): these rows measure the pipeline and the cost, not the "
             "method's accuracy at scale.")
     command = "python benchmarks/bench_latent_sft_smollm2.py " + " ".join(sys.argv[1:])
