@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_baselines import PROBES, TASKS, train_cot, train_eval
-from common import ROOT, earlier_rows, seed_mean_rows, write_results
+from common import ROOT, carry_published, earlier_rows, seed_mean_rows, write_results
 
 from latentreason.config import load_run_config, merge, parse_overrides
 from latentreason.demo import LATENT_SFT_STAGE1, LATENT_SFT_STAGE2
@@ -152,6 +152,8 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
                           "metric": key, "value": round(last[0][key], 4), "n": 64, "compression": rate,
                           "note": "last logged window of stage 1 (batches of 64); distinct = distinct top-1 tokens / latents"}
                          for key in ("latent_top1_weight", "latent_distinct_top1") if last]
+    rows = carry_published(f"latent_sft_{task}", rows, values, skip_metrics=("speedup_vs_cot",),
+                           into_means=lambda r: not r["method"].endswith("-stage1"))
     return rows + seed_mean_rows(values, task=task, model=model, split=report)
 
 

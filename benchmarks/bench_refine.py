@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, write_results
+from common import ROOT, carry_published, earlier_rows, write_results
 
 from latentreason.config import load_run_config, load_yaml, merge
 from latentreason.recipes import build_method, run_train
@@ -139,9 +139,11 @@ def run_seed(root: Path, task: str) -> None:
             run_refine(load_run_config(overrides=overrides, saved_base=True))
 
 
+COST_METRICS = ("refine_cost_ratio", "residual_cost_ratio")
+
+
 def collect(root: Path, task: str, seeds: list[int]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    values: dict[str, list[tuple[int, float, float]]] = {}  # method -> (seed, accuracy, gain over base)
     for seed in seeds:
         for name in GRIDS:
             for direction in ("strong", "weak"):
@@ -154,12 +156,15 @@ def collect(root: Path, task: str, seeds: list[int]) -> list[dict[str, Any]]:
                     if kind not in report:
                         continue
                     r = report[kind]
-                    method = name + suffix
-                    rows.append({"task": task, "model": MODEL, "method": method, "seed": seed, "split": REPORT[task],
+                    rows.append({"task": task, "model": MODEL, "method": name + suffix, "seed": seed, "split": REPORT[task],
                                  "metric": "accuracy", "value": r["accuracy"], "n": r["n"], "ci95": r["accuracy_ci95"],
                                  "alpha": r["alpha"], "eta": r["eta"], "valid_accuracy": r["valid_accuracy"],
                                  "direction": direction})
-                    values.setdefault(method, []).append((seed, r["accuracy"], r["accuracy"] - report["base"]["accuracy"]))
+    rows = carry_published(f"refine_{task}", rows, skip_metrics=COST_METRICS)
+    base = {(r["method"], r["seed"]): r["value"] for r in rows if "+" not in r["method"]}
+    values: dict[str, list[tuple[int, float, float]]] = {}  # method -> (seed, accuracy, gain over the same seed's base)
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        values.setdefault(r["method"], []).append((r["seed"], r["value"], r["value"] - base[r["method"].split("+")[0], r["seed"]]))
     for method, items in values.items():
         if len(items) < 2:
             continue
@@ -238,6 +243,8 @@ def main() -> None:
     rows = collect(root, args.task, args.seeds)
     if args.cost:
         rows += cost_rows(root, args.task, args.cost_seed, args.reps)
+    else:  # keep the side-by-side timings of the last --cost run
+        rows += [r for m in COST_METRICS for r in earlier_rows(f"refine_{args.task}", m)]
     seeds = " ".join(map(str, args.seeds))
     command = f"python benchmarks/bench_refine.py --task {args.task} --seeds {seeds}"
     if args.cost:

@@ -52,6 +52,39 @@ def earlier_rows(name: str, metric: str | None = None, method_prefix: str = "") 
             if metric in (None, r.get("metric")) and str(r.get("method", "")).startswith(method_prefix)]
 
 
+def carry_published(name: str, rows: list[dict[str, Any]], values: dict[tuple[str, str], list[tuple[Any, float]]] | None = None,
+                    *, skip_metrics: tuple[str, ...] = (), skip_methods: tuple[str, ...] = (),
+                    into_means: Any = None) -> list[dict[str, Any]]:
+    """``rows`` (rebuilt from the runs on disk) plus the per-seed rows of the published ``<name>.json``
+    whose run (method, seed) is not among them: runs/ is not versioned, so a rebuild on a fresh clone
+    (or after runs were pruned) adds to the result file instead of dropping what was measured before.
+    Carried rows say so (``carried``: the date of the file they came from) and join ``values`` (for
+    the seed means) where ``into_means(row)`` allows. Rows of ``skip_metrics``, and of methods starting
+    with one of ``skip_methods``, are left to their own mechanism (timings: ``earlier_rows``)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return rows
+    doc = json.loads(path.read_text())
+    have = {(r["method"], r.get("seed")) for r in rows}
+    before = {(r["method"], r.get("seed"), r.get("metric")): r["value"] for r in doc["rows"]}
+    for r in rows:  # a run redone (other code, other machine) that disagrees: carried rows may rest on the old one
+        old = before.get((r["method"], r.get("seed"), r.get("metric")))
+        if r.get("seed") != "mean" and old is not None and old != r["value"] and r.get("metric") not in skip_metrics:
+            print(f"{name}: {r['method']} seed {r.get('seed')} {r.get('metric')} was {old} ({doc.get('date')}), "
+                  f"is {r['value']} on disk now", file=sys.stderr)
+    carried = [{**r, "carried": r.get("carried", doc.get("date"))} for r in doc["rows"]
+               if r.get("seed") not in (None, "mean") and r.get("metric") not in skip_metrics
+               and not str(r["method"]).startswith(skip_methods)
+               and (r["method"], r.get("seed")) not in have]
+    if values is not None:
+        for r in carried:
+            if into_means is None or into_means(r):
+                values.setdefault((r["method"], r["metric"]), []).append((r["seed"], r["value"]))
+        for items in values.values():
+            items.sort(key=lambda item: item[0])
+    return rows + carried
+
+
 def summary_rows(summary: dict[str, Any], model: str, method: str, **fields: Any) -> list[dict[str, Any]]:
     """accuracy, accuracy_flexible and mean reasoning positions rows from a harness summary."""
     base = {"task": summary["task"], "model": model, "method": method, "split": summary["split"],
@@ -75,7 +108,7 @@ def seed_mean_rows(values: dict[tuple[str, str], list[tuple[Any, float]]], **fie
         vals = [v for _, v in items]
         rows.append({**fields, "method": method, "seed": "mean", "metric": metric,
                      "value": round(statistics.mean(vals), 4), "n": len(vals), "seeds": [sd for sd, _ in items],
-                     "std": round(statistics.stdev(vals), 4), "min": min(vals), "max": max(vals),
+                     "std": round(statistics.stdev(vals), 4), "min": round(min(vals), 4), "max": round(max(vals), 4),
                      "note": "n = training seeds; std = sample standard deviation over seeds"})
     return rows
 

@@ -17,6 +17,10 @@ and is read from `benchmarks/results/<name>.json` (regenerate this page with
 `python benchmarks/make_results_md.py`; check the files with `python ../shared/tools/check_results.py`).
 Timings on a shared 2-core machine are noisy: speed is reported as ratios measured side by side in
 one run. Accuracy is a fraction of `n` questions, with its 95% Wilson interval where given.
+The runs behind a file live in `runs/`, which is not versioned: a `--collect` on another machine
+rebuilds the file from the runs it finds and carries the rows of the runs it does not find, each
+marked `carried=<date of the file it came from>`; a carried row may rest on a base model that has
+since been re-trained (the bench prints where a re-run disagrees with the published value).
 """
 
 

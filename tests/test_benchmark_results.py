@@ -1,0 +1,46 @@
+"""benchmarks/common.py: a result file rebuilt from the runs on disk keeps what was measured before."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+
+
+def row(method: str, seed, metric: str, value: float) -> dict:
+    return {"task": "arith", "model": "tiny", "method": method, "seed": seed, "split": "test", "metric": metric,
+            "value": value, "n": 500}
+
+
+@pytest.fixture
+def published(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    rows = [row("cot", 0, "accuracy", 0.5), row("cot", 1, "accuracy", 0.7), row("cot", "mean", "accuracy", 0.6),
+            row("cot", 1, "speedup_vs_cot", 2.0), row("cot-stage-1", 1, "accuracy", 0.1)]
+    (tmp_path / "bench.json").write_text(json.dumps({"benchmark": "bench", "date": "2026-11-01", "rows": rows}))
+
+
+def test_runs_not_on_disk_are_carried_into_rows_and_seed_means(published):
+    values = {("cot", "accuracy"): [(2, 0.9)]}
+    rows = common.carry_published("bench", [row("cot", 2, "accuracy", 0.9)], values, skip_metrics=("speedup_vs_cot",),
+                                  skip_methods=("cot-stage-",))
+    carried = [r for r in rows if "carried" in r]
+    assert [(r["method"], r["seed"], r["value"], r["carried"]) for r in carried] == \
+        [("cot", 0, 0.5, "2026-11-01"), ("cot", 1, 0.7, "2026-11-01")]
+    assert values[("cot", "accuracy")] == [(0, 0.5), (1, 0.7), (2, 0.9)]
+    means = common.seed_mean_rows(values)
+    assert [(m["value"], m["n"]) for m in means] == [(0.7, 3)]
+
+
+def test_a_run_on_disk_replaces_its_published_rows(published, capsys):
+    rows = common.carry_published("bench", [row("cot", 1, "accuracy", 0.75)], skip_metrics=("speedup_vs_cot",),
+                                  skip_methods=("cot-stage-",))
+    assert sorted((r["seed"], r["value"]) for r in rows) == [(0, 0.5), (1, 0.75)]
+    assert "cot seed 1 accuracy was 0.7 (2026-11-01), is 0.75 on disk now" in capsys.readouterr().err
+    again = common.carry_published("bench", [row("cot", 1, "accuracy", 0.75)])  # nothing skipped
+    assert sorted((r["method"], r["seed"], r["metric"]) for r in again) == \
+        [("cot", 0, "accuracy"), ("cot", 1, "accuracy"), ("cot-stage-1", 1, "accuracy")]
