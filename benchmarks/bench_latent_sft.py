@@ -59,7 +59,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: the runs behind the published result file (``--collect`` names them as its command)
 RUNS = {"arith": ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause",
                   "--seeds 0 1 2 --compression 4 --variants hidden", "--seeds 0 1 2 --compression 2"),
-        "prosqa": ("--seeds 0 --compression 4 --variants main",)}
+        "prosqa": ("--seeds 0 --compression 4 --variants main pause",)}
 #: per task: (stage-1 recipe, stage-2 recipe). ProsQA's is shorter (a step there costs 2 to 3 times
 #: an arith step): stage 1 of 100 steps per step (warm-up, decoder, both), stage 2 of 400 steps.
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -79,9 +79,12 @@ NOTES = {
                "seed's CoT-SFT model and add 300 stage-1 steps (warm-up, decoder, both: 100 each) and 400 stage-2 steps "
                "of 64; every model is selected on the generated dev split and reported on the shipped valid.json (300). "
                "-teacher = the stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, not a "
-               "method). So far seed 0 at r = 4 only (about 25 minutes on 2 cores); the pause control with the same "
-               "budget, r = 2 and seeds 1 and 2 are the same command with --variants pause, --compression 2, --seeds 1 2. "
-               "The Coconut-style pause control of baselines_prosqa (6 vectors) is the nearest control measured."),
+               "method). latent-sft-r4-pause: 6 learned constant vectors (as many as r = 4's latents on ProsQA) trained "
+               "from the same CoT-SFT model with the same 700 steps. So far seed 0 at r = 4 only (about 35 + 40 minutes "
+               "on 2 cores); r = 2 and seeds 1 and 2 are the same command with --compression 2, --seeds 1 2. Seed 0's "
+               "CoT-SFT model was re-trained on 2026-11-27 with the current code (same recipe and seed; its runs were not "
+               "on this machine): 0.233 here against 0.140 in baselines_prosqa, trained on earlier code. Every seed-0 "
+               "Latent-SFT and pause row here starts from the re-trained model; nocot-sft is carried from the earlier run."),
 }
 
 
