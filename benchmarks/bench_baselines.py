@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, carry_published, earlier_rows, seed_mean_rows, write_results
+from common import ROOT, carry_published, code_of, earlier_rows, seed_mean_rows, write_results
 
 from latentreason.config import load_run_config, merge, parse_overrides
 from latentreason.demo import COCONUT, DEMO_BASE
@@ -109,10 +109,10 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
             path = folder / name / (f"eval-{report}-probe-{probe}" if probe else f"eval-{report}") / "summary.json"
             if not path.exists():
                 continue
-            s = json.loads(path.read_text())
-            add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"])
+            s, code = json.loads(path.read_text()), code_of(path)
+            add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], **code)
             if not probe:
-                add(method, seed, "reasoning_positions", round(s["mean_reasoning_positions"], 3), s["n"])
+                add(method, seed, "reasoning_positions", round(s["mean_reasoning_positions"], 3), s["n"], **code)
     rows = carry_published(f"baselines_{task}", rows, values, skip_metrics=("speedup_vs_cot",),
                            skip_methods=("coconut-stage-",))
     return rows + seed_mean_rows(values, task=task, model=model, split=report)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_baselines import PROBES, TASKS, train_cot, train_eval
-from common import ROOT, carry_published, earlier_rows, seed_mean_rows, write_results
+from common import ROOT, carry_published, code_of, earlier_rows, seed_mean_rows, write_results
 
 from latentreason.config import load_run_config, merge, parse_overrides
 from latentreason.demo import LATENT_SFT_STAGE1, LATENT_SFT_STAGE2
@@ -59,7 +59,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: the runs behind the published result file (``--collect`` names them as its command)
 RUNS = {"arith": ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause",
                   "--seeds 0 1 2 --compression 4 --variants hidden", "--seeds 0 1 2 --compression 2"),
-        "prosqa": ("--seeds 0 --compression 4 --variants main pause",)}
+        "prosqa": ("--seeds 0 --compression 4 --variants main pause", "--seeds 0 --compression 2")}
 #: per task: (stage-1 recipe, stage-2 recipe). ProsQA's is shorter (a step there costs 2 to 3 times
 #: an arith step): stage 1 of 100 steps per step (warm-up, decoder, both), stage 2 of 400 steps.
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -73,15 +73,20 @@ NOTES = {
               "CoT-SFT model and add 600 stage-1 steps (warm-up, decoder, both: 200 each) and 1200 stage-2 steps of 64 "
               "examples; every model is selected on the validation split and reported on the generated test split (500 "
               "questions). -teacher = the stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, "
-              "not a method)."),
+              "not a method). latent-sft-r4-hidden seeds 1 and 2 (2026-11-27) start from CoT-SFT models re-trained with the "
+              "current code (same recipe and seed, 1.0 on test like the earlier ones, which the other seed-1 and seed-2 "
+              "rows start from; those runs were not on this machine)."),
     "prosqa": ("Tiny model (4 layers, d = 128, word-level), ProsQA as in bench_baselines.py: CoT-SFT and no-CoT 600 steps "
                "of 64 from scratch (under-trained: see baselines_prosqa). Latent-SFT and the pause control start from that "
                "seed's CoT-SFT model and add 300 stage-1 steps (warm-up, decoder, both: 100 each) and 400 stage-2 steps "
                "of 64; every model is selected on the generated dev split and reported on the shipped valid.json (300). "
                "-teacher = the stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, not a "
                "method). latent-sft-r4-pause: 6 learned constant vectors (as many as r = 4's latents on ProsQA) trained "
-               "from the same CoT-SFT model with the same 700 steps. So far seed 0 at r = 4 only (about 35 + 40 minutes "
-               "on 2 cores); r = 2 and seeds 1 and 2 are the same command with --compression 2, --seeds 1 2. Seed 0's "
+               "from the same CoT-SFT model with the same 700 steps. So far seed 0 only: r = 4 with its pause control, and "
+               "r = 2 (about 55, 40 and 50 minutes on 2 cores); seeds 1 and 2 are the same commands with --seeds 1 2. At "
+               "r = 2 this budget is too short: stage 2's dev accuracy was still climbing when it ended (0.07, 0.105, "
+               "0.14, 0.175 at steps 100 to 400), and stage 1's latents had nearly collapsed to one top-1 token "
+               "(latent-sft-r2-stage1 rows), though its teacher reads them at 0.98. Seed 0's "
                "CoT-SFT model was re-trained on 2026-11-27 with the current code (same recipe and seed; its runs were not "
                "on this machine): 0.233 here against 0.140 in baselines_prosqa, trained on earlier code. Every seed-0 "
                "Latent-SFT and pause row here starts from the re-trained model; nocot-sft is carried from the earlier run."),
@@ -124,30 +129,33 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
     for seed in seeds:
         folder = root / task / f"seed{seed}"
         for name in ("cot-sft", "nocot-sft"):
-            s = summary(folder / name / f"eval-{report}" / "summary.json")
+            path = folder / name / f"eval-{report}" / "summary.json"
+            s, code = summary(path), code_of(path)
             if s:
-                add(name, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"])
-                add(name, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"])
+                add(name, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], **code)
+                add(name, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"], **code)
         for run in sorted(folder.glob("latent-sft-r*")):
             method = run.name
             rate = int(method.split("-")[2][1:])
             if method.endswith("-pause"):
-                s = summary(run / f"eval-{report}" / "summary.json")
+                path = run / f"eval-{report}" / "summary.json"
+                s, code = summary(path), code_of(path)
                 if s:
-                    add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], compression=rate)
-                    add(method, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"], compression=rate)
+                    add(method, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], compression=rate, **code)
+                    add(method, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"], compression=rate, **code)
                 continue
             for name, sub in [(method, f"stage2/eval-{report}"), (f"{method}-teacher", f"stage1/eval-{report}")] + \
                     [(f"{method}-probe-{p}", f"stage2/eval-{report}-probe-{p}") for p in PROBES]:
-                s = summary(run / sub / "summary.json")
+                s, code = summary(run / sub / "summary.json"), code_of(run / sub / "summary.json")
                 if not s:
                     continue
-                add(name, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], compression=rate)
+                add(name, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], compression=rate, **code)
                 if name == method:
-                    add(name, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"], compression=rate)
+                    add(name, seed, "reasoning_positions", s["mean_reasoning_positions"], s["n"], compression=rate, **code)
                     for key in METRICS[2:]:
                         few = key in ("n_eff", "n_eff_over_naive", "top2")
-                        add(name, seed, key, s.get(key), s.get("n_eff_questions", s["n"]) if few else s["n"], compression=rate)
+                        add(name, seed, key, s.get(key), s.get("n_eff_questions", s["n"]) if few else s["n"],
+                            compression=rate, **code)
             log = run / "stage1" / "log.jsonl"
             if log.exists():  # the encoder's latents at the end of stage 1: has it collapsed to one token?
                 last = [r for r in map(json.loads, log.read_text().splitlines()) if "latent_top1_weight" in r][-1:]

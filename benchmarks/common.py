@@ -85,6 +85,20 @@ def carry_published(name: str, rows: list[dict[str, Any]], values: dict[tuple[st
     return rows + carried
 
 
+def code_of(summary_path: Path) -> dict[str, Any]:
+    """The commits that trained and evaluated a model, for its result rows, from the provenance stamped
+    on an evaluation's summary.json and on its run's train_summary.json (the eval folder's parent);
+    nothing for summaries written before the stamp existed."""
+    summary_path = Path(summary_path)
+    out = {}
+    for key, path in (("trained_with", summary_path.parent.parent / "train_summary.json"), ("evaluated_with", summary_path)):
+        if path.exists():
+            commit = (json.loads(path.read_text()).get("provenance") or {}).get("commit")
+            if commit:
+                out[key] = commit
+    return out
+
+
 def summary_rows(summary: dict[str, Any], model: str, method: str, **fields: Any) -> list[dict[str, Any]]:
     """accuracy, accuracy_flexible and mean reasoning positions rows from a harness summary."""
     base = {"task": summary["task"], "model": model, "method": method, "split": summary["split"],

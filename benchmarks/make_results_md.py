@@ -21,6 +21,8 @@ The runs behind a file live in `runs/`, which is not versioned: a `--collect` on
 rebuilds the file from the runs it finds and carries the rows of the runs it does not find, each
 marked `carried=<date of the file it came from>`; a carried row may rest on a base model that has
 since been re-trained (the bench prints where a re-run disagrees with the published value).
+Rows of runs trained since 2026-11-27 name the commits that trained and evaluated their model
+(`trained_with`, `evaluated_with`; `+dirty` when the checkout had uncommitted changes).
 """
 
 

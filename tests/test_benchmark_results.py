@@ -44,3 +44,13 @@ def test_a_run_on_disk_replaces_its_published_rows(published, capsys):
     again = common.carry_published("bench", [row("cot", 1, "accuracy", 0.75)])  # nothing skipped
     assert sorted((r["method"], r["seed"], r["metric"]) for r in again) == \
         [("cot", 0, "accuracy"), ("cot", 1, "accuracy"), ("cot-stage-1", 1, "accuracy")]
+
+
+def test_rows_name_the_commits_that_trained_and_evaluated_them(tmp_path):
+    run = tmp_path / "cot-sft"
+    (run / "eval-test").mkdir(parents=True)
+    (run / "train_summary.json").write_text(json.dumps({"steps": 4, "provenance": {"commit": "aaa"}}))
+    (run / "eval-test" / "summary.json").write_text(json.dumps({"n": 4, "provenance": {"commit": "bbb+dirty"}}))
+    assert common.code_of(run / "eval-test" / "summary.json") == {"trained_with": "aaa", "evaluated_with": "bbb+dirty"}
+    (run / "train_summary.json").write_text(json.dumps({"steps": 4}))  # written before the stamp existed
+    assert common.code_of(run / "eval-test" / "summary.json") == {"evaluated_with": "bbb+dirty"}

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+import latentreason
 from latentreason.cli import main
+from latentreason.io import provenance
 from tests.conftest import cli_args, tiny_run
 
 
@@ -52,6 +56,14 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     assert summary["n"] == len(rows) == 32 and summary["model"] == str(best)
     # model.device=auto / model.dtype=auto in the default suite (LATENTREASON_DEVICE=cpu): CPU, float32.
     assert (summary["device"], summary["dtype"]) == ("cpu", "float32")
+    # Both summaries name the code that made them (this checkout's commit when run from one).
+    trained = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["provenance"] == trained["provenance"] == provenance()
+    assert summary["provenance"]["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(Path(latentreason.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # run from a checkout (CI's clone, an editable install)
+        assert summary["provenance"]["commit"].startswith(head.stdout.strip())
     assert all(r["correct"] == (r["prediction"] == r["gold"]) for r in rows)
     assert summary["accuracy"] == sum(r["correct"] for r in rows) / 32
     # The same evaluation of the untrained model (the run's starting point) scores lower.

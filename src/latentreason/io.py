@@ -1,9 +1,11 @@
 """Atomic file writes and JSONL helpers: nothing the project writes is ever left half-written."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -97,3 +99,30 @@ def iter_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> Iterator[di
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(row).__name__}")
         yield row
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """What code made a file: latentreason's version and git commit (``+dirty`` when tracked files
+    differ from it; None outside a checkout), torch and transformers. Stamped on every training and
+    evaluation summary, because a number re-trained after a code change is a different number.
+    """
+    import torch
+    import transformers
+
+    from latentreason import __version__
+
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {"latentreason": __version__, "commit": commit, "torch": torch.__version__,
+            "transformers": transformers.__version__}

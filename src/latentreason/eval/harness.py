@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from latentreason.data.base import ANSWER_DELIMITER, Example
 from latentreason.eval.metrics import mean, wilson_interval
-from latentreason.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from latentreason.io import append_jsonl, atomic_write_json, atomic_write_text, provenance, read_jsonl
 from latentreason.methods.base import Method, generate_batches, probed_step, row_seeds  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def summarise(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any
         "questions_per_second": n / seconds if seconds else 0.0,
         **_superposition_summary(rows),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance(),
     }
 
 

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from latentreason.config import ConfigError, RunConfig, to_dict
 from latentreason.data.base import Example
-from latentreason.io import atomic_replace_dir, atomic_write_json, atomic_write_text, read_jsonl, recover_dir
+from latentreason.io import atomic_replace_dir, atomic_write_json, atomic_write_text, provenance, read_jsonl, recover_dir
 from latentreason.methods.base import Method, Stage, stage_index_at, stage_problems, stage_start
 from latentreason.models.loading import CheckpointError
 
@@ -606,6 +606,6 @@ class Trainer:
             atomic_write_json(self.out / "train_summary.json", {
                 "steps": self.step, "final_loss": last_loss, "best_valid_metric": self.best,
                 "seconds_this_session": round(time.perf_counter() - start, 2), "processes": self.acc.num_processes,
-                "global_batch_size": t.global_batch_size,
+                "global_batch_size": t.global_batch_size, "provenance": provenance(),
             })
         return TrainResult(self.out, self.step, last_loss, self.best, time.perf_counter() - start)
