@@ -70,7 +70,8 @@ NOTES = {
                "step 600, weak = step 150. Coconut: the seed's model (6 thoughts); coconut-stage-1: its curriculum stage-1 "
                "model (1 thought, then the remaining steps written); latent-sft-r4: bench_latent_sft.py's ProsQA recipe. "
                "Every setting chosen on 200 questions of the generated dev split (alpha x eta grid), reported once on the "
-               "shipped valid.json (300). ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds)."),
+               "shipped valid.json (300). ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds). Heat map of "
+               "latent-sft-r4's sweep, seed 0: benchmarks/results/refine_prosqa_sweep_latent-sft-r4_seed0.png."),
 }
 #: where each task reports (selection always runs on the saved model's own ``data.valid_split``) and
 #: how often the reference CoT-SFT run keeps a model
