@@ -54,11 +54,10 @@ NOTES = {
                "60 steps, a final stage of 60, 6 thoughts, optimizer reset at each stage); SoftCoT: 300 steps of the "
                "projection only, the seed's CoT-SFT model as frozen main model and frozen assistant; Soft Thinking: "
                "training-free on the CoT-SFT model (reasoning ends at cold stop or where #### is the top token). A short CPU budget: see the CoT-SFT row before reading the others. "
-               "Seed 0's CoT-SFT, Coconut (with its stages, probes and speedup) and Soft Thinking rows were re-made on "
-               "2026-11-27 with the current code (`--methods coconut soft-thinking`; CoT-SFT re-trained with the same recipe "
-               "and seed scores 0.233, against 0.140 on earlier code). Seed 0's no-CoT, pause and SoftCoT rows, and every "
-               "seed-1 row, are carried from the earlier runs: the pause control and SoftCoT of seed 0 rest on the earlier "
-               "CoT-SFT model."),
+               "Every seed-0 row was re-made on 2026-11-27 with the current code (CoT-SFT re-trained with the same "
+               "recipe and seed scores 0.233, against 0.140 on earlier code; `--methods coconut soft-thinking`, then "
+               "`--methods nocot-sft pause softcot-answer softcot-chain`). Every seed-1 row is carried from the earlier "
+               "runs and rests on that seed's earlier CoT-SFT model."),
 }
 TASKS: dict[str, dict[str, Any]] = {
     "arith": {"base": DEMO_BASE, "report": "test", "coconut": COCONUT},
