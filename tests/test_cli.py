@@ -10,7 +10,7 @@ import torch
 
 import latentreason
 from latentreason.cli import main
-from latentreason.io import provenance
+from latentreason.io import git_commit, provenance
 from tests.conftest import cli_args, tiny_run
 
 
@@ -60,9 +60,10 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     trained = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["provenance"] == trained["provenance"] == provenance()
     assert summary["provenance"]["torch"] == torch.__version__
-    head = subprocess.run(["git", "-C", str(Path(latentreason.__file__).parent), "rev-parse", "HEAD"],
-                          capture_output=True, text=True)
-    if head.returncode == 0:  # run from a checkout (CI's clone, an editable install)
+    package = str(Path(latentreason.__file__).parent)
+    head = subprocess.run(["git", "-C", package, "rev-parse", "HEAD"], capture_output=True, text=True)
+    tracked = subprocess.run(["git", "-C", package, "ls-files", "--", "."], capture_output=True, text=True)
+    if tracked.stdout.strip():  # run from a checkout (CI's clone, an editable install)
         assert summary["provenance"]["commit"].startswith(head.stdout.strip())
     assert all(r["correct"] == (r["prediction"] == r["gold"]) for r in rows)
     assert summary["accuracy"] == sum(r["correct"] for r in rows) / 32
@@ -106,3 +107,25 @@ def test_quick_demo_writes_table_plot_and_summaries(tmp_path, capsys):
     assert "latent-sft" in out and summary["mean_latent_steps"] > 0  # stage 2 writes its own latents
     assert not (tmp_path / "demo" / "latent-sft-stage1" / "eval-test").exists()  # the teacher is not a result
     assert "latent-sft-stage1/best" in (tmp_path / "demo" / "latent-sft" / "run_config.yaml").read_text()
+
+
+def test_git_commit_names_only_a_checkout_that_tracks_the_package(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "README").write_text("someone else's project\n")
+    git("add", "README")
+    git("commit", "-qm", "their project")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    assert git_commit(tmp_path / "pkg") is None  # untracked: a package installed inside someone else's repo
+    git("add", "pkg")
+    git("commit", "-qm", "add pkg")
+    head = git("rev-parse", "HEAD").strip()
+    assert git_commit(tmp_path / "pkg") == head
+    (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "pkg") == head + "+dirty"
+    assert git_commit(tmp_path / "nowhere") is None

@@ -101,28 +101,37 @@ def iter_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> Iterator[di
         yield row
 
 
+def git_commit(package_dir: Path) -> str | None:
+    """The commit of the checkout ``package_dir`` is tracked in (``+dirty`` when tracked files differ
+    from it); None when it is not a tracked folder of a git checkout. A package installed into a
+    virtual environment that happens to sit inside some other repository is untracked there: its
+    commit would name the wrong code.
+    """
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if not git("ls-files", "--", "."):  # nothing here is tracked (or no checkout at all)
+        return None
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return commit
+
+
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict[str, Any]:
-    """What code made a file: latentreason's version and git commit (``+dirty`` when tracked files
-    differ from it; None outside a checkout), torch and transformers. Stamped on every training and
-    evaluation summary, because a number re-trained after a code change is a different number.
+    """What code made a file: latentreason's version and git commit (see :func:`git_commit`), torch and
+    transformers. Stamped on every training and evaluation summary, because a number re-trained after
+    a code change is a different number.
     """
     import torch
     import transformers
 
     from latentreason import __version__
 
-    here = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    return {"latentreason": __version__, "commit": commit, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {"latentreason": __version__, "commit": git_commit(Path(__file__).resolve().parent),
+            "torch": torch.__version__, "transformers": transformers.__version__}
