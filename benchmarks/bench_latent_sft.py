@@ -89,7 +89,8 @@ NOTES = {
                "(latent-sft-r2-stage1 rows), though its teacher reads them at 0.98. Seed 0's "
                "CoT-SFT model was re-trained on 2026-11-27 with the current code (same recipe and seed; its runs were not "
                "on this machine): 0.233 here against 0.140 in baselines_prosqa, trained on earlier code. Every seed-0 "
-               "Latent-SFT and pause row here starts from the re-trained model; nocot-sft is carried from the earlier run."),
+               "Latent-SFT and pause row here starts from the re-trained model; nocot-sft was re-trained on the current code "
+               "too (bench_baselines.py --methods nocot-sft): 0.413, against 0.377 on earlier code."),
 }
 
 
@@ -146,7 +147,8 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
                 continue
             for name, sub in [(method, f"stage2/eval-{report}"), (f"{method}-teacher", f"stage1/eval-{report}")] + \
                     [(f"{method}-probe-{p}", f"stage2/eval-{report}-probe-{p}") for p in PROBES]:
-                s, code = summary(run / sub / "summary.json"), code_of(run / sub / "summary.json")
+                path = run / sub / "summary.json"
+                s, code = summary(path), code_of(path)
                 if not s:
                     continue
                 add(name, seed, "accuracy", s["accuracy"], s["n"], ci95=s["accuracy_ci95"], compression=rate, **code)
