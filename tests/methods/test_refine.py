@@ -217,6 +217,32 @@ def test_contrastive_first_order_by_hand(trio) -> None:
             fed.append(out.latents[row, t])
 
 
+def test_row_shifts_measure_each_operators_move_over_the_fed_latents(trio) -> None:
+    """How far each operator moved a row's latents relative to their norm, by hand from the fed
+    vectors, over the latents each row actually fed (rows stop at different steps, one at none)."""
+    main, strong, weak = trio
+    v, a, eta = _vectors(main), 0.4, 40.0
+    lengths = torch.tensor(EXTERNAL_LENGTHS)
+    step = RefineStep(ExternalStep(v, lengths=lengths), RefineConfig(residual=True, alpha=a, contrastive=True, eta=eta))
+    out = _run(main, step, [strong, weak])
+    shifts = step.row_shifts()
+    assert set(shifts) == {"residual", "contrastive"}
+    for row, n in enumerate(EXTERNAL_LENGTHS):
+        res, con = [], []
+        for t in range(n):
+            mixed = v[row, 0] if t == 0 else a * out.latents[row, t - 1] + (1 - a) * v[row, t]
+            res.append(float((mixed - v[row, t]).norm() / v[row, t].norm()))
+            con.append(float((out.latents[row, t] - mixed).norm() / mixed.norm()))
+        want_res = sum(res) / n if n else 0.0
+        want_con = sum(con) / n if n else 0.0
+        assert abs(float(shifts["residual"][row]) - want_res) < 1e-5
+        assert abs(float(shifts["contrastive"][row]) - want_con) < 1e-5
+    assert float(shifts["contrastive"][2]) > 1e-3 and float(shifts["residual"][2]) > 1e-3  # both moved something
+    alone = RefineStep(ExternalStep(v), RefineConfig(residual=True, alpha=a))
+    _run(main, alone, None)
+    assert set(alone.row_shifts()) == {"residual"}  # an operator that is off reports nothing
+
+
 def test_same_reference_twice_changes_nothing(trio) -> None:
     main, strong, _ = trio
     v = _vectors(main)
@@ -304,6 +330,9 @@ def test_refine_verb_sweeps_on_valid_and_reports_once(cot_run: Path, tmp_path: P
     sweep = json.loads((out / "sweep.json").read_text())
     assert [(c["alpha"], c["eta"]) for c in sweep["cells"]] == [(0, 0), (0, 200), (0.5, 0), (0.5, 200)]
     assert all(c["n"] == 16 for c in sweep["cells"])
+    shifts = {(c["alpha"], c["eta"]): c["refine_shift"] for c in sweep["cells"]}
+    assert shifts[(0, 0)] == {} and set(shifts[(0.5, 200)]) == {"residual", "contrastive"}
+    assert shifts[(0, 200)]["contrastive"] > 0 and shifts[(0.5, 0)]["residual"] > 0
     assert (out / "sweep.png").stat().st_size > 1000
     for cell in sweep["cells"]:
         config = json.loads((out / "sweep" / f"alpha{cell['alpha']:g}-eta{cell['eta']:g}" / "eval_config.json").read_text())

@@ -44,6 +44,9 @@ class Prediction:
     seconds: float  # this example's share of its batch's wall-clock time
     #: ECR@1/5/10, N_eff, N_eff/N_eff_naive, Top-2 (mixture-latent methods; see eval/superposition.py)
     superposition: dict[str, Any] | None = None
+    #: under refinement, how far each operator moved this row's latents, relative to their norm
+    #: (mean over its latents; see ``RefineStep``)
+    refine_shift: dict[str, float] | None = None
 
 
 def _chain_tokens(texts: list[str], tokenizer: Any) -> list[int]:
@@ -91,6 +94,7 @@ def predict(
                 correct_flexible=score.correct_flexible, latent_steps=latent[j],
                 reasoning_positions=latent[j] + chain[j], generated_tokens=len(out.tokens[j]), seconds=seconds,
                 superposition=extra,
+                refine_shift={op: round(v[j], 6) for op, v in done.refine_shift.items()} if done.refine_shift else None,
             )
         if on_batch is not None:
             on_batch([preds[i] for i in idx])
@@ -134,6 +138,7 @@ def summarise(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any
         "mean_generated_tokens": mean([r["generated_tokens"] for r in rows]),
         "questions_per_second": n / seconds if seconds else 0.0,
         **_superposition_summary(rows),
+        **_refine_shift_summary(rows),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": provenance(),
     }
@@ -153,6 +158,16 @@ def _superposition_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     steps = mean([r["latent_steps"] for r in rows])
     out["pass_at_1_over_latent_steps"] = (sum(bool(r["correct"]) for r in rows) / len(rows)) / steps if steps else None
     return out
+
+
+def _refine_shift_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``refine_shift``: per operator, the mean over rows of how far it moved the latents relative to
+    their norm (what says whether a refinement setting was large enough to matter)."""
+    measured = [r["refine_shift"] for r in rows if r.get("refine_shift")]
+    if not measured:
+        return {}
+    ops = sorted({op for m in measured for op in m})
+    return {"refine_shift": {op: mean([m[op] for m in measured if op in m]) for op in ops}}
 
 
 # Config fields (``section`` or ``section.field``) known not to change a prediction row: where rows

@@ -320,6 +320,8 @@ class GeneratedBatch:
     texts: list[str]
     output: RolloutOutput
     seconds: float  # wall-clock of the batch (rollout and decoding)
+    #: per operator, each row's mean relative move of its latents under refinement (``RefineStep.row_shifts``)
+    refine_shift: dict[str, list[float]] | None = None
 
 
 def probed_step(
@@ -361,7 +363,7 @@ def generate_batches(
     prompt_ids = method.prompt_ids(examples)
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
     cfg = method.rollout_config()
-    from latentreason.methods.refine import refine_step
+    from latentreason.methods.refine import RefineStep, refine_step
 
     for idx in _batches(order, batch_size, probe):
         batch = [examples[i] for i in idx]
@@ -375,7 +377,8 @@ def generate_batches(
                 exact_references=method.run.refine.exact_references,
             )
         texts = loaded.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        yield GeneratedBatch(idx, texts, out, time.perf_counter() - t0)
+        shift = {op: v.tolist() for op, v in step.row_shifts().items()} if isinstance(step, RefineStep) else None
+        yield GeneratedBatch(idx, texts, out, time.perf_counter() - t0, shift or None)
 
 
 def task_model_config(model_cfg: ModelConfig, task: Task) -> ModelConfig:

@@ -44,9 +44,17 @@ logger = logging.getLogger(__name__)
 class RefineStep(LatentStep):
     """Residual and contrastive refinement around ``inner``; rows stop where ``inner`` says.
 
-    Per-rollout state (the last fed vector, the velocity) resets at latent step 0. No host sync:
-    every operation is a tensor op (see ``models/steps.py``).
+    Per-rollout state (the last fed vector, the velocity, the shift sums) resets at latent step 0.
+    No host sync: every operation is a tensor op (see ``models/steps.py``).
+
+    It also measures how far each operator moves what is fed, relative to the vector it was given
+    (``|z_after - z_before| / |z_before|``, averaged per row over the latents the row fed): η is in
+    units of the hidden state's scale, which differs by orders of magnitude between methods
+    (superposition vectors vs Coconut's hidden states), so this is the number that says whether a
+    setting did anything. :meth:`row_shifts` reads it after a rollout.
     """
+
+    OPERATORS = ("residual", "contrastive")
 
     def __init__(self, inner: LatentStep, cfg: RefineConfig) -> None:
         self.inner, self.cfg = inner, cfg
@@ -54,6 +62,8 @@ class RefineStep(LatentStep):
         self.sign = 1.0 if cfg.direction == "strong" else -1.0
         self._prev: torch.Tensor | None = None
         self._velocity: torch.Tensor | None = None
+        self._shift: dict[str, torch.Tensor] = {}
+        self._fed: torch.Tensor | None = None
 
     def validate(self, batch: int, num_steps: int, dim: int) -> None:
         self.inner.validate(batch, num_steps, dim)
@@ -81,16 +91,35 @@ class RefineStep(LatentStep):
     def __call__(self, ctx: StepContext) -> StepResult:
         if ctx.step == 0:  # a new rollout (a Python value: no sync)
             self._prev = self._velocity = None
+            self._shift, self._fed = {}, None
         result = self.inner(ctx)
         z = result.embeds
+        fed = ctx.active if result.stop is None else ctx.active & ~result.stop  # rows that feed this vector
+        fed = fed.float()
+        self._fed = fed if self._fed is None else self._fed + fed
         ops = ["residual", "contrastive"] if self.cfg.order == "residual-first" else ["contrastive", "residual"]
         for op in ops:
+            before = z
             if op == "residual" and self.cfg.residual:
                 z = self.residual(z)
             elif op == "contrastive" and self.cfg.contrastive and self.cfg.eta != 0:
                 z = self.contrastive(z, ctx)
+            else:
+                continue
+            moved = (z - before).float().norm(dim=-1) / before.float().norm(dim=-1).clamp_min(1e-12)
+            moved = moved * fed
+            self._shift[op] = moved if op not in self._shift else self._shift[op] + moved
         self._prev = z
         return StepResult(z, result.stop)
+
+    def row_shifts(self) -> dict[str, torch.Tensor]:
+        """Per row, the mean relative move of each operator that ran over the last rollout's fed
+        latents (``{"residual": [B], "contrastive": [B]}``; rows that fed none: 0). The first latent
+        counts with a residual move of 0 (there is nothing to mix it with)."""
+        if self._fed is None:
+            return {}
+        count = self._fed.float().clamp_min(1.0)
+        return {op: total / count for op, total in self._shift.items()}
 
 
 # ---- references ------------------------------------------------------------------------------
@@ -269,9 +298,11 @@ def run_refine(run: RunConfig) -> dict[str, Any]:
                                      output_dir=str(out / "sweep" / _cell_name(alpha, eta)))
             summary = run_eval(dataclasses.replace(run, refine=_refine_for(r, alpha, eta), eval=ev), method=method)
             cells.append({"alpha": alpha, "eta": eta, "accuracy": summary["accuracy"], "n": summary["n"],
-                          "questions_per_second": summary["questions_per_second"]})
-            logger.info("refine sweep alpha=%g eta=%g: %s accuracy %.4f", alpha, eta, run.data.valid_split,
-                        summary["accuracy"])
+                          "questions_per_second": summary["questions_per_second"],
+                          "refine_shift": summary.get("refine_shift", {})})
+            logger.info("refine sweep alpha=%g eta=%g: %s accuracy %.4f; latents moved %s", alpha, eta,
+                        run.data.valid_split, summary["accuracy"],
+                        ", ".join(f"{op} {v:.2%}" for op, v in summary.get("refine_shift", {}).items()) or "not at all")
     picks = {"refined": max(cells, key=lambda c: c["accuracy"])}  # max keeps the first of equals
     for name, kind in PICKS.items():
         of_kind = [c for c in cells if kind(c)]
@@ -281,7 +312,7 @@ def run_refine(run: RunConfig) -> dict[str, Any]:
                                            "picks": picks})
     heat_map(cells, list(r.sweep_alphas), list(r.sweep_etas), out / "sweep.png",
              f"{run.method.name} on {run.data.task} ({run.data.valid_split}, n={cells[0]['n']})")
-    keys = ("accuracy", "accuracy_ci95", "n", "questions_per_second", "mean_latent_steps")
+    keys = ("accuracy", "accuracy_ci95", "n", "questions_per_second", "mean_latent_steps", "refine_shift")
     report: dict[str, Any] = {}
     for name, cell in picks.items():
         ev = dataclasses.replace(run.eval, output_dir=str(out / f"eval-{run.eval.split}-{_cell_name(cell['alpha'], cell['eta'])}"))
