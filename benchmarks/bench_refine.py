@@ -160,7 +160,9 @@ def collect(root: Path, task: str, seeds: list[int]) -> list[dict[str, Any]]:
                     rows.append({"task": task, "model": MODEL, "method": name + suffix, "seed": seed, "split": REPORT[task],
                                  "metric": "accuracy", "value": r["accuracy"], "n": r["n"], "ci95": r["accuracy_ci95"],
                                  "alpha": r["alpha"], "eta": r["eta"], "valid_accuracy": r["valid_accuracy"],
-                                 "direction": direction})
+                                 "direction": direction,
+                                 # how far each operator moved the latents, relative to their norm (newer runs)
+                                 **{f"shift_{op}": round(v, 5) for op, v in (r.get("refine_shift") or {}).items()}})
     rows = carry_published(f"refine_{task}", rows, skip_metrics=COST_METRICS)
     base = {(r["method"], r["seed"]): r["value"] for r in rows if "+" not in r["method"]}
     values: dict[str, list[tuple[int, float, float]]] = {}  # method -> (seed, accuracy, gain over the same seed's base)
