@@ -54,8 +54,6 @@ class RefineStep(LatentStep):
     setting did anything. :meth:`row_shifts` reads it after a rollout.
     """
 
-    OPERATORS = ("residual", "contrastive")
-
     def __init__(self, inner: LatentStep, cfg: RefineConfig) -> None:
         self.inner, self.cfg = inner, cfg
         self.needs_hidden = inner.needs_hidden
@@ -118,7 +116,7 @@ class RefineStep(LatentStep):
         counts with a residual move of 0 (there is nothing to mix it with)."""
         if self._fed is None:
             return {}
-        count = self._fed.float().clamp_min(1.0)
+        count = self._fed.clamp_min(1.0)
         return {op: total / count for op, total in self._shift.items()}
 
 
