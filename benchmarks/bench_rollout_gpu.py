@@ -26,6 +26,9 @@ Rows (``benchmarks/results/rollout_gpu.json``, or ``--out``), all measured in th
   both with the prefill and fixed costs cancelled: latent = (T(K latent steps, 1 token) - T(1
   token)) / K, decode = (T(N tokens) - T(1 token)) / (N - 1), with K = N - 1 = ``--new-tokens`` - 1.
   A latent step includes the rollout's bookkeeping (the kept top-k distribution, masks).
+  ``--compile-step`` adds mode ``compiled-step`` for ``mixture``: the compiled rollout with the
+  step function itself also compiled (``torch.compile``, default mode: its ops fused into a few
+  kernels), to measure what fusing a step's own ops would save.
 
 Each value is the median over ``--reps`` repetitions, after one warm-up repetition (compilation
 and CUDA-graph recording happen there; it is not timed); within a repetition the methods run in
@@ -45,7 +48,7 @@ from common import write_results  # also puts src/ on sys.path
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from latentreason.models.rollout import RolloutConfig, clear_compiled, rollout
-from latentreason.models.steps import HiddenStateStep, LatentStep, MixtureStep
+from latentreason.models.steps import HiddenStateStep, LatentStep, MixtureStep, StepContext, StepResult
 
 SHAPES = {
     "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -85,7 +88,22 @@ def timed(fn: Callable[[], list[list[int]]], device: torch.device) -> tuple[floa
     return time.perf_counter() - t0, out
 
 
-def jobs_for(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, latent: bool) -> dict[str, Callable[[], list[list[int]]]]:
+class _CompiledCall(LatentStep):
+    """A step whose own ops run compiled (``--compile-step``): an experiment, not a rollout option."""
+
+    def __init__(self, step: LatentStep) -> None:
+        self.inner, self.needs_hidden, self.stop_token_id = step, step.needs_hidden, step.stop_token_id
+        self.fn = torch.compile(step.__call__, dynamic=False)
+
+    def validate(self, batch: int, num_steps: int, dim: int) -> None:
+        self.inner.validate(batch, num_steps, dim)
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        return self.fn(ctx)
+
+
+def jobs_for(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, latent: bool,
+             compile_step: bool = False) -> dict[str, Callable[[], list[list[int]]]]:
     """Every timed call for one batch: the four decoders, and the latent-step runs of each rollout mode."""
     prompts = ids.tolist()
     width = ids.shape[1]
@@ -111,6 +129,8 @@ def jobs_for(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, latent:
             jobs[f"{mode}:one-token"] = ours(None, 0, 1, compile)
             jobs[f"{mode}:hidden"] = ours(HiddenStateStep(), k, 1, compile)
             jobs[f"{mode}:mixture"] = ours(MixtureStep(top_k=10), k, 1, compile)
+        if compile_step:
+            jobs["compiled-step:mixture"] = ours(_CompiledCall(MixtureStep(top_k=10)), k, 1, True)
     return jobs
 
 
@@ -118,7 +138,7 @@ def measure(name: str, model: PreTrainedModel, batch: int, args: argparse.Namesp
     g = torch.Generator().manual_seed(batch)
     vocab = model.config.vocab_size
     ids = torch.randint(1, vocab, (batch, args.prompt_tokens), generator=g).to(device)
-    jobs = jobs_for(model, ids, args.new_tokens, latent=not args.no_latent)
+    jobs = jobs_for(model, ids, args.new_tokens, latent=not args.no_latent, compile_step=args.compile_step)
     order = list(jobs)
     times: dict[str, list[float]] = {job: [] for job in jobs}
     outputs: dict[str, list[list[int]]] = {}
@@ -151,10 +171,15 @@ def measure(name: str, model: PreTrainedModel, batch: int, args: argparse.Namesp
             print(f"WARNING: {method} differs from rollout-eager in float32 ({same}/{total} tokens equal)", flush=True)
     if not args.no_latent:
         k = args.new_tokens - 1
-        for mode, prefix in (("eager", "rollout-eager"), ("compiled", "rollout-compiled")):
-            one = times[f"{mode}:one-token"]
+        modes = [("eager", "rollout-eager", "eager"), ("compiled", "rollout-compiled", "compiled")]
+        if args.compile_step:
+            modes.append(("compiled-step", "rollout-compiled", "compiled"))
+        for mode, prefix, base_mode in modes:
+            one = times[f"{base_mode}:one-token"]
             decode = [(t - o) / k for t, o in zip(times[prefix], one)]
             for step in ("hidden", "mixture"):
+                if f"{mode}:{step}" not in times:
+                    continue
                 latent = [(t - o) / k for t, o in zip(times[f"{mode}:{step}"], one)]
                 ratios = [lat / dec for lat, dec in zip(latent, decode)]
                 rows.append({**base, "method": step, "metric": "latent_step_over_decode_step", "mode": mode,
@@ -177,6 +202,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up)")
     ap.add_argument("--no-latent", action="store_true", help="skip the latent-step / decode-step ratios")
+    ap.add_argument("--compile-step", action="store_true",
+                    help="also time the mixture step with its own ops compiled (mode compiled-step)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--out", default=None, help="result file (default: benchmarks/results/rollout_gpu.json)")
     args = ap.parse_args()

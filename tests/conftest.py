@@ -54,10 +54,14 @@ PYTHON = sys.executable
 
 
 def subprocess_env() -> dict[str, str]:
-    """Environment for a CLI subprocess: this checkout's src/ (and tests/) first, one thread, CPU."""
+    """Environment for a CLI subprocess: this checkout's src/ (and tests/) first, one thread, CPU.
+
+    GPUs are hidden unless the suite was asked to run on one: ``accelerate launch`` of two
+    processes would otherwise place them on cuda:0 and cuda:1 of a one-GPU machine."""
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if env.get("LATENTREASON_DEVICE", "cpu") == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 # Tests on the real data in ../shared/data skip on a machine without it, but never in CI (CI=true),

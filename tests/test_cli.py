@@ -58,6 +58,7 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     assert (summary["device"], summary["dtype"]) == ("cpu", "float32")
     # Both summaries name the code that made them (this checkout's commit when run from one).
     trained = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert (trained["device"], trained["distributed_type"], trained["processes"]) == ("cpu", "NO", 1)
     assert summary["provenance"] == trained["provenance"] == provenance()
     assert summary["provenance"]["torch"] == torch.__version__
     package = str(Path(latentreason.__file__).parent)

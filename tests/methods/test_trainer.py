@@ -146,6 +146,7 @@ def test_accelerate_two_processes_match_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "run" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch_size"] == 16
+    assert summary["distributed_type"] == "MULTI_CPU"
     # Each rank's random stream is its own (seeded per rank) and is saved for an exact resume.
     rngs = torch.load(tmp_path / "two" / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
@@ -161,3 +162,43 @@ def test_an_fsdp_or_deepspeed_launch_that_falls_back_to_data_parallel_is_named()
     assert "asks for DeepSpeed" in sharding_fallback("MULTI_CPU", {"ACCELERATE_USE_DEEPSPEED": "true"})
     assert sharding_fallback("DistributedType.FSDP", {"ACCELERATE_USE_FSDP": "true"}) is None
     assert sharding_fallback("DistributedType.MULTI_CPU", {}) is None
+
+
+class _FakeDeepSpeed:
+    """What the trainer reads of an Accelerator before ``prepare`` under a DeepSpeed config (no
+    DeepSpeed here: ``prepare`` stops the test)."""
+
+    distributed_type = "DistributedType.DEEPSPEED"
+    num_processes, process_index, is_main_process = 2, 0, True
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.config: dict = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=self.config))
+
+    def prepare(self, *args: object) -> None:
+        raise StopIteration("prepared")
+
+
+@pytest.mark.parametrize("case", ["accumulates", "freezes", "fits"])
+def test_deepspeed_takes_its_batch_from_the_recipe_and_refuses_what_it_cannot_run(tmp_path, case: str):
+    from latentreason.config import ConfigError
+
+    micro = 4 if case == "accumulates" else 8  # 16 over 2 processes: 8 each
+    train = {"global_batch_size": 16, "micro_batch_size": micro, "max_steps": 6, "select_on_valid": True}
+    # Latent-SFT stage 1 freezes the LM, then the encoder
+    run = load_run_config(base=tiny_run(tmp_path, method="latent-sft" if case == "freezes" else "cot-sft", train=train,
+                                        optim={"max_grad_norm": 0.5}))
+    method = build_method(run, training=True)
+    acc = _FakeDeepSpeed()
+    with pytest.raises(ConfigError if case != "fits" else StopIteration) as err:
+        Trainer(run, method, method.task.load("train", limit=32), accelerator=acc)
+    if case == "accumulates":
+        assert "train.micro_batch_size=8" in str(err.value)
+    elif case == "freezes":
+        assert "freezes parts" in str(err.value)
+    elif case == "fits":
+        assert acc.config["train_micro_batch_size_per_gpu"] == 8 and acc.config["train_batch_size"] == 16
+        assert acc.config["gradient_accumulation_steps"] == 1
+        assert acc.config["gradient_clipping"] == 0.5  # the recipe's optim.max_grad_norm

@@ -21,6 +21,7 @@ from latentreason.models.loading import (
 from latentreason.models.rollout import RolloutConfig, rollout
 from latentreason.models.steps import MixtureStep
 from latentreason.models.tiny import tiny_model
+from tests.conftest import needs_data
 
 TINY = "tiny-llama-l2-d64"
 
@@ -285,6 +286,7 @@ def test_tiny_words_are_one_token_each_and_survive_save_and_reload(tmp_path: Pat
     assert reloaded.tokenizer.encode(text) == lm.tokenizer.encode(text)
 
 
+@needs_data  # ProsQA's vocabulary comes from ../shared/data
 def test_tiny_words_task_is_resolved_from_the_task() -> None:
     from latentreason.config import load_run_config
     from latentreason.methods.base import build_method

@@ -206,17 +206,20 @@ class Method:
         return texts
 
     # -- saving and loading the whole method ---------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, states: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         """The LM as a ``save_pretrained`` folder (LoRA merged), its extra modules, the run config.
 
         The folder is what :meth:`from_pretrained` (and ``latentreason eval``) reads back.
+        ``states``: whole weights per part (``"lm"`` and each extra module's name) to write in
+        place of the modules' own, which under FSDP hold only this process's shards.
         """
         path = Path(path)
-        save_checkpoint(self.loaded, path)
+        states = states or {}
+        save_checkpoint(self.loaded, path, state_dict=states.get("lm"))
         extras = self.extra_modules()
         if extras:
             state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items()
-                     for n, t in merged_state_dict(m).items()}
+                     for n, t in (states[k] if k in states else merged_state_dict(m)).items()}
             save_file(state, str(path / EXTRA_MODULES_FILE))
         atomic_write_text(path / RUN_CONFIG_FILE, yaml.safe_dump(self.saved_config(), sort_keys=False))
 

@@ -18,6 +18,10 @@ Design choices, and why:
   so resume needs nothing more; each stage's end saves ``<stage.name>/`` and a checkpoint, so a
   run killed later resumes after the switch; an optimizer reset at a stage's first step is
   idempotent, so a resume exactly at a boundary is exact too.
+- Under FSDP (``configs/accelerate/fsdp.yaml``) each process holds shards of the weights and
+  optimizer state: saving gathers them into whole tensors on the main process (the same files
+  as without FSDP), resuming scatters them back, and validation runs with the weights gathered
+  (``whole_parameters``), every process on the same questions so that their forwards pair up.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +160,41 @@ def _resumable_state(module: _LossModule) -> dict[str, torch.Tensor]:
         if key != "lm":
             state.update({f"parts.{key}.{n}": b.detach().contiguous() for n, b in part.named_buffers()})
     return state
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """FSDP2 (``fully_shard``, what Accelerate's FSDP config applies) replaced the module's
+    parameters by this process's shards (DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor has no FSDP2 either
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@contextlib.contextmanager
+def whole_parameters(module: nn.Module) -> Iterator[None]:
+    """Inside, every FSDP2 unit of ``module`` has its parameters gathered whole on every process.
+
+    Why: FSDP2 gathers a unit's weights only when that unit's own forward runs. Validation and
+    sampling call the LM's body and output layer directly (the rollout), never the root unit's
+    forward, so the root's weights (embeddings, final norm, output layer) would stay sharded.
+    Collective: every process enters, and runs the same forwards inside (each layer still gathers
+    and frees its weights around its forward). Writes to parameters inside are lost on exit. A
+    no-op for a module without FSDP.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = ()  # noqa: N806 - no FSDP2 in this torch: nothing to gather
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
 
 
 #: Settings a run may change when it resumes: they alter neither the trajectory nor the selection.
@@ -308,7 +347,18 @@ class Trainer:
         o = run.optim
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(run))
+        self.deepspeed = str(self.acc.distributed_type).endswith("DEEPSPEED")
+        if self.deepspeed:
+            self._configure_deepspeed(method)
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
+        self.sharded = is_sharded(self.acc.unwrap_model(self.wrapped))
+        if self.sharded and method.on_policy:
+            raise ConfigError([f"method {method.name!r} samples on-policy, each process its own questions, and FSDP "
+                               "needs every process's forwards to pair up; train it with DDP "
+                               "(configs/accelerate/ddp.yaml) or DeepSpeed"])
+        if self.sharded and run.lora.enabled:
+            raise ConfigError(["lora.enabled=true under FSDP is not supported (saving merges the adapters into "
+                               "whole weights); use DDP (configs/accelerate/ddp.yaml) or DeepSpeed"])
         self.step = 0
         self.best: float | None = None
         self.stages: list[Stage] | None = method.stages()
@@ -332,16 +382,84 @@ class Trainer:
         self.stage_best_state: dict[str, torch.Tensor] | None = None
         self._selected_at: int | None = None
 
+    def _configure_deepspeed(self, method: Method) -> None:
+        """DeepSpeed steps the optimizer inside ``backward`` (Accelerate calls ``engine.step``), so
+        each process takes its share of a step in one micro-batch and nothing runs between the
+        backward and the step (a stage's frozen parts cannot be skipped there). Batch size and
+        clipping come from the recipe, not from the accelerate config."""
+        t, world = self.run.train, self.acc.num_processes
+        per_rank = t.global_batch_size // world
+        problems = []
+        if t.micro_batch_size != per_rank:
+            problems.append(f"under DeepSpeed each process takes its share of a step in one micro-batch: set "
+                            f"train.micro_batch_size={per_rank} (train.global_batch_size / {world} processes)")
+        if any(stage.frozen for stage in method.stages() or []):
+            problems.append(f"method {method.name!r} freezes parts in some stages, which DeepSpeed cannot skip (its "
+                            "optimizer steps inside backward); train it with DDP or FSDP")
+        if problems:
+            raise ConfigError(problems)
+        self.acc.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=1,
+            train_batch_size=t.global_batch_size, gradient_clipping=float(self.run.optim.max_grad_norm))
+
     # -- checkpoints ---------------------------------------------------------------------------
+    # Under FSDP the reads below gather whole tensors onto the main process (collectives: every
+    # process calls them; the others get empty dicts) and the writes scatter them back.
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The resumable state (``_resumable_state``), whole, on the host of the main process."""
+        module = self.acc.unwrap_model(self.wrapped)
+        if not self.sharded:
+            return {k: v.detach().to("cpu", copy=True) for k, v in _resumable_state(module).items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: full[k].contiguous() for k in _resumable_state(module) if k in full}
+
+    def _load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Write ``state`` (names as ``_resumable_state``) into the live parameters and buffers."""
+        module = self.acc.unwrap_model(self.wrapped)
+        if not self.sharded:
+            with torch.no_grad():
+                for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                    if name in state:
+                        t.copy_(state[name].to(t.device))
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # The main process's copy is scattered; the call replaces the dict's values, so it gets a copy.
+        set_model_state_dict(module, dict(state) if self.acc.is_main_process else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.acc.unwrap_model(self.wrapped), getattr(self.optimizer, "optimizer", self.optimizer),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if not self.sharded:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.acc.unwrap_model(self.wrapped), getattr(self.optimizer, "optimizer", self.optimizer),
+                                 state, options=StateDictOptions(full_state_dict=True))
+
+    def _whole(self) -> contextlib.AbstractContextManager:
+        return whole_parameters(self.acc.unwrap_model(self.wrapped)) if self.sharded else contextlib.nullcontext()
+
     def save_resumable(self) -> None:
         # Every rank's RNG (dropout masks, sampled noise differ per rank), gathered to the writer.
         from accelerate.utils import gather_object
 
         rngs = gather_object([_rng_state()]) if self.acc.num_processes > 1 else [_rng_state()]
+        trainable, optimizer = self._trainable_state(), self._optimizer_state()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".checkpoint-"))
-            save_file(_resumable_state(self.acc.unwrap_model(self.wrapped)), str(tmp / "trainable.safetensors"))
+            save_file(trainable, str(tmp / "trainable.safetensors"))
             if self.stage_best_state is not None:
                 save_file(self.stage_best_state, str(tmp / "stage_best.safetensors"))
             torch.save(
@@ -349,9 +467,10 @@ class Trainer:
                     "step": self.step,
                     "best": self.best,
                     "stage_best": self.stage_best,
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rngs,
+                    "sharded": self.sharded,  # the optimizer state's layout: FSDP's is keyed by name
                 },
                 tmp / "trainer_state.pt",
             )
@@ -390,11 +509,20 @@ class Trainer:
                 f"{self.ckpt}: checkpoint does not match this run's trainable parameters "
                 f"(missing {missing[:5]}, unexpected {extra[:5]}); use a new train.output_dir or train.resume=false"
             )
-        with torch.no_grad():
-            for name, t in [*module.named_parameters(), *module.named_buffers()]:
-                if name in saved:
-                    t.copy_(saved[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.deepspeed and self.acc.num_processes > 1:
+            raise CheckpointError(
+                f"{self.ckpt}: resuming a DeepSpeed run of several processes is not supported (each process's "
+                "optimizer partition would be needed); set train.resume=false or use a new train.output_dir"
+            )
+        if bool(state.get("sharded", False)) != self.sharded:
+            how = {True: "under FSDP", False: "without FSDP"}
+            raise CheckpointError(
+                f"{self.ckpt}: written {how[bool(state.get('sharded', False))]}, resumed {how[self.sharded]}: the "
+                "optimizer state is laid out differently. Resume with the accelerate config it was written with, or "
+                "use a new train.output_dir"
+            )
+        self._load_trainable_state(saved)
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) == self.acc.num_processes:
@@ -422,8 +550,21 @@ class Trainer:
 
     def save_model(self, name: str) -> None:
         """``best/`` or ``final/``: what ``Method.from_pretrained`` and ``latentreason eval`` read."""
+        states = None
+        if self.sharded:  # whole weights of every part, gathered onto the main process
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            module = self.acc.unwrap_model(self.wrapped)
+            full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # A tied weight (output layer = input embedding) comes back under both names as two
+            # tensors; the saved folder keeps it once, as save_pretrained does for a live model.
+            aliases = ({n for n, _ in module.named_parameters(remove_duplicate=False)}
+                       - {n for n, _ in module.named_parameters()})
+            states = {part: {k[len(f"parts.{part}."):]: v for k, v in full.items()
+                             if k.startswith(f"parts.{part}.") and k not in aliases}
+                      for part in self.module.parts}
         if self.acc.is_main_process:
-            self.method.save_pretrained(self.out / name)
+            self.method.save_pretrained(self.out / name, states=states)
         self.acc.wait_for_everyone()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -476,11 +617,7 @@ class Trainer:
         """Load the current stage's best trainable state back (the next stage starts from it)."""
         if self.stage_best_state is None:
             return
-        module = self.acc.unwrap_model(self.wrapped)
-        with torch.no_grad():
-            for name, t in [*module.named_parameters(), *module.named_buffers()]:
-                if name in self.stage_best_state:
-                    t.copy_(self.stage_best_state[name].to(t.device))
+        self._load_trainable_state(self.stage_best_state)
         if self.acc.is_main_process:
             self._log({"step": self.step, "restored_best_valid_metric": self.stage_best})
         self.stage_best, self.stage_best_state = None, None
@@ -509,15 +646,15 @@ class Trainer:
         if not (for_run or for_stage):
             return
         self.wrapped.eval()
-        metric = self.select(self.method)  # every process evaluates: cheap, and keeps them in step
+        with self._whole():
+            metric = self.select(self.method)  # every process evaluates: cheap, and keeps them in step
         self.wrapped.train()
         self._selected_at = self.step
         if self.acc.is_main_process:
             self._log({"step": self.step, "valid_metric": metric})
         if for_stage and (self.stage_best is None or metric > self.stage_best):
             self.stage_best = metric
-            state = _resumable_state(self.acc.unwrap_model(self.wrapped))
-            self.stage_best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            self.stage_best_state = self._trainable_state()  # under FSDP: the main process's (empty elsewhere)
         if for_run and (self.best is None or metric > self.best):
             self.best = metric
             self.save_model("best")
@@ -606,6 +743,7 @@ class Trainer:
             atomic_write_json(self.out / "train_summary.json", {
                 "steps": self.step, "final_loss": last_loss, "best_valid_metric": self.best,
                 "seconds_this_session": round(time.perf_counter() - start, 2), "processes": self.acc.num_processes,
+                "distributed_type": str(self.acc.distributed_type).rsplit(".", 1)[-1], "device": str(self.acc.device),
                 "global_batch_size": t.global_batch_size, "provenance": provenance(),
             })
         return TrainResult(self.out, self.step, last_loss, self.best, time.perf_counter() - start)

@@ -334,17 +334,21 @@ def load_model(cfg: ModelConfig | str, training: bool = False) -> LoadedModel:
     )
 
 
-def save_checkpoint(loaded: LoadedModel, path: str | Path) -> None:
-    """Write model + tokenizer with ``save_pretrained`` (safetensors) atomically into ``path``."""
+def save_checkpoint(loaded: LoadedModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model + tokenizer with ``save_pretrained`` (safetensors) atomically into ``path``.
+
+    ``state_dict``: the weights to write instead of the model's own (whole tensors gathered from
+    a sharded model, whose own ``state_dict()`` holds shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     model = loaded.model
-    if hasattr(model, "merge_and_unload"):  # a peft model: save merged weights, keep training intact
+    if state_dict is None and hasattr(model, "merge_and_unload"):  # peft: save merged weights, keep training intact
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(tmp, safe_serialization=True, **extra)
     loaded.tokenizer.save_pretrained(tmp)
     atomic_replace_dir(tmp, path)
 
