@@ -455,7 +455,9 @@ class Trainer:
         from accelerate.utils import gather_object
 
         rngs = gather_object([_rng_state()]) if self.acc.num_processes > 1 else [_rng_state()]
-        trainable, optimizer = self._trainable_state(), self._optimizer_state()
+        # Under FSDP every process takes part in gathering; otherwise the writer alone copies.
+        trainable = self._trainable_state() if self.sharded or self.acc.is_main_process else {}
+        optimizer = self._optimizer_state()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".checkpoint-"))
