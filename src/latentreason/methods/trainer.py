@@ -405,14 +405,19 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     # Under FSDP the reads below gather whole tensors onto the main process (collectives: every
     # process calls them; the others get empty dicts) and the writes scatter them back.
+    def _gathered_state(self) -> dict[str, torch.Tensor]:
+        """Every weight and persistent buffer of the sharded module, whole, on the main process's host."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.acc.unwrap_model(self.wrapped),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         """The resumable state (``_resumable_state``), whole, on the host of the main process."""
         module = self.acc.unwrap_model(self.wrapped)
         if not self.sharded:
             return {k: v.detach().to("cpu", copy=True) for k, v in _resumable_state(module).items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = self._gathered_state()
         return {k: full[k].contiguous() for k in _resumable_state(module) if k in full}
 
     def _load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -554,10 +559,8 @@ class Trainer:
         """``best/`` or ``final/``: what ``Method.from_pretrained`` and ``latentreason eval`` read."""
         states = None
         if self.sharded:  # whole weights of every part, gathered onto the main process
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             module = self.acc.unwrap_model(self.wrapped)
-            full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = self._gathered_state()
             # A tied weight (output layer = input embedding) comes back under both names as two
             # tensors; the saved folder keeps it once, as save_pretrained does for a live model.
             aliases = ({n for n, _ in module.named_parameters(remove_duplicate=False)}
