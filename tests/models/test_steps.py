@@ -48,6 +48,19 @@ def test_topk_weights_are_the_renormalised_top_probabilities(temperature: float)
     torch.testing.assert_close(probs.sum(-1), torch.ones(B))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_bf16_logits_give_the_weights_of_their_exact_fp32_values(temperature: float) -> None:
+    # the top-k runs on the bf16 logits and only the k values are widened: the same ids and the
+    # same fp32 probabilities as widening all V logits first
+    logits = (_ctx().logits * 4).to(torch.bfloat16)
+    step = MixtureStep(top_k=4, temperature=temperature)
+    probs, ids = step.weights(logits)
+    wide_probs, wide_ids = step.weights(logits.float())
+    assert probs.dtype == torch.float32
+    assert torch.equal(ids, wide_ids)
+    torch.testing.assert_close(probs, wide_probs, rtol=0, atol=0)
+
+
 def test_topk_mixture_is_the_weighted_sum_of_the_kept_rows() -> None:
     ctx = _ctx()
     step = MixtureStep(top_k=4)

@@ -123,13 +123,16 @@ class MixtureStep(LatentStep):
 
     def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mixture weights: ([B, k] probabilities, [B, k] ids) or ([B, V] probabilities, None)."""
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-        scaled = wide if self.temperature == 1.0 else wide / self.temperature
+        wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
         if self.top_k:
-            values, ids = scaled.topk(min(self.top_k, scaled.shape[-1]), dim=-1)  # sorted, descending
-            probs = values.softmax(-1)
+            # top-k on the logits as they come (bf16 -> fp32 is exact and 1/T > 0 keeps the order), so
+            # only k values per row are widened: one V-wide cast fewer per latent step on a GPU
+            values, ids = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)  # sorted, descending
+            values = values.to(wide)
+            probs = (values if self.temperature == 1.0 else values / self.temperature).softmax(-1)
         else:
-            probs, ids = scaled.softmax(-1), None
+            scaled = logits.to(wide)
+            probs, ids = (scaled if self.temperature == 1.0 else scaled / self.temperature).softmax(-1), None
         if self.top_p < 1.0 or self.min_p > 0.0:
             probs = _filter(probs, self.top_p, self.min_p, sorted_desc=ids is not None)
         return probs, ids
