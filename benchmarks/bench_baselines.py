@@ -58,9 +58,9 @@ NOTES = {
                "recipe and seed scores 0.233, against 0.140 on earlier code; `--methods coconut soft-thinking`, then "
                "`--methods nocot-sft pause softcot-answer softcot-chain`). Every seed-2 row was made on 2026-11-28 with the "
                "current code (`--seeds 2`); its CoT-SFT model scores 0.510, so under this budget the seeds' CoT-SFT "
-               "models differ widely and every method trained from them inherits that spread. Every seed-1 row is "
-               "carried from the earlier runs and rests on that seed's earlier CoT-SFT model (0.080): the mean rows "
-               "mix seeds 0 and 2 (current code) with seed 1 (earlier code)."),
+               "models differ widely and every method trained from them inherits that spread. Every seed-1 row was "
+               "made on 2026-12-06 with the current code (`--seeds 1`): its CoT-SFT model scores 0.080 again (and its "
+               "no-CoT 0.460), as the earlier code's run did, so the mean rows are all on the current code."),
 }
 TASKS: dict[str, dict[str, Any]] = {
     "arith": {"base": DEMO_BASE, "report": "test", "coconut": COCONUT},
