@@ -1,6 +1,6 @@
 """Refinement of Soft Thinking's latents on SmolLM2-135M-Instruct, training-free, GSM8K-Aug valid.
 
-    python benchmarks/bench_refine_smollm2.py [--limit 64]
+    python benchmarks/bench_refine_smollm2.py [--limit 200]
 
 The main model is SmolLM2-135M-Instruct as shipped, running Soft Thinking (the settings of
 ``bench_soft_thinking_smollm2.py``: up to 96 mixture steps, cold stop after 16, 96 answer tokens).
@@ -70,7 +70,7 @@ def calibrate_eta(method, examples, dim: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=200, help="GSM8K-Aug valid questions (about 35 min on 2 cores, the references included)")
     ap.add_argument("--ref-steps", type=int, default=20)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-refine-smollm2"))

@@ -130,3 +130,14 @@ def test_git_commit_names_only_a_checkout_that_tracks_the_package(tmp_path):
     (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")
     assert git_commit(tmp_path / "pkg") == head + "+dirty"
     assert git_commit(tmp_path / "nowhere") is None
+
+
+def test_results_record_the_command_that_made_them(tmp_path, monkeypatch):
+    """An evaluation started by a benchmark script must not be stamped ``latentreason <the script's flags>``."""
+    from latentreason.recipes import invocation
+
+    monkeypatch.chdir(tmp_path)
+    assert invocation(["/venv/bin/latentreason", "eval", "--config", "c.yaml"]) == "latentreason eval --config c.yaml"
+    assert invocation(["/src/latentreason/__main__.py", "train"]) == "latentreason train"
+    script = tmp_path / "benchmarks" / "bench_x.py"
+    assert invocation([str(script), "--rates", "2"]) == "python benchmarks/bench_x.py --rates 2"

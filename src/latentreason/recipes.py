@@ -54,6 +54,21 @@ def run_train(run: RunConfig) -> Path:
     return result.output_dir
 
 
+def invocation(argv: list[str] | None = None) -> str:
+    """The command line that made a result, as its user typed it: a benchmark script calling
+    ``run_eval`` is ``python benchmarks/x.py ...``, not ``latentreason ...`` with the script's flags."""
+    argv = sys.argv if argv is None else argv
+    program = Path(argv[0]) if argv and argv[0] else Path("latentreason")
+    if program.name == "latentreason" or program.parent.name == "latentreason":  # console script, python -m
+        head = "latentreason"
+    else:
+        try:
+            head = "python " + str(program.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            head = "python " + str(program)
+    return " ".join([head, *argv[1:]])
+
+
 def run_eval(run: RunConfig, method: Method | None = None) -> dict:
     """Evaluate ``run`` into ``eval.output_dir``, resuming only rows made with the same row settings.
 
@@ -76,7 +91,7 @@ def run_eval(run: RunConfig, method: Method | None = None) -> dict:
         "method": run.method.name, "split": run.eval.split,
         "rollout": config["rollout"], "method_config": config["method"],
         "device": str(method.loaded.model.device), "dtype": str(method.loaded.model.dtype).replace("torch.", ""),
-        "command": "latentreason " + " ".join(sys.argv[1:]),
+        "command": invocation(),
     }
     if run.refine.enabled:
         info["refine"] = config["refine"]
