@@ -59,7 +59,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: the runs behind the published result file (``--collect`` names them as its command)
 RUNS = {"arith": ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause",
                   "--seeds 0 1 2 --compression 4 --variants hidden", "--seeds 0 1 2 --compression 2"),
-        "prosqa": ("--seeds 0 --compression 4 --variants main pause", "--seeds 0 --compression 2")}
+        "prosqa": ("--seeds 0 --compression 4 --variants main pause", "--seeds 0 --compression 2", "--seeds 1 --compression 4")}
 #: per task: (stage-1 recipe, stage-2 recipe). ProsQA's is shorter (a step there costs 2 to 3 times
 #: an arith step): stage 1 of 100 steps per step (warm-up, decoder, both), stage 2 of 400 steps.
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -82,13 +82,15 @@ NOTES = {
                "of 64; every model is selected on the generated dev split and reported on the shipped valid.json (300). "
                "-teacher = the stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, not a "
                "method). latent-sft-r4-pause: 6 learned constant vectors (as many as r = 4's latents on ProsQA) trained "
-               "from the same CoT-SFT model with the same 700 steps. So far seed 0 only: r = 4 with its pause control, and "
-               "r = 2 (about 55, 40 and 50 minutes on 2 cores); seeds 1 and 2 are the same commands with --seeds 1 2. At "
+               "from the same CoT-SFT model with the same 700 steps. Seed 0: r = 4 with its pause control, and r = 2 (about "
+               "55, 40 and 50 minutes on 2 cores). Seed 1 (2026-12-06): r = 4 only, from bench_baselines.py's seed-1 CoT-SFT "
+               "model (0.080 on valid.json: it barely learned the task), whose stage-1 encoder collapsed to one top-1 token "
+               "(latent-sft-r4-stage1 rows); seed 1's pause control and seed 2 are the same commands, not run yet. At "
                "r = 2 this budget is too short: stage 2's dev accuracy was still climbing when it ended (0.07, 0.105, "
                "0.14, 0.175 at steps 100 to 400), and stage 1's latents had nearly collapsed to one top-1 token "
                "(latent-sft-r2-stage1 rows), though its teacher reads them at 0.98. Seed 0's "
                "CoT-SFT model was re-trained on 2026-11-27 with the current code (same recipe and seed; its runs were not "
-               "on this machine): 0.233 here against 0.140 in baselines_prosqa, trained on earlier code. Every seed-0 "
+               "on this machine): 0.233, as baselines_prosqa now has it (0.140 on earlier code). Every seed-0 "
                "Latent-SFT and pause row here starts from the re-trained model; nocot-sft was re-trained on the current code "
                "too (bench_baselines.py --methods nocot-sft): 0.413, against 0.377 on earlier code."),
 }
