@@ -82,30 +82,21 @@ def rows_for(summary: dict[str, Any], method: str, **extra: Any) -> list[dict[st
     return rows
 
 
-PUBLISHED = ROOT / "benchmarks" / "results" / "latent_sft_smollm2.json"
-
-
-def mismatched(rows: list[dict[str, Any]]) -> list[str]:
-    """Rebuilt rows whose published value differs (timings aside): runs/ is not versioned, so a rerun
-    retrains from scratch and should land on the same numbers."""
-    if not PUBLISHED.exists():
-        return []
-    doc = json.loads(PUBLISHED.read_text())
+def against_published(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the published rows of methods this run did not rebuild, marked ``carried`` with their file's
+    date: a run of ``--rates 2`` keeps r = 4's rows and its speed ratio; the rebuilt rows whose
+    published value differs, timings aside: runs/ is not versioned, so a rerun retrains from scratch
+    and should land on the same numbers)."""
+    path = ROOT / "benchmarks" / "results" / "latent_sft_smollm2.json"
+    if not path.exists():
+        return [], []
+    doc = json.loads(path.read_text())
     before = {(r["method"], r["metric"]): r["value"] for r in doc["rows"]}
-    return [f"{r['method']} {r['metric']} was {before[r['method'], r['metric']]} ({doc['date']}), is {r['value']} now"
-            for r in rows if before.get((r["method"], r["metric"]), r["value"]) != r["value"]
-            and r["metric"] not in ("seconds_per_question", "speedup_vs_cot")]
-
-
-def carried_rows(rebuilt: set[str], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The published rows of methods this run did not rebuild (a run of ``--rates 2`` keeps r = 4's
-    rows and its speed ratio), marked ``carried`` with their file's date."""
-    if not PUBLISHED.exists():
-        return []
-    for line in mismatched(rows):
-        print(line, file=sys.stderr)
-    doc = json.loads(PUBLISHED.read_text())
-    return [{**r, "carried": r.get("carried", doc["date"])} for r in doc["rows"] if r["method"] not in rebuilt]
+    differ = [f"{r['method']} {r['metric']} was {before[r['method'], r['metric']]} ({doc['date']}), is {r['value']} now"
+              for r in rows if before.get((r["method"], r["metric"]), r["value"]) != r["value"]
+              and r["metric"] not in ("seconds_per_question", "speedup_vs_cot")]
+    rebuilt = {r["method"] for r in rows}
+    return [{**r, "carried": r.get("carried", doc["date"])} for r in doc["rows"] if r["method"] not in rebuilt], differ
 
 
 def main() -> None:
@@ -177,8 +168,9 @@ def main() -> None:
                      "note": f"median over alternating back-to-back evaluations of the same {args.limit} questions, "
                              "batch 32, greedy; CoT answers up to 96 new tokens, Latent-SFT up to 32 after its latents"})
 
+    shown = init.resolve().relative_to(ROOT) if init.resolve().is_relative_to(ROOT) else init
     note = (f"SHORT RUN on 2 CPU cores, one seed: SmolLM2-135M-Instruct from a {args.init_steps}-step CoT-SFT "
-            f"({init.resolve().relative_to(ROOT) if init.resolve().is_relative_to(ROOT) else init}); then {budget} optimizer steps of 16 GSM8K train examples per method (Latent-SFT: stage 1 "
+            f"({shown}); then {budget} optimizer steps of 16 GSM8K train examples per method (Latent-SFT: stage 1 "
             f"3 x {args.stage1_steps} steps at about 2.2x a CoT step's cost, stage 2 {args.stage2_steps} steps). Full "
             f"fine-tune, lr 1e-4. Evaluated on the first {args.limit} GSM8K-Aug valid questions (selection used at most "
             f"32 of them, in stage 1 only). N_eff: the gold chain plus {args.samples} chains sampled from the continued "
@@ -186,11 +178,13 @@ def main() -> None:
             "(full epochs of GSM8K-Aug on Llama-3.2-1B): these rows measure the pipeline and the cost, not the "
             "method's accuracy at scale.")
     command = "python benchmarks/bench_latent_sft_smollm2.py " + " ".join(sys.argv[1:])
-    carried = carried_rows({r["method"] for r in rows}, rows)
+    carried, differ = against_published(rows)
+    for line in differ:
+        print(line, file=sys.stderr)
     if carried:
         note += (f" Rows marked carried ({', '.join(sorted({r['method'] for r in carried}))}) come from an earlier run "
-                 "of this script from the same 20-step CoT-SFT recipe; the rows rebuilt here that it also published "
-                 + ("differ: see the warnings." if mismatched(rows) else "are the same values (timings aside)."))
+                 f"of this script from the same {args.init_steps}-step CoT-SFT recipe; the rows rebuilt here that it also "
+                 "published " + ("differ: see the warnings." if differ else "are the same values (timings aside)."))
     print(write_results("latent_sft_smollm2", command, rows + carried, note=note))
     for r in rows:
         print(f"{r['method']:16} {r['metric']:26} {r['value']}  n={r['n']}")

@@ -141,3 +141,5 @@ def test_results_record_the_command_that_made_them(tmp_path, monkeypatch):
     assert invocation(["/src/latentreason/__main__.py", "train"]) == "latentreason train"
     script = tmp_path / "benchmarks" / "bench_x.py"
     assert invocation([str(script), "--rates", "2"]) == "python benchmarks/bench_x.py --rates 2"
+    clone = tmp_path / "latentreason" / "train_more.py"  # a script in a clone named like the package
+    assert invocation([str(clone)]) == "python latentreason/train_more.py"

@@ -59,7 +59,7 @@ def invocation(argv: list[str] | None = None) -> str:
     ``run_eval`` is ``python benchmarks/x.py ...``, not ``latentreason ...`` with the script's flags."""
     argv = sys.argv if argv is None else argv
     program = Path(argv[0]) if argv and argv[0] else Path("latentreason")
-    if program.name == "latentreason" or program.parent.name == "latentreason":  # console script, python -m
+    if program.name == "latentreason" or (program.name == "__main__.py" and program.parent.name == "latentreason"):
         head = "latentreason"
     else:
         try:
