@@ -129,11 +129,13 @@ def refine_overrides(model: Path, name: str, refs: tuple[str, str], out: Path, d
             "eval.batch_size=250", f"eval.output_dir={out}"]
 
 
-def run_seed(root: Path, task: str) -> None:
+def run_seed(root: Path, task: str, only: list[str] | None = None) -> None:
     from latentreason.methods.refine import run_refine
 
     refs = kept_cot(root, task)
     for name, model in latent_models(root, task).items():
+        if only and name not in only:
+            continue
         for direction in ("strong", "weak"):
             out = root / "refine" / f"{name}-{direction}"
             overrides = refine_overrides(model, name, refs, out, direction, REPORT[task])
@@ -239,17 +241,21 @@ def main() -> None:
     ap.add_argument("--cost", action="store_true", help="also time evaluation with and without refinement (on --cost-seed)")
     ap.add_argument("--cost-seed", type=int, default=0)
     ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--models", nargs="+", choices=list(GRIDS),
+                    help="refine only these latent models (default: every one the seed has); the others' published "
+                         "rows are carried")
     args = ap.parse_args()
     root = Path(args.out)
     for seed in [] if args.collect else args.seeds:
-        run_seed(root / args.task / f"seed{seed}", args.task)
+        run_seed(root / args.task / f"seed{seed}", args.task, args.models)
     rows = collect(root, args.task, args.seeds)
     if args.cost:
         rows += cost_rows(root, args.task, args.cost_seed, args.reps)
     else:  # keep the side-by-side timings of the last --cost run
         rows += [r for m in COST_METRICS for r in earlier_rows(f"refine_{args.task}", m)]
     seeds = " ".join(map(str, args.seeds))
-    command = f"python benchmarks/bench_refine.py --task {args.task} --seeds {seeds}"
+    command = f"python benchmarks/bench_refine.py --task {args.task} --seeds {seeds}" + \
+        (f" --models {' '.join(args.models)}" if args.models else "")
     if args.cost:
         command += f"; python benchmarks/bench_refine.py --task {args.task} --seeds {seeds} --collect --cost"
     print(write_results(f"refine_{args.task}", command, rows, note=NOTES[args.task]))
