@@ -1,6 +1,8 @@
-"""Refinement of Soft Thinking's latents on SmolLM2-135M-Instruct, training-free, GSM8K-Aug valid.
+"""Refinement of latents on SmolLM2-135M-Instruct: Soft Thinking (training-free) on GSM8K-Aug valid,
+and a short Latent-SFT training of SmolLM2 on AQuA.
 
     python benchmarks/bench_refine_smollm2.py [--limit 200]
+    python benchmarks/bench_refine_smollm2.py --task aqua     # after bench_latent_sft_smollm2.py --rates 2
 
 The main model is SmolLM2-135M-Instruct as shipped, running Soft Thinking (the settings of
 ``bench_soft_thinking_smollm2.py``: up to 96 mixture steps, cold stop after 16, 96 answer tokens).
@@ -11,6 +13,12 @@ no validation). Four rows on the first ``--limit`` validation questions: base, +
 minutes). η is set so that the contrastive step is 10% of a latent's norm on average over the first
 8 questions (a scale, not an accuracy choice). The cost ratios come from the same runs' wall-clock
 (the four evaluations run back to back in one process). Writes benchmarks/results/refine_smollm2.json.
+
+``--task aqua``: the main model is ``bench_latent_sft_smollm2.py``'s Latent-SFT model (r = 2 unless
+``--latent-model`` names another: SmolLM2 after a 20-step CoT-SFT and 48 Latent-SFT steps on GSM8K
+train, the only training data shipped), evaluated on all 254 AQuA questions (AQuA ships one split,
+so nothing is chosen on it but η's scale, as above); same references, same four rows. Writes
+benchmarks/results/refine_smollm2_aqua.json.
 """
 from __future__ import annotations
 
@@ -70,48 +78,72 @@ def calibrate_eta(method, examples, dim: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=200, help="GSM8K-Aug valid questions (about 35 min on 2 cores, the references included)")
+    ap.add_argument("--task", default="gsm8k-aug", choices=["gsm8k-aug", "aqua"],
+                    help="gsm8k-aug: Soft Thinking on SmolLM2 as shipped; aqua: a short Latent-SFT model of SmolLM2")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="questions of the valid split (default: 200 of GSM8K-Aug, about 35 min on 2 cores with the "
+                         "references; all 254 of AQuA)")
+    ap.add_argument("--latent-model", default=str(ROOT / "runs" / "bench-latent-sft-smollm2" / "latent-sft-r2" / "stage2" / "final"),
+                    help="--task aqua: the Latent-SFT model to refine (bench_latent_sft_smollm2.py's r = 2)")
     ap.add_argument("--ref-steps", type=int, default=20)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-refine-smollm2"))
     args = ap.parse_args()
     out = Path(args.out)
+    limit = args.limit if args.limit is not None else (200 if args.task == "gsm8k-aug" else 254)
     strong, weak = references(out / "cot-sft-kept", args.ref_steps)
-    data = yaml.safe_load((ROOT / "configs" / "zero_shot_gsm8k_aug_smollm2.yaml").read_text())
-    data["method"] = {}
-    data = merge(merge(data, SOFT_THINKING), {"refine": {"strong": strong, "weak": weak}})
-    run = load_run_config(base=data, overrides=[f"eval.limit={args.limit}"])
+    if args.task == "gsm8k-aug":
+        data = yaml.safe_load((ROOT / "configs" / "zero_shot_gsm8k_aug_smollm2.yaml").read_text())
+        data["method"] = {}
+        data = merge(merge(data, SOFT_THINKING), {"refine": {"strong": strong, "weak": weak}})
+        name, saved, folder = "soft-thinking", False, out
+    else:
+        model = Path(args.latent_model)
+        if not (model / "run_config.yaml").exists():
+            sys.exit(f"{model}: no saved Latent-SFT model; run python benchmarks/bench_latent_sft_smollm2.py --rates 2")
+        saved_cfg = yaml.safe_load((model / "run_config.yaml").read_text())
+        name = f"latent-sft-r{saved_cfg['method']['compression']}"
+        data = {"model": {"name_or_path": str(model)}, "data": {"task": "aqua"},
+                "refine": {"strong": strong, "weak": weak}}
+        saved, folder = True, out / "aqua"
+    run = load_run_config(base=data, overrides=[f"eval.limit={limit}"], saved_base=saved)
     method = build_method(run)
     examples = method.task.load("valid", limit=8)
     eta = calibrate_eta(method, examples, method.loaded.model.get_input_embeddings().weight.shape[1])
     settings = {
-        "soft-thinking": {},
-        "soft-thinking+residual": {"residual": True, "alpha": args.alpha},
-        "soft-thinking+contrastive": {"contrastive": True, "eta": eta},
-        "soft-thinking+refine": {"residual": True, "alpha": args.alpha, "contrastive": True, "eta": eta},
+        name: {},
+        f"{name}+residual": {"residual": True, "alpha": args.alpha},
+        f"{name}+contrastive": {"contrastive": True, "eta": eta},
+        f"{name}+refine": {"residual": True, "alpha": args.alpha, "contrastive": True, "eta": eta},
     }
     rows, seconds = [], {}
-    for name, refine in settings.items():
-        cell = load_run_config(base=merge(data, {"refine": refine}),
-                               overrides=[f"eval.limit={args.limit}", f"eval.output_dir={out / name}"])
+    for key, refine in settings.items():
+        cell = load_run_config(base=merge(data, {"refine": refine}), saved_base=saved,
+                               overrides=[f"eval.limit={limit}", f"eval.output_dir={folder / key}"])
         s = run_eval(cell, method=method)
-        seconds[name] = 1 / s["questions_per_second"]
-        base = {"task": s["task"], "model": "smollm2-135m", "method": name, "split": s["split"], "n": s["n"],
+        seconds[key] = 1 / s["questions_per_second"]
+        base = {"task": s["task"], "model": "smollm2-135m", "method": key, "split": s["split"], "n": s["n"],
                 "alpha": refine.get("alpha", 0.0), "eta": refine.get("eta", 0.0)}
         rows += [{**base, "metric": "accuracy", "value": s["accuracy"], "ci95": s["accuracy_ci95"]},
                  {**base, "metric": "accuracy_flexible", "value": s["accuracy_flexible"]},
                  {**base, "metric": "mean_latent_steps", "value": s["mean_latent_steps"]},
-                 {**base, "metric": "seconds_per_question", "value": round(seconds[name], 3)}]
-    for name, metric in (("soft-thinking+residual", "residual_cost_ratio"), ("soft-thinking+refine", "refine_cost_ratio")):
-        rows.append({"task": "gsm8k-aug", "model": "smollm2-135m", "method": name, "split": "valid", "n": args.limit,
-                     "metric": metric, "value": round(seconds[name] / seconds["soft-thinking"], 3),
-                     "note": "one run each, back to back in one process (batch 32)"})
-    note = (f"SmolLM2-135M-Instruct, Soft Thinking training-free, first {args.limit} GSM8K-Aug valid questions, CPU. "
-            f"References: CoT-SFT of the same model on GSM8K-Aug, strong = step {args.ref_steps}, weak = step "
+                 {**base, "metric": "seconds_per_question", "value": round(seconds[key], 3)}]
+    for key, metric in ((f"{name}+residual", "residual_cost_ratio"), (f"{name}+refine", "refine_cost_ratio")):
+        rows.append({"task": args.task, "model": "smollm2-135m", "method": key, "split": "valid", "n": limit,
+                     "metric": metric, "value": round(seconds[key] / seconds[name], 3),
+                     "note": f"one run each, back to back in one process (batch {run.eval.batch_size})"})
+    refs = (f"References: CoT-SFT of the same model on GSM8K-Aug, strong = step {args.ref_steps}, weak = step "
             f"{args.ref_steps // 2} (a short run: 16 examples per step). Fixed settings, no sweep: alpha = {args.alpha}, "
             f"eta = {eta} (a 10% step on the first 8 questions).")
-    print(write_results("refine_smollm2", "python benchmarks/bench_refine_smollm2.py " + " ".join(sys.argv[1:]), rows,
-                        note=note))
+    if args.task == "gsm8k-aug":
+        note = f"SmolLM2-135M-Instruct, Soft Thinking training-free, first {limit} GSM8K-Aug valid questions, CPU. " + refs
+    else:
+        note = (f"SmolLM2-135M-Instruct after a SHORT Latent-SFT training on GSM8K train (r = {saved_cfg['method']['compression']}: "
+                f"a 20-step CoT-SFT, then 48 Latent-SFT steps of 16 examples; {model}), evaluated on {limit} AQuA "
+                "questions (the one split shipped; trained on none of it), CPU. " + refs)
+    command = "python benchmarks/bench_refine_smollm2.py " + " ".join(sys.argv[1:])
+    suffix = "" if args.task == "gsm8k-aug" else "_aqua"
+    print(write_results(f"refine_smollm2{suffix}", command.strip(), rows, note=note))
 
 
 if __name__ == "__main__":
