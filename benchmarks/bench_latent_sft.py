@@ -59,7 +59,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: the runs behind the published result file (``--collect`` names them as its command)
 RUNS = {"arith": ("--seeds 0 1 2 --compression 4", "--seeds 0 --compression 4 --variants no-ltsum no-ltim paper-steps pause",
                   "--seeds 0 1 2 --compression 4 --variants hidden", "--seeds 0 1 2 --compression 2"),
-        "prosqa": ("--seeds 0 --compression 4 --variants main pause", "--seeds 0 --compression 2", "--seeds 1 --compression 4")}
+        "prosqa": ("--seeds 0 --compression 4 --variants main pause", "--seeds 0 --compression 2",
+                   "--seeds 1 2 --compression 4 --variants main pause")}
 #: per task: (stage-1 recipe, stage-2 recipe). ProsQA's is shorter (a step there costs 2 to 3 times
 #: an arith step): stage 1 of 100 steps per step (warm-up, decoder, both), stage 2 of 400 steps.
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -83,9 +84,12 @@ NOTES = {
                "-teacher = the stage-1 decoder reading the encoder's latents of the gold chain (an upper bound, not a "
                "method). latent-sft-r4-pause: 6 learned constant vectors (as many as r = 4's latents on ProsQA) trained "
                "from the same CoT-SFT model with the same 700 steps. Seed 0: r = 4 with its pause control, and r = 2 (about "
-               "55, 40 and 50 minutes on 2 cores). Seed 1 (2026-12-06): r = 4 only, from bench_baselines.py's seed-1 CoT-SFT "
-               "model (0.080 on valid.json: it barely learned the task), whose stage-1 encoder collapsed to one top-1 token "
-               "(latent-sft-r4-stage1 rows); seed 1's pause control and seed 2 are the same commands, not run yet. At "
+               "55, 40 and 50 minutes on 2 cores). Seeds 1 and 2 (2026-12-06): r = 4 and its pause control only. Seed 1 "
+               "starts from bench_baselines.py's seed-1 CoT-SFT model (0.080 on valid.json: it barely learned the task), "
+               "and its stage-1 encoder collapsed to one top-1 token (latent-sft-r4-stage1 rows). Seed 2's CoT-SFT model "
+               "was trained here again (its earlier run was on another machine): 0.490, against the 0.510 baselines_prosqa "
+               "published on 2026-11-28 with the same recipe and seed (the code changed in between); its no-CoT model was "
+               "not re-trained (baselines_prosqa: 0.427), so nocot-sft's mean here is over seeds 0 and 1. At "
                "r = 2 this budget is too short: stage 2's dev accuracy was still climbing when it ended (0.07, 0.105, "
                "0.14, 0.175 at steps 100 to 400), and stage 1's latents had nearly collapsed to one top-1 token "
                "(latent-sft-r2-stage1 rows), though its teacher reads them at 0.98. Seed 0's "

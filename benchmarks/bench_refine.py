@@ -71,7 +71,10 @@ NOTES = {
                "model (1 thought, then the remaining steps written); latent-sft-r4: bench_latent_sft.py's ProsQA recipe. "
                "Every setting chosen on 200 questions of the generated dev split (alpha x eta grid), reported once on the "
                "shipped valid.json (300). ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds). Heat map of "
-               "latent-sft-r4's sweep, seed 0: benchmarks/results/refine_prosqa_sweep_latent-sft-r4_seed0.png."),
+               "latent-sft-r4's sweep, seed 0: benchmarks/results/refine_prosqa_sweep_latent-sft-r4_seed0.png. Seed 1: every "
+               "model on 2026-12-06. Seed 2: Coconut's rows from 2026-11-28 (carried); latent-sft-r4 on 2026-12-06 "
+               "(--seeds 2 --models latent-sft-r4), from a seed-2 CoT-SFT model trained again that day (0.490 on "
+               "valid.json, against 0.510 on 2026-11-28), whose kept models are its references."),
 }
 #: where each task reports (selection always runs on the saved model's own ``data.valid_split``) and
 #: how often the reference CoT-SFT run keeps a model

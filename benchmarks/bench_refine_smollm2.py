@@ -138,8 +138,9 @@ def main() -> None:
     if args.task == "gsm8k-aug":
         note = f"SmolLM2-135M-Instruct, Soft Thinking training-free, first {limit} GSM8K-Aug valid questions, CPU. " + refs
     else:
+        shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
         note = (f"SmolLM2-135M-Instruct after a SHORT Latent-SFT training on GSM8K train (r = {saved_cfg['method']['compression']}: "
-                f"a 20-step CoT-SFT, then 48 Latent-SFT steps of 16 examples; {model}), evaluated on {limit} AQuA "
+                f"a 20-step CoT-SFT, then 48 Latent-SFT steps of 16 examples; {shown}), evaluated on {limit} AQuA "
                 "questions (the one split shipped; trained on none of it), CPU. " + refs)
     command = "python benchmarks/bench_refine_smollm2.py " + " ".join(sys.argv[1:])
     suffix = "" if args.task == "gsm8k-aug" else "_aqua"
