@@ -37,6 +37,8 @@ from latentreason.models.rollout import rollout
 from latentreason.models.steps import LatentStep, StepContext, StepResult
 from latentreason.recipes import build_method, run_eval, run_train
 
+#: bench_latent_sft_smollm2.py --rates 2's model (a 20-step CoT-SFT, then 48 Latent-SFT steps)
+LATENT_SFT_R2 = ROOT / "runs" / "bench-latent-sft-smollm2" / "latent-sft-r2" / "stage2" / "final"
 SOFT_THINKING = {"method": {"name": "soft-thinking", "num_latent_steps": 96, "cold_stop_steps": 16},
                  "rollout": {"max_new_tokens": 96}}
 
@@ -83,7 +85,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None,
                     help="questions of the valid split (default: 200 of GSM8K-Aug, about 35 min on 2 cores with the "
                          "references; all 254 of AQuA)")
-    ap.add_argument("--latent-model", default=str(ROOT / "runs" / "bench-latent-sft-smollm2" / "latent-sft-r2" / "stage2" / "final"),
+    ap.add_argument("--latent-model", default=str(LATENT_SFT_R2),
                     help="--task aqua: the Latent-SFT model to refine (bench_latent_sft_smollm2.py's r = 2)")
     ap.add_argument("--ref-steps", type=int, default=20)
     ap.add_argument("--alpha", type=float, default=0.5)
@@ -139,9 +141,10 @@ def main() -> None:
         note = f"SmolLM2-135M-Instruct, Soft Thinking training-free, first {limit} GSM8K-Aug valid questions, CPU. " + refs
     else:
         shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
+        budget = "a 20-step CoT-SFT, then 48 Latent-SFT steps of 16 examples; " if model.resolve() == LATENT_SFT_R2 else ""
         note = (f"SmolLM2-135M-Instruct after a SHORT Latent-SFT training on GSM8K train (r = {saved_cfg['method']['compression']}: "
-                f"a 20-step CoT-SFT, then 48 Latent-SFT steps of 16 examples; {shown}), evaluated on {limit} AQuA "
-                "questions (the one split shipped; trained on none of it), CPU. " + refs)
+                f"{budget}{shown}), evaluated on {limit} AQuA questions (the one split shipped; trained on none of it), "
+                "CPU. " + refs)
     command = "python benchmarks/bench_refine_smollm2.py " + " ".join(sys.argv[1:])
     suffix = "" if args.task == "gsm8k-aug" else "_aqua"
     print(write_results(f"refine_smollm2{suffix}", command.strip(), rows, note=note))
