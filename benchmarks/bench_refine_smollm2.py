@@ -92,7 +92,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-refine-smollm2"))
     args = ap.parse_args()
     out = Path(args.out)
-    limit = args.limit if args.limit is not None else (200 if args.task == "gsm8k-aug" else 254)
+    limit = args.limit if args.limit is not None else (200 if args.task == "gsm8k-aug" else None)  # None: all
+    cap = [f"eval.limit={limit}"] if limit else []
     strong, weak = references(out / "cot-sft-kept", args.ref_steps)
     if args.task == "gsm8k-aug":
         data = yaml.safe_load((ROOT / "configs" / "zero_shot_gsm8k_aug_smollm2.yaml").read_text())
@@ -108,7 +109,7 @@ def main() -> None:
         data = {"model": {"name_or_path": str(model)}, "data": {"task": "aqua"},
                 "refine": {"strong": strong, "weak": weak}}
         saved, folder = True, out / "aqua"
-    run = load_run_config(base=data, overrides=[f"eval.limit={limit}"], saved_base=saved)
+    run = load_run_config(base=data, overrides=cap, saved_base=saved)
     method = build_method(run)
     examples = method.task.load("valid", limit=8)
     eta = calibrate_eta(method, examples, method.loaded.model.get_input_embeddings().weight.shape[1])
@@ -121,7 +122,7 @@ def main() -> None:
     rows, seconds = [], {}
     for key, refine in settings.items():
         cell = load_run_config(base=merge(data, {"refine": refine}), saved_base=saved,
-                               overrides=[f"eval.limit={limit}", f"eval.output_dir={folder / key}"])
+                               overrides=[*cap, f"eval.output_dir={folder / key}"])
         s = run_eval(cell, method=method)
         seconds[key] = 1 / s["questions_per_second"]
         base = {"task": s["task"], "model": "smollm2-135m", "method": key, "split": s["split"], "n": s["n"],
@@ -131,19 +132,19 @@ def main() -> None:
                  {**base, "metric": "mean_latent_steps", "value": s["mean_latent_steps"]},
                  {**base, "metric": "seconds_per_question", "value": round(seconds[key], 3)}]
     for key, metric in ((f"{name}+residual", "residual_cost_ratio"), (f"{name}+refine", "refine_cost_ratio")):
-        rows.append({"task": args.task, "model": "smollm2-135m", "method": key, "split": "valid", "n": limit,
+        rows.append({"task": args.task, "model": "smollm2-135m", "method": key, "split": "valid", "n": s["n"],
                      "metric": metric, "value": round(seconds[key] / seconds[name], 3),
                      "note": f"one run each, back to back in one process (batch {run.eval.batch_size})"})
     refs = (f"References: CoT-SFT of the same model on GSM8K-Aug, strong = step {args.ref_steps}, weak = step "
             f"{args.ref_steps // 2} (a short run: 16 examples per step). Fixed settings, no sweep: alpha = {args.alpha}, "
             f"eta = {eta} (a 10% step on the first 8 questions).")
     if args.task == "gsm8k-aug":
-        note = f"SmolLM2-135M-Instruct, Soft Thinking training-free, first {limit} GSM8K-Aug valid questions, CPU. " + refs
+        note = f"SmolLM2-135M-Instruct, Soft Thinking training-free, first {s['n']} GSM8K-Aug valid questions, CPU. " + refs
     else:
         shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
         budget = "a 20-step CoT-SFT, then 48 Latent-SFT steps of 16 examples; " if model.resolve() == LATENT_SFT_R2 else ""
         note = (f"SmolLM2-135M-Instruct after a SHORT Latent-SFT training on GSM8K train (r = {saved_cfg['method']['compression']}: "
-                f"{budget}{shown}), evaluated on {limit} AQuA questions (the one split shipped; trained on none of it), "
+                f"{budget}{shown}), evaluated on {s['n']} AQuA questions (the one split shipped; trained on none of it), "
                 "CPU. " + refs)
     command = "python benchmarks/bench_refine_smollm2.py " + " ".join(sys.argv[1:])
     suffix = "" if args.task == "gsm8k-aug" else "_aqua"
