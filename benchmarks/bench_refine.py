@@ -28,7 +28,9 @@ the shipped valid.json.
 
 ``--cost`` times report-split evaluation without refinement, with the residual alone, and with both
 operators, alternating back to back (``residual_cost_ratio``, ``refine_cost_ratio``: medians of
-the ratios; ``+refine-inexact``: ``refine.exact_references=false``). Writes ``benchmarks/results/refine_<task>.json``; ``--collect`` rebuilds it from disk.
+the ratios; ``+refine-inexact``: ``refine.exact_references=false``; ``phase_seconds``: the medians of
+the rollout's own split of each setting's time: prefill, the references' prefill, latent steps, answer
+decoding). A ``--cost`` run replaces the timings of its ``--cost-seed`` and keeps other seeds'. Writes ``benchmarks/results/refine_<task>.json``; ``--collect`` rebuilds it from disk.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from typing import Any
 from common import ROOT, carry_published, earlier_rows, write_results
 
 from latentreason.config import load_run_config, load_yaml, merge
+from latentreason.eval.harness import PHASES
 from latentreason.recipes import build_method, run_train
 
 MODEL = "tiny-llama-l4-d128"
@@ -74,7 +77,11 @@ NOTES = {
                "latent-sft-r4's sweep, seed 0: benchmarks/results/refine_prosqa_sweep_latent-sft-r4_seed0.png. Seed 1: every "
                "model on 2026-12-06. Seed 2: Coconut's rows from 2026-11-28 (carried); latent-sft-r4 on 2026-12-06 "
                "(--seeds 2 --models latent-sft-r4), from a seed-2 CoT-SFT model trained again that day (0.490 on "
-               "valid.json, against 0.510 on 2026-11-28), whose kept models are its references."),
+               "valid.json, against 0.510 on 2026-11-28), whose kept models are its references. Cost rows: seed 0's from "
+               "--cost on 2026-11-28, seed 1's from --cost --cost-seed 1 on 2026-12-06 with the rollout's split of the "
+               "time (phase_seconds): the prefill of ProsQA's long prompts is about 85% of an unrefined evaluation, "
+               "and each reference reads the prompts too, so the two references' prefill alone costs about 1.6x the "
+               "whole unrefined run; their latent steps add about 0.5 s of about 10."),
 }
 #: where each task reports (selection always runs on the saved model's own ``data.valid_split``) and
 #: how often the reference CoT-SFT run keeps a model
@@ -214,14 +221,19 @@ def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any
         method = build_method(load_run_config(overrides=base_over, saved_base=True))
         examples = method.task.load(REPORT[task])
         seconds: dict[str, list[float]] = {k: [] for k in settings}
+        phases: dict[str, dict[str, list[float]]] = {k: {} for k in settings}  # the rollout's own split of the time
         for rep in range(reps + 1):  # the first round warms up (reference loading, allocations) and is dropped
             for key in (list(settings) if rep % 2 == 0 else list(settings)[::-1]):
                 method.run = load_run_config(overrides=base_over + settings[key], saved_base=True)
+                split: dict[str, float] = {}
                 t0 = time.perf_counter()
-                for _ in generate_batches(method, examples, batch_size=250):
-                    pass
+                for done in generate_batches(method, examples, batch_size=250):
+                    for timing, phase in PHASES.items():
+                        split[phase] = split.get(phase, 0.0) + done.output.timings.get(timing, 0.0)
                 if rep:
                     seconds[key].append(time.perf_counter() - t0)
+                    for phase, v in split.items():
+                        phases[key].setdefault(phase, []).append(v)
         labels = {"residual": "+residual", "both": "+refine", "both-inexact": "+refine-inexact"}
         for key, metric in (("residual", "residual_cost_ratio"), ("both", "refine_cost_ratio"),
                             ("both-inexact", "refine_cost_ratio")):
@@ -231,6 +243,8 @@ def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any
                          "n": reps, "ratios": [round(r, 3) for r in ratios], "alpha": both["alpha"],
                          "eta": both["eta"] if key.startswith("both") else 0.0,
                          "seconds": {k: [round(v, 3) for v in vs] for k, vs in seconds.items()},
+                         "phase_seconds": {k: {phase: round(statistics.median(vs), 3) for phase, vs in split.items()
+                                               if statistics.median(vs) > 0} for k, split in phases.items()},
                          "note": f"median over alternating back-to-back runs of the {len(examples)} {REPORT[task]} questions, batch 250"})
     return rows
 
@@ -252,15 +266,20 @@ def main() -> None:
     for seed in [] if args.collect else args.seeds:
         run_seed(root / args.task / f"seed{seed}", args.task, args.models)
     rows = collect(root, args.task, args.seeds)
-    if args.cost:
+    if args.cost:  # this seed's timings replace its earlier ones; other seeds' stay
         rows += cost_rows(root, args.task, args.cost_seed, args.reps)
+        rows += [r for m in COST_METRICS for r in earlier_rows(f"refine_{args.task}", m) if r.get("seed") != args.cost_seed]
     else:  # keep the side-by-side timings of the last --cost run
         rows += [r for m in COST_METRICS for r in earlier_rows(f"refine_{args.task}", m)]
     seeds = " ".join(map(str, args.seeds))
     command = f"python benchmarks/bench_refine.py --task {args.task} --seeds {seeds}" + \
         (f" --models {' '.join(args.models)}" if args.models else "")
     if args.cost:
-        command += f"; python benchmarks/bench_refine.py --task {args.task} --seeds {seeds} --collect --cost"
+        command += f"; python benchmarks/bench_refine.py --task {args.task} --seeds {seeds} --collect --cost --cost-seed {args.cost_seed}"
+    else:  # the timings kept come from the last --cost run: name it
+        published = ROOT / "benchmarks" / "results" / f"refine_{args.task}.json"
+        timed = [c for c in json.loads(published.read_text())["command"].split("; ") if "--cost" in c] if published.exists() else []
+        command += "".join(f"; {c}" for c in timed)
     print(write_results(f"refine_{args.task}", command, rows, note=NOTES[args.task]))
 
 

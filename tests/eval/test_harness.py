@@ -149,6 +149,18 @@ def test_rows_and_summary(tmp_path, trained_arith_model):
     assert summary["accuracy_ci95"] == pytest.approx(list(wilson_interval(correct, 16)))
     for r in rows:  # the chain is part of what was generated
         assert r["reasoning_positions"] <= r["generated_tokens"] + r["latent_steps"]
+    # the phases split each batch's wall-clock (4 rows per batch share it); a CoT model has no references
+    phases = summary["seconds_by_phase"]
+    assert set(phases) == {"prefill", "latent", "decode"}
+    assert phases["decode"] > phases["latent"]  # no latent step ran: the decode loop is the work
+    batches: dict[float, list[dict]] = {}
+    for r in rows:
+        batches.setdefault(r["seconds"], []).append(r)
+    assert sorted(len(b) for b in batches.values()) == [4, 4, 4, 4]
+    for seconds, batch in batches.items():
+        assert len({json.dumps(r["phase_seconds"]) for r in batch}) == 1
+        assert sum(batch[0]["phase_seconds"].values()) <= seconds
+    assert sum(phases.values()) == pytest.approx(sum(sum(r["phase_seconds"].values()) for r in rows), abs=1e-3)
     with pytest.raises(ValueError, match="other settings"):
         evaluate(method, examples, tmp_path / "ev", batch_size=4, info={"model": "other"}, progress=False)
 

@@ -103,6 +103,25 @@ def test_references_report_what_each_reads_alone(trio, cache: dict) -> None:
         assert all(any(e.calls for e in _COMPILED[r.model].values()) for r in (strong, weak))
 
 
+@pytest.mark.parametrize("cache", [{}, {"use_cache": False}, {"cache": "dynamic"}], ids=["static", "uncached", "dynamic"])
+def test_references_run_without_their_output_layer(trio, cache: dict) -> None:
+    """Only a reference's hidden state is read: its output layer (a fifth of SmolLM2's weights) never runs."""
+    main, strong, weak = trio
+    calls = {"main": 0, "refs": 0}
+    hooks = [main.model.get_output_embeddings().register_forward_hook(lambda *_: calls.__setitem__("main", calls["main"] + 1))]
+    hooks += [r.model.get_output_embeddings().register_forward_hook(lambda *_: calls.__setitem__("refs", calls["refs"] + 1))
+              for r in (strong, weak)]
+    try:
+        step = _Asks(ExternalStep(_vectors(main), lengths=torch.tensor(EXTERNAL_LENGTHS)))
+        out = _run(main, step, [strong, weak], **cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out.timings["reference_forwards"] > 0 and calls["main"] > 0
+    assert calls["refs"] == 0
+    assert out.timings["reference_prefill_s"] > 0
+
+
 @pytest.mark.parametrize("cache", [{}, {"use_cache": False}], ids=["static", "uncached"])
 def test_inexact_references_keep_the_last_vector_asked(trio, cache: dict) -> None:
     """exact_references=False: a reference's history holds, per step, the last vector it was asked
@@ -297,7 +316,9 @@ def test_refinement_changes_no_weight_and_changes_answers(cot_run: Path, tmp_pat
     summary = run_eval(refined, method=method)
     assert _digest([method.loaded.model, *refs]) == before
     assert summary["refine"]["contrastive"] is True
+    assert summary["seconds_by_phase"]["reference_prefill"] > 0  # the references read the prompts
     base = run_eval(base_run, method=method)
+    assert "reference_prefill" not in base["seconds_by_phase"]
     rows = lambda p: [json.loads(x)["output"] for x in (p / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "base") != rows(tmp_path / "refined")
     assert "refine" not in base

@@ -47,6 +47,13 @@ class Prediction:
     #: under refinement, how far each operator moved this row's latents, relative to their norm
     #: (mean over its latents; see ``RefineStep``)
     refine_shift: dict[str, float] | None = None
+    #: this example's share of each phase of its batch's rollout, in seconds: ``prefill``, ``latent``,
+    #: ``decode`` and, under refinement, ``reference_prefill`` (the references reading the prompts)
+    phase_seconds: dict[str, float] | None = None
+
+
+#: rollout timings (``RolloutOutput.timings``) that are phases of the wall-clock, by their row name
+PHASES = {"prefill_s": "prefill", "reference_prefill_s": "reference_prefill", "latent_s": "latent", "decode_s": "decode"}
 
 
 def _chain_tokens(texts: list[str], tokenizer: Any) -> list[int]:
@@ -79,6 +86,7 @@ def predict(
     for done in generate_batches(method, examples, batch_size, probe=probe, probe_seed=probe_seed):
         idx, texts, out = done.indices, done.texts, done.output
         seconds = done.seconds / len(idx)
+        phases = {name: round(out.timings[key] / len(idx), 6) for key, name in PHASES.items() if key in out.timings}
         chain = _chain_tokens(texts, tok)
         latent = out.num_latent_steps.tolist()
         measured = rate is not False and out.dist_probs is not None and out.dist_ids is not None and probe == "none"
@@ -95,6 +103,7 @@ def predict(
                 reasoning_positions=latent[j] + chain[j], generated_tokens=len(out.tokens[j]), seconds=seconds,
                 superposition=extra,
                 refine_shift={op: round(v[j], 6) for op, v in done.refine_shift.items()} if done.refine_shift else None,
+                phase_seconds=phases or None,
             )
         if on_batch is not None:
             on_batch([preds[i] for i in idx])
@@ -139,6 +148,7 @@ def summarise(rows: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any
         "questions_per_second": n / seconds if seconds else 0.0,
         **_superposition_summary(rows),
         **_refine_shift_summary(rows),
+        **_phase_summary(rows),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": provenance(),
     }
@@ -158,6 +168,17 @@ def _superposition_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     steps = mean([r["latent_steps"] for r in rows])
     out["pass_at_1_over_latent_steps"] = (sum(bool(r["correct"]) for r in rows) / len(rows)) / steps if steps else None
     return out
+
+
+def _phase_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``seconds_by_phase``: where the generation time went (prefill, latent steps, answer decoding,
+    the references' prefill), summed over rows; omitted when a resumed row predates the field. Why:
+    fewer reasoning positions only save wall-clock where the latent or decode phase dominates; on
+    long prompts the prefill does (ProsQA's graphs)."""
+    if not rows or any(not r.get("phase_seconds") for r in rows):
+        return {}
+    names = [n for n in PHASES.values() if any(n in r["phase_seconds"] for r in rows)]
+    return {"seconds_by_phase": {n: round(sum(r["phase_seconds"].get(n, 0.0) for r in rows), 4) for n in names}}
 
 
 def _refine_shift_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class RolloutOutput:
     latents: torch.Tensor  # [B, K, D] fed vectors (zeros after a sequence stopped)
     dist_probs: torch.Tensor | None  # [B, K, k] (topk) or [B, K, V] (full): p(· | prefix) that produced step t
     dist_ids: torch.Tensor | None  # [B, K, k] token ids for topk
+    #: seconds per phase (prefill_s, latent_s, decode_s; reference_prefill_s: the references reading
+    #: the prompts) and counts (forwards; reference_forwards)
     timings: dict[str, float] = field(default_factory=dict)
     #: [B, T] log-probability of each decoded token under the distribution it was drawn from
     #: (softmax(logits / temperature); greedy: temperature 1), 0 after a row ended; with return_logprobs
@@ -213,13 +215,19 @@ def _split(model: PreTrainedModel, probe: torch.Tensor) -> _Split | None:
 class _Forward:
     """One forward over new columns: last-position logits [B, V], last hidden state [B, D] (or None),
     and the cache transformers returns. Keyword names are looked up once, here, so that the call
-    itself traces cleanly under torch.compile."""
+    itself traces cleanly under torch.compile.
 
-    def __init__(self, model: PreTrainedModel, split: _Split | None, need_hidden: bool) -> None:
+    ``need_logits=False`` (a reference model, which only lends its hidden state) skips the output
+    layer where the model splits (the logits are then None): it holds 28M of SmolLM2-135M's 135M
+    weights, which counts where a step is bound by reading weights (a GPU at small batch); at batch
+    32 on 2 CPU cores it saved 1.5% of a reference's two-column step."""
+
+    def __init__(self, model: PreTrainedModel, split: _Split | None, need_hidden: bool, need_logits: bool = True) -> None:
         # Only the fallback holds the model itself: a compiled step kept for a model (weakly keyed)
         # then holds only its submodules, so dropping the model frees its compiled steps too.
         self.model = model if split is None else None
         self.split, self.need_hidden = split, need_hidden
+        self.need_logits = need_logits or split is None  # the model's own forward always computes them
         # The cache's keyword and cache_position differ across transformers versions: compat.py.
         self.args = forward_args(split.base if split is not None else model)
         self.takes_cache_position = self.args.cache_position
@@ -227,14 +235,14 @@ class _Forward:
     def __call__(
         self, feed: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: object, use_cache: bool,
         cache_position: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, object]:
         kw = self.args.kwargs(cache, cache_position)
         if self.split is not None:
             kw.pop("logits_to_keep", None)  # a decoder has no output layer
             out = self.split.base(inputs_embeds=feed, attention_mask=attention, position_ids=positions,
                                   use_cache=use_cache, **kw)
             hidden = out[0][:, -1]
-            logits = self.split.head(hidden)
+            logits = self.split.head(hidden) if self.need_logits else None
         else:
             out = self.model(inputs_embeds=feed, attention_mask=attention, position_ids=positions, use_cache=use_cache,
                              output_hidden_states=self.need_hidden, **kw)
@@ -260,9 +268,10 @@ class _CompiledStep:
     a rollout resets them. Not re-entrant: one rollout at a time per model and shape.
     """
 
-    def __init__(self, model: PreTrainedModel, split: _Split | None, need_hidden: bool, batch: int, max_len: int) -> None:
+    def __init__(self, model: PreTrainedModel, split: _Split | None, need_hidden: bool, batch: int, max_len: int,
+                 need_logits: bool = True) -> None:
         device, dtype = model.device, model.get_input_embeddings().weight.dtype
-        self.forward = forward = _Forward(model, split, need_hidden)
+        self.forward = forward = _Forward(model, split, need_hidden, need_logits)
         self.batch, self.max_len, self.rows = batch, max_len, batch
         self.cuda = device.type == "cuda"
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -280,7 +289,7 @@ class _CompiledStep:
         cache = self.cache
 
         def one_column(embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-                       cache_position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       cache_position: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             logits, hidden, _ = forward(embeds, attention, positions, cache, True, cache_position)
             return logits, hidden
 
@@ -313,7 +322,7 @@ class _CompiledStep:
             return x
         return torch.cat([x, x.new_zeros((self.batch - x.shape[0], *x.shape[1:]))])
 
-    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         n, rows, end = embeds.shape[1], self.rows, self.offset + embeds.shape[1]
         self.mask[:rows, self.offset: end] = mask
         cache_position = None
@@ -325,7 +334,7 @@ class _CompiledStep:
             logits, hidden, _ = self.forward(self._pad(embeds), self.mask, self._pad(positions), self.cache, True,
                                              cache_position)
             self.offset = end
-            return logits[:rows], None if hidden is None else hidden[:rows]
+            return None if logits is None else logits[:rows], None if hidden is None else hidden[:rows]
         self.embeds[:rows].copy_(embeds)
         self.positions[:rows].copy_(positions)
         if self.cuda:
@@ -333,7 +342,8 @@ class _CompiledStep:
         logits, hidden = self.fn(self.embeds, self.mask, self.positions, cache_position)
         self.offset, self.calls = end, self.calls + 1
         # CUDA graph outputs are overwritten by the next replay: keep copies of the real rows.
-        logits = logits[:rows].clone() if self.cuda else logits[:rows]
+        if logits is not None:
+            logits = logits[:rows].clone() if self.cuda else logits[:rows]
         if hidden is not None:
             hidden = hidden[:rows].clone() if self.cuda else hidden[:rows]
         return logits, hidden
@@ -355,18 +365,19 @@ def clear_compiled(model: PreTrainedModel | None = None) -> None:
         _COMPILED.pop(model, None)
 
 
-def _compiled_step(model: PreTrainedModel, split: _Split | None, need_hidden: bool, batch: int, max_len: int) -> _CompiledStep:
+def _compiled_step(model: PreTrainedModel, split: _Split | None, need_hidden: bool, batch: int, max_len: int,
+                   need_logits: bool = True) -> _CompiledStep:
     """The compiled step for this model and shape bucket, built on first use (the least recently used
     of more than ``MAX_COMPILED_PER_MODEL`` is dropped, with its cache)."""
     rows, length = _bucket(batch), _bucket(max_len, 64)
     limit = max_positions(model)
     if limit is not None and max_len <= limit < length:
         length = limit  # no more cache than the model has positions
-    key = (rows, length, split is None and need_hidden, str(model.device), model.get_input_embeddings().weight.dtype,
-           torch.is_inference_mode_enabled(), model.training)
+    key = (rows, length, split is None and need_hidden, split is None or need_logits, str(model.device),
+           model.get_input_embeddings().weight.dtype, torch.is_inference_mode_enabled(), model.training)
     entries = _COMPILED.setdefault(model, OrderedDict())
     if key not in entries:
-        entries[key] = _CompiledStep(model, split, need_hidden or split is not None, rows, length)
+        entries[key] = _CompiledStep(model, split, need_hidden or split is not None, rows, length, need_logits)
         while len(entries) > MAX_COMPILED_PER_MODEL:
             entries.popitem(last=False)
     entries.move_to_end(key)
@@ -387,7 +398,7 @@ class _Runner:
 
     def __init__(
         self, model: PreTrainedModel, cfg: RolloutConfig, need_hidden: bool, batch: int, max_len: int,
-        probe: torch.Tensor,
+        probe: torch.Tensor, need_logits: bool = True,
     ) -> None:
         self.model, self.use_cache, self.need_hidden = model, cfg.use_cache, need_hidden
         self.static = (
@@ -395,8 +406,9 @@ class _Runner:
             and getattr(model, "_can_compile_fullgraph", False)
         )
         split = _split(model, probe)
-        self.forward = _Forward(model, split, need_hidden)
-        self.compiled = _compiled_step(model, split, need_hidden, batch, max_len) if self.static and cfg.compile else None
+        self.forward = _Forward(model, split, need_hidden, need_logits)
+        self.compiled = (_compiled_step(model, split, need_hidden, batch, max_len, need_logits)
+                         if self.static and cfg.compile else None)
         if self.compiled is not None:
             self.compiled.begin(batch)
         use_static = self.static and self.compiled is None
@@ -409,7 +421,7 @@ class _Runner:
         self.positions: torch.Tensor | None = None
         self.forwards = 0
 
-    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         n = embeds.shape[1]
         self.forwards += 1
         if self.compiled is not None:
@@ -495,7 +507,9 @@ class References:
     fed next?"; the rollout then commits the vector actually fed with :meth:`commit`. A commit is
     held back and fed together with the next question (two columns, one forward), so a reference
     costs one forward per latent step it is asked about, and nothing for steps it is not (nor for
-    the answer, which references never see). Forwards run without gradients (the references only
+    the answer, which references never see), plus its prefill of the prompts: where prompts are long
+    and latents few, those prefills dominate (two references: about three times the unrefined
+    prefill). A reference runs without its output layer (only its hidden state is read). Forwards run without gradients (the references only
     define a direction). Models must share the main model's vocabulary and input width.
 
     ``exact=False`` keeps the last vector a step asked about in the references' caches in place of
@@ -528,7 +542,7 @@ class References:
                 ref_ids = ids.to(ref.device)
                 static_ok = getattr(ref, "_can_compile_fullgraph", False) and cfg.use_cache
                 ref_cfg = replace(cfg, cache="static", use_cache=bool(static_ok), compile=cfg.compile and bool(static_ok))
-                runner = _Runner(ref, ref_cfg, True, batch, max_len, probe=embed(ref_ids[:1, -4:]))
+                runner = _Runner(ref, ref_cfg, True, batch, max_len, probe=embed(ref_ids[:1, -4:]), need_logits=False)
                 runner(embed(ref_ids), mask.to(ref.device), positions.to(ref.device))  # the prompt
             self.runners.append(runner)
 
@@ -783,11 +797,13 @@ def rollout(
     timings["prefill_s"] = time.perf_counter() - t0
 
     # ---- latent phase -------------------------------------------------------------------------
-    t0 = time.perf_counter()
     refs = None
-    if references and num_steps:
+    if references and num_steps:  # each reference reads the prompts: a prefill of its own
+        t0 = time.perf_counter()
         refs = References(references, ids, mask, cfg, max_len=ids.shape[1] + num_steps + 1, dim=dim,
                           exact=exact_references)
+        timings["reference_prefill_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, embed.weight,
                          keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every,
                          references=refs)
