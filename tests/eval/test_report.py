@@ -10,7 +10,7 @@ from latentreason.eval.report import compare
 
 
 def _fake_eval(folder, method: str, correct: int, n: int, positions: float, qps: float, task: str = "arith",
-               split: str = "valid", probe: str | None = None) -> str:
+               split: str = "valid", probe: str | None = None, phases: dict | None = None) -> str:
     """A folder as ``latentreason eval`` leaves it, with known numbers."""
     from latentreason.eval.metrics import wilson_interval
 
@@ -24,6 +24,8 @@ def _fake_eval(folder, method: str, correct: int, n: int, positions: float, qps:
                "questions_per_second": qps}
     if probe is not None:
         summary["probe"] = probe
+    if phases is not None:
+        summary["seconds_by_phase"] = phases
     (folder / "summary.json").write_text(json.dumps(summary))
     return str(folder)
 
@@ -50,6 +52,20 @@ def test_compare_writes_the_expected_rows_table_and_figure(tmp_path, capsys):
     # No probe anywhere: no probe column; default labels are method names.
     result = compare([a], tmp_path / "one")
     assert "probe" not in result.markdown and result.rows[0]["label"] == "cot-sft"
+    assert "prefill share" not in result.markdown  # no row was split by phase
+
+
+def test_compare_shows_the_prefill_share_where_an_evaluation_split_its_time(tmp_path):
+    """The prompts' prefill (the references' too) over the rollout's time: what fewer positions cannot save."""
+    a = _fake_eval(tmp_path / "a", "cot-sft", 30, 40, 12.5, 4.0, phases={"prefill": 3.0, "latent": 0.0, "decode": 9.0})
+    b = _fake_eval(tmp_path / "b", "coconut", 30, 40, 6.0, 4.0,
+                   phases={"prefill": 3.0, "reference_prefill": 5.0, "latent": 1.0, "decode": 1.0})
+    c = _fake_eval(tmp_path / "c", "pause", 30, 40, 6.0, 4.0)  # written before the split existed
+    result = compare([a, b, c], tmp_path / "cmp")
+    lines = [line for line in result.markdown.splitlines() if line.startswith("| ")]
+    assert lines[0].endswith("| s / question | prefill share |")
+    assert [line.rsplit("|", 2)[1].strip() for line in lines[1:]] == ["25%", "80%", "-"]
+    assert [r["prefill_share"] for r in result.rows] == [0.25, 0.8, None]
 
 
 @pytest.mark.parametrize("change", [{"task": "gsm8k"}, {"split": "test"}])

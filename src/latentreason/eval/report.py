@@ -92,7 +92,9 @@ def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> 
     ``eval_dirs`` are folders written by ``latentreason eval`` (summary.json + predictions.jsonl),
     each optionally ``folder=label`` (default label: the method name, plus the probe if any).
     Seconds per question is the inverse of the summary's questions_per_second, so it depends on
-    the device and batch size each evaluation ran with. Mixed tasks or splits are refused:
+    the device and batch size each evaluation ran with. The prefill share (the prompts' prefill,
+    the references' included, over the rollout's time; from ``seconds_by_phase``) says how much of
+    that time fewer reasoning positions could ever save. Mixed tasks or splits are refused:
     accuracies on different questions do not compare.
     """
     if not eval_dirs:
@@ -104,6 +106,8 @@ def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> 
         probe = s.get("probe") or "none"
         qps = float(s.get("questions_per_second") or 0.0)
         lo, hi = s["accuracy_ci95"]
+        phases = s.get("seconds_by_phase") or {}
+        total = sum(phases.values())
         rows.append({
             "label": label or (s["method"] if probe == "none" else f"{s['method']} ({probe} probe)"),
             "folder": str(folder), "method": s["method"], "model": s.get("model", ""),
@@ -112,6 +116,7 @@ def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> 
             "mean_reasoning_positions": s.get("mean_reasoning_positions", 0.0),
             "mean_latent_steps": s.get("mean_latent_steps", 0.0),
             "seconds_per_question": 1.0 / qps if qps > 0 else None,
+            "prefill_share": (phases.get("prefill", 0.0) + phases.get("reference_prefill", 0.0)) / total if total > 0 else None,
             "probe": probe, "device": s.get("device"),
         })
     kinds = {(r["task"], r["task_version"], r["split"]) for r in rows}
@@ -131,9 +136,12 @@ def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> 
 
 
 def compare_table(rows: list[dict[str, Any]], title: str = "") -> str:
-    """A markdown table: one line per evaluation; the probe column only when some row was probed."""
+    """A markdown table: one line per evaluation; the probe and prefill-share columns only where some
+    row has one."""
     probed = any(r["probe"] != "none" for r in rows)
+    timed = any(r.get("prefill_share") is not None for r in rows)
     head = ["label", "method", "model", "accuracy", "95% CI", "n", "reasoning positions", "s / question"]
+    head += ["prefill share"] if timed else []
     head += ["probe"] if probed else []
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -142,6 +150,8 @@ def compare_table(rows: list[dict[str, Any]], title: str = "") -> str:
         sec = r["seconds_per_question"]
         cells = [r["label"], r["method"], r["model"], f"{r['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]", str(r["n"]),
                  f"{r['mean_reasoning_positions']:.1f}", "-" if sec is None else f"{sec:.4f}"]
+        share = r.get("prefill_share")
+        cells += (["-" if share is None else f"{share:.0%}"]) if timed else []
         cells += [r["probe"]] if probed else []
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
