@@ -17,6 +17,8 @@ positions (#L for Latent-SFT), seconds per question, and for Latent-SFT ECR@1/5/
 N_eff / N_eff_naive and Top-2. GSM8K has one gold chain per question, so N_eff's further solutions
 are ``--samples`` chains sampled (T = 0.6, top-p 0.95) from the continued CoT-SFT model on the same
 questions (right or wrong, as the paper's authors do), given to the evaluation as ``eval.solutions``.
+``latent-sft-r<r>-stage1`` rows: has the encoder collapsed (its latents' top-1 weight and share of
+distinct top-1 tokens at the end of stage 1, and the same over the soft labels stage 2 trained on)?
 ``speedup_vs_cot``: the r = 4 model's evaluation against the continued CoT-SFT model's, alternating
 back to back (``--speed-reps``), batch 32, the same questions. Everything resumes when rerun.
 Writes benchmarks/results/latent_sft_smollm2.json.
@@ -31,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from common import ROOT, write_results
 
@@ -63,6 +66,38 @@ def evaluate(model: Path, out: Path, limit: int, overrides: list[str] = ()) -> d
     run = load_run_config(overrides=[f"model.name_or_path={model}", "eval.split=valid", f"eval.limit={limit}",
                                      f"eval.output_dir={out}", "eval.batch_size=32", *overrides], saved_base=True)
     return run_eval(run)
+
+
+def encoder_rows(folder: Path, rate: int, tokenizer: Any) -> list[dict[str, Any]]:
+    """Has the stage-1 encoder collapsed? Its latents at the end of stage 1 (the training log's last
+    window) and the soft labels stage 2 learned from (every exported latent): the mean top-1 weight,
+    the share of distinct top-1 tokens, and the commonest top-1 tokens."""
+    base = {"task": "gsm8k-aug", "model": MODEL, "method": f"latent-sft-r{rate}-stage1", "split": "train",
+            "compression": rate}
+    rows = []
+    log = folder / "stage1" / "log.jsonl"
+    last = [r for r in map(json.loads, log.read_text().splitlines()) if "latent_top1_weight" in r][-1:] if log.exists() else []
+    rows += [{**base, "metric": key, "value": round(last[0][key], 4), "n": 16,
+              "note": "last logged window of stage 1 (batches of 16); distinct = distinct top-1 tokens / latents"}
+             for key in ("latent_top1_weight", "latent_distinct_top1") if last]
+    shards = sorted((folder / "stage2" / "soft_labels").glob("shard-*.safetensors"))
+    if shards:
+        from collections import Counter
+
+        from safetensors.torch import load_file
+
+        parts = [load_file(str(p)) for p in shards]
+        if all("ids" in part for part in parts):  # top-k export (full distributions: argmax would do, not needed here)
+            top_w = torch.cat([part["probs"][:, 0] for part in parts])
+            top_id = torch.cat([part["ids"][:, 0] for part in parts]).tolist()
+            counts = Counter(top_id)
+            common = [[tokenizer.decode([t]), round(c / len(top_id), 3)] for t, c in counts.most_common(5)]
+            note = "the exported soft labels stage 2 trained on (every latent of its training examples)"
+            rows += [{**base, "metric": "soft_label_top1_weight", "value": round(float(top_w.mean()), 4),
+                      "n": len(top_id), "note": note},
+                     {**base, "metric": "soft_label_distinct_top1", "value": round(len(counts) / len(top_id), 5),
+                      "n": len(top_id), "distinct": len(counts), "commonest_top1": common, "note": note}]
+    return rows
 
 
 def rows_for(summary: dict[str, Any], method: str, **extra: Any) -> list[dict[str, Any]]:
@@ -152,6 +187,9 @@ def main() -> None:
         summary = evaluate(latent_paths[rate], folder / "stage2" / "eval-valid", args.limit, [f"eval.solutions={solutions}"])
         rows += rows_for(summary, f"latent-sft-r{rate}", compression=rate, train_steps=budget,
                          stage1_steps=3 * args.stage1_steps, stage2_steps=args.stage2_steps)
+        from transformers import AutoTokenizer
+
+        rows += encoder_rows(folder, rate, AutoTokenizer.from_pretrained(str(latent_paths[rate])))
 
     if 4 in latent_paths and args.speed_reps:
         paths = {"cot-sft": cot, "latent-sft-r4": latent_paths[4]}
@@ -177,6 +215,12 @@ def main() -> None:
             f"CoT-SFT model ({len(found)} questions gave at least one non-empty chain). Far from the paper's budget "
             "(full epochs of GSM8K-Aug on Llama-3.2-1B): these rows measure the pipeline and the cost, not the "
             "method's accuracy at scale.")
+    for r in rows:  # say it where an encoder collapsed: the stage-2 rows then rest on near-constant labels
+        if r["metric"] == "soft_label_distinct_top1" and r["value"] < 0.01:
+            top = ", ".join(f"'{t}' {share:.0%}" for t, share in r["commonest_top1"][:4])
+            note += (f" {r['method']}: the soft labels stage 2 learned from have {r['distinct']} distinct top-1 tokens over "
+                     f"{r['n']} latents ({top}): the encoder collapsed onto a few tokens, so at this budget the latents "
+                     "cannot carry the chain's numbers (latentreason inspect latents shows what the model feeds).")
     command = "python benchmarks/bench_latent_sft_smollm2.py " + " ".join(sys.argv[1:])
     carried, differ = against_published(rows)
     for line in differ:
