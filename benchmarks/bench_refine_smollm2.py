@@ -12,7 +12,10 @@ no validation). Four rows on the first ``--limit`` validation questions: base, +
 (α = 0.5), + contrastive, + both, at fixed settings (no sweep: on 2 cores one evaluation takes
 minutes). η is set so that the contrastive step is 10% of a latent's norm on average over the first
 8 questions (a scale, not an accuracy choice). The cost ratios come from the same runs' wall-clock
-(the four evaluations run back to back in one process). Writes benchmarks/results/refine_smollm2.json.
+(the four evaluations run back to back in one process), or with ``--cost`` from base / + residual /
++ both alternating back to back on the first ``--cost-limit`` questions, ``--reps`` rounds after a
+warm-up, with the rollout's split of each setting's time (``phase_seconds``). Writes
+benchmarks/results/refine_smollm2.json.
 
 ``--task aqua``: the main model is ``bench_latent_sft_smollm2.py``'s Latent-SFT model (r = 2 unless
 ``--latent-model`` names another: SmolLM2 after a 20-step CoT-SFT and 48 Latent-SFT steps on GSM8K
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -78,6 +83,33 @@ def calibrate_eta(method, examples, dim: int) -> float:
     return round(0.1 * statistics.mean(probe.ratios) * dim / 2, 4)
 
 
+def side_by_side(method, data: dict, saved: bool, settings: dict[str, dict], limit: int, reps: int) -> dict[str, Any]:
+    """Seconds and the rollout's phase split of each setting on the first ``limit`` questions,
+    alternating the settings back to back ``reps`` times after one warm-up round (dropped)."""
+    from latentreason.eval.harness import PHASES
+    from latentreason.methods.base import generate_batches
+
+    examples = method.task.load("valid", limit=limit)
+    batch = load_run_config(base=data, saved_base=saved).eval.batch_size
+    seconds: dict[str, list[float]] = {k: [] for k in settings}
+    phases: dict[str, dict[str, list[float]]] = {k: {} for k in settings}
+    for r in range(reps + 1):
+        for key in (list(settings) if r % 2 == 0 else list(settings)[::-1]):
+            method.run = load_run_config(base=merge(data, {"refine": settings[key]}), saved_base=saved)
+            split: dict[str, float] = {}
+            t0 = time.perf_counter()
+            for done in generate_batches(method, examples, batch_size=batch):
+                for timing, phase in PHASES.items():
+                    split[phase] = split.get(phase, 0.0) + done.output.timings.get(timing, 0.0)
+            if r:
+                seconds[key].append(time.perf_counter() - t0)
+                for phase, v in split.items():
+                    phases[key].setdefault(phase, []).append(v)
+    return {"seconds": seconds, "n": len(examples), "batch": batch,
+            "phase_seconds": {k: {phase: round(statistics.median(vs), 3) for phase, vs in split.items()
+                                  if statistics.median(vs) > 0} for k, split in phases.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="gsm8k-aug", choices=["gsm8k-aug", "aqua"],
@@ -90,6 +122,11 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=20)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-refine-smollm2"))
+    ap.add_argument("--cost", action="store_true",
+                    help="the cost ratios from alternating back-to-back runs on --cost-limit questions (--reps rounds, "
+                         "with the rollout's phase split) instead of the evaluations' one run each")
+    ap.add_argument("--cost-limit", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     out = Path(args.out)
     limit = args.limit if args.limit is not None else (200 if args.task == "gsm8k-aug" else None)  # None: all
@@ -131,10 +168,23 @@ def main() -> None:
                  {**base, "metric": "accuracy_flexible", "value": s["accuracy_flexible"]},
                  {**base, "metric": "mean_latent_steps", "value": s["mean_latent_steps"]},
                  {**base, "metric": "seconds_per_question", "value": round(seconds[key], 3)}]
+    timed = None
+    if args.cost:
+        timed = side_by_side(method, data, saved, {k: settings[k] for k in (name, f"{name}+residual", f"{name}+refine")},
+                             args.cost_limit, args.reps)
     for key, metric in ((f"{name}+residual", "residual_cost_ratio"), (f"{name}+refine", "refine_cost_ratio")):
-        rows.append({"task": args.task, "model": "smollm2-135m", "method": key, "split": "valid", "n": s["n"],
-                     "metric": metric, "value": round(seconds[key] / seconds[name], 3),
-                     "note": f"one run each, back to back in one process (batch {run.eval.batch_size})"})
+        if timed is None:
+            rows.append({"task": args.task, "model": "smollm2-135m", "method": key, "split": "valid", "n": s["n"],
+                         "metric": metric, "value": round(seconds[key] / seconds[name], 3),
+                         "note": f"one run each, back to back in one process (batch {run.eval.batch_size})"})
+            continue
+        ratios = [a / b for a, b in zip(timed["seconds"][key], timed["seconds"][name])]
+        rows.append({"task": args.task, "model": "smollm2-135m", "method": key, "split": "valid", "n": args.reps,
+                     "metric": metric, "value": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+                     "seconds": {k: [round(v, 2) for v in vs] for k, vs in timed["seconds"].items()},
+                     "phase_seconds": timed["phase_seconds"],
+                     "note": f"median over {args.reps} alternating back-to-back runs of the first {timed['n']} valid "
+                             f"questions (batch {timed['batch']}), after a warm-up round"})
     refs = (f"References: CoT-SFT of the same model on GSM8K-Aug, strong = step {args.ref_steps}, weak = step "
             f"{args.ref_steps // 2} (a short run: 16 examples per step). Fixed settings, no sweep: alpha = {args.alpha}, "
             f"eta = {eta} (a 10% step on the first 8 questions).")
@@ -146,6 +196,13 @@ def main() -> None:
         note = (f"SmolLM2-135M-Instruct after a SHORT Latent-SFT training on GSM8K train (r = {saved_cfg['method']['compression']}: "
                 f"{budget}{shown}), evaluated on {s['n']} AQuA questions (the one split shipped; trained on none of it), "
                 "CPU. " + refs)
+    if timed is not None:  # where the refined run's extra time goes
+        ph = timed["phase_seconds"]
+        base_total, both = sum(ph[name].values()), ph[f"{name}+refine"]
+        note += (f" Cost rows: {args.reps} alternating rounds on the first {timed['n']} questions. With both operators the "
+                 f"references add {both.get('reference_prefill', 0.0):.1f} s of prefill and "
+                 f"{both['latent'] - ph[name]['latent']:.1f} s of latent steps to an unrefined {base_total:.1f} s "
+                 f"(prefill {ph[name]['prefill']:.1f}, latent {ph[name]['latent']:.1f}, decode {ph[name]['decode']:.1f}).")
     command = "python benchmarks/bench_refine_smollm2.py " + " ".join(sys.argv[1:])
     suffix = "" if args.task == "gsm8k-aug" else "_aqua"
     print(write_results(f"refine_smollm2{suffix}", command.strip(), rows, note=note))
