@@ -127,9 +127,9 @@ class RefineConfig:
     search_steps: int = field(default=1, metadata={"help": "contrastive steps per latent (each asks both references again)"})
     exact_references: bool = field(default=True, metadata={"help": (
         "true: the references read exactly the vectors the model was fed (two columns per reference per latent "
-        "step); false: they keep the last vector they were asked about in its place (one column: on SmolLM2 at "
-        "batch 32 on 2 CPU cores a two-column step costs about 1.3x a one-column one, so about a quarter off the "
-        "references' latent steps; their prefill of the prompt is the same either way)")})
+        "step); false: they keep the last vector they were asked about in its place (one column: cheaper latent "
+        "steps, by how much depends on the model and hardware; their prefill of the prompt is the same either "
+        "way; seconds_by_phase in summary.json shows where the time goes)")})
     order: str = field(default="residual-first", metadata={"help": "residual-first (the paper's order) or contrastive-first"})
     direction: str = field(default="strong", metadata={"help": (
         "strong: descend the contrastive loss, toward the strong reference (the paper's stated intent; ours); "

@@ -122,53 +122,6 @@ def test_references_run_without_their_output_layer(trio, cache: dict) -> None:
     assert out.timings["reference_prefill_s"] > 0
 
 
-def _grouped_query(main: LoadedModel, seed: int) -> LoadedModel:
-    """A reference of the main model's width and vocabulary with grouped-query attention (2 query heads over 1)."""
-    from types import SimpleNamespace
-
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.models.test_rollout import _randomise
-
-    c = main.model.config
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=4 * c.hidden_size,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    cfg.attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    _randomise(model, seed=seed)
-    return SimpleNamespace(model=model)
-
-
-def test_grouped_query_references_read_one_column_per_forward(trio) -> None:
-    """Grouped-query references feed the held-back commit and the question as two one-column forwards
-    (one two-column forward copies their whole static cache per layer); what they report is unchanged."""
-    from latentreason.models.rollout import _one_column_cheaper
-
-    main = trio[0]
-    refs = [_grouped_query(main, 1), _grouped_query(main, 2)]
-    assert _one_column_cheaper(refs[0].model) and not _one_column_cheaper(main.model)
-    widths: list[int] = []
-    hook = refs[0].model.model.layers[0].register_forward_hook(
-        lambda _m, _a, out: widths.append((out[0] if isinstance(out, tuple) else out).shape[1]))
-    try:
-        vectors = _vectors(main)
-        step = _Asks(ExternalStep(vectors, lengths=torch.tensor(EXTERNAL_LENGTHS)))
-        out = _run(main, step, refs)
-    finally:
-        hook.remove()
-    after_prompt = widths[max(i for i, w in enumerate(widths) if w > 1) + 1:]  # before it: a probe, the prefill
-    assert set(after_prompt) == {1}  # one column at a time
-    assert len(after_prompt) == 2 * len(step.seen) - 1  # each question after the first also feeds a commit
-    prompts = _prompts(main)
-    for t, hidden in enumerate(step.seen):
-        for row, length in enumerate(EXTERNAL_LENGTHS):
-            if t < length:
-                fed = [out.latents[row, s] for s in range(t)]
-                for ref, h in zip(refs, hidden):
-                    torch.testing.assert_close(h[row], _alone(ref, prompts[row], [*fed, vectors[row, t]]), atol=ATOL, rtol=0)
-
-
 @pytest.mark.parametrize("cache", [{}, {"use_cache": False}], ids=["static", "uncached"])
 def test_inexact_references_keep_the_last_vector_asked(trio, cache: dict) -> None:
     """exact_references=False: a reference's history holds, per step, the last vector it was asked

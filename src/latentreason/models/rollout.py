@@ -499,36 +499,14 @@ class _Runner:
         return out.logits, out.hidden_states[-1] if need_hidden else None
 
 
-def _one_column_cheaper(model: PreTrainedModel) -> bool:
-    """Whether two one-column forwards beat one two-column forward for ``model`` on the static cache.
-
-    Why: transformers' SDPA attention runs one query column over a grouped-query model's cache in
-    place (``pack_gqa``), but for two or more columns with a mask it first copies every layer's
-    keys and values to repeat their heads, over the whole static cache (every ``max_len``
-    position). On SmolLM2-135M (9 query heads over 3) at batch 32 on 2 CPU cores a two-column
-    step measured 513 ms against 102 ms for one column. Without grouped heads (or where
-    transformers has no ``pack_gqa``) one wider forward is the cheaper one.
-    """
-    cfg = model.config
-    heads, groups = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
-    if not heads or not groups or groups >= heads or getattr(cfg, "_attn_implementation", None) != "sdpa":
-        return False
-    try:
-        from transformers.integrations import sdpa_attention
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return False
-    return hasattr(sdpa_attention, "pack_gqa")
-
-
 class References:
     """Extra models run in lockstep with the main one over the latent phase (refinement's strong and
     weak references): each with its own KV cache, the same left padding, positions and holes.
 
     A step asks :meth:`hidden` "what would each reference's last hidden state be with this vector
     fed next?"; the rollout then commits the vector actually fed with :meth:`commit`. A commit is
-    held back and fed together with the next question (two columns, one forward; two one-column
-    forwards where that is cheaper: see ``_one_column_cheaper``), so a reference costs one step per
-    latent step it is asked about, and nothing for steps it is not (nor for
+    held back and fed together with the next question (two columns, one forward), so a reference
+    costs one forward per latent step it is asked about, and nothing for steps it is not (nor for
     the answer, which references never see), plus its prefill of the prompts: where prompts are long
     and latents few, those prefills dominate (two references: about three times the unrefined
     prefill). A reference runs without its output layer (only its hidden state is read). Forwards run without gradients (the references only
@@ -536,8 +514,8 @@ class References:
 
     ``exact=False`` keeps the last vector a step asked about in the references' caches in place of
     the vector then fed (refinement moves it by a step of a few percent): one column per reference
-    per step instead of two (on SmolLM2 at batch 32 on 2 CPU cores a two-column step costs about
-    1.3x a one-column one), at the price of references reading a slightly different history.
+    per step instead of two, at the price of references reading a slightly different history
+    (what that saves depends on the model and hardware; their prefill is the same either way).
     """
 
     def __init__(self, models: list[PreTrainedModel], ids: torch.Tensor, mask: torch.Tensor, cfg: RolloutConfig,
@@ -547,7 +525,6 @@ class References:
         self.models, self.exact = models, exact
         self.asked = False  # exact=False: a vector asked about at this step sits in the caches
         self.runners: list[_Runner] = []
-        self.apart: list[bool] = []  # per reference: feed a held-back commit and the question as two forwards
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # committed, not yet fed
         self.forwards = 0
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -568,7 +545,6 @@ class References:
                 runner = _Runner(ref, ref_cfg, True, batch, max_len, probe=embed(ref_ids[:1, -4:]), need_logits=False)
                 runner(embed(ref_ids), mask.to(ref.device), positions.to(ref.device))  # the prompt
             self.runners.append(runner)
-            self.apart.append(runner.compiled is not None or (runner.static and _one_column_cheaper(ref)))
 
     def commit(self, fed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """The [B, 1, D] column the main model was fed (mask and positions [B, 1]), fed later."""
@@ -588,12 +564,11 @@ class References:
         cols = [*self.pending, (vectors[:, None], active.long()[:, None], positions[:, None])]
         together = [tuple(torch.cat([c[i] for c in cols], 1) for i in range(3))]
         out = []
-        for ref, runner, apart in zip(self.models, self.runners, self.apart):
+        for ref, runner in zip(self.models, self.runners):
             dtype = ref.get_input_embeddings().weight.dtype
-            # One forward per column where that is cheaper: the compiled one-column step (a replay
-            # beats an eager two-column forward on a launch-bound GPU) and grouped-query models on
-            # the static cache (see _one_column_cheaper); otherwise both columns in one forward.
-            for embeds, mask, pos in cols if apart else together:
+            # Compiled (rollout.compile): one replay of the one-column step per column beats an
+            # eager forward of two columns on a launch-bound GPU; otherwise one forward.
+            for embeds, mask, pos in cols if runner.compiled is not None else together:
                 _, h = runner(embeds.to(ref.device, dtype), mask.to(ref.device), pos.to(ref.device))
             if self.exact:
                 runner.retract(1)
