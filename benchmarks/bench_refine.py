@@ -39,14 +39,12 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, carry_published, earlier_rows, write_results
+from common import ROOT, alternate_timings, carry_published, earlier_rows, write_results
 
 from latentreason.config import load_run_config, load_yaml, merge
-from latentreason.eval.harness import PHASES
 from latentreason.recipes import build_method, run_train
 
 MODEL = "tiny-llama-l4-d128"
@@ -200,8 +198,6 @@ def _t975(df: int) -> float:
 
 def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any]]:
     """Wall-clock of the test split without refinement / residual alone / both, alternating."""
-    from latentreason.methods.base import generate_batches
-
     folder = root / task / f"seed{seed}"
     refs = kept_cot(folder, task)
     rows = []
@@ -220,20 +216,8 @@ def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any
         base_over = [f"model.name_or_path={model}", f"refine.strong={refs[0]}", f"refine.weak={refs[1]}"]
         method = build_method(load_run_config(overrides=base_over, saved_base=True))
         examples = method.task.load(REPORT[task])
-        seconds: dict[str, list[float]] = {k: [] for k in settings}
-        phases: dict[str, dict[str, list[float]]] = {k: {} for k in settings}  # the rollout's own split of the time
-        for rep in range(reps + 1):  # the first round warms up (reference loading, allocations) and is dropped
-            for key in (list(settings) if rep % 2 == 0 else list(settings)[::-1]):
-                method.run = load_run_config(overrides=base_over + settings[key], saved_base=True)
-                split: dict[str, float] = {}
-                t0 = time.perf_counter()
-                for done in generate_batches(method, examples, batch_size=250):
-                    for timing, phase in PHASES.items():
-                        split[phase] = split.get(phase, 0.0) + done.output.timings.get(timing, 0.0)
-                if rep:
-                    seconds[key].append(time.perf_counter() - t0)
-                    for phase, v in split.items():
-                        phases[key].setdefault(phase, []).append(v)
+        runs = {k: load_run_config(overrides=base_over + over, saved_base=True) for k, over in settings.items()}
+        seconds, phases = alternate_timings(method, examples, runs, batch_size=250, reps=reps)
         labels = {"residual": "+residual", "both": "+refine", "both-inexact": "+refine-inexact"}
         for key, metric in (("residual", "residual_cost_ratio"), ("both", "refine_cost_ratio"),
                             ("both-inexact", "refine_cost_ratio")):
@@ -243,8 +227,7 @@ def cost_rows(root: Path, task: str, seed: int, reps: int) -> list[dict[str, Any
                          "n": reps, "ratios": [round(r, 3) for r in ratios], "alpha": both["alpha"],
                          "eta": both["eta"] if key.startswith("both") else 0.0,
                          "seconds": {k: [round(v, 3) for v in vs] for k, vs in seconds.items()},
-                         "phase_seconds": {k: {phase: round(statistics.median(vs), 3) for phase, vs in split.items()
-                                               if statistics.median(vs) > 0} for k, split in phases.items()},
+                         "phase_seconds": phases,
                          "note": f"median over alternating back-to-back runs of the {len(examples)} {REPORT[task]} questions, batch 250"})
     return rows
 

@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from common import ROOT, write_results
+from common import ROOT, alternate_timings, write_results
 
 from latentreason.config import load_run_config, merge
 from latentreason.methods.refine import load_references
@@ -85,29 +84,12 @@ def calibrate_eta(method, examples, dim: int) -> float:
 
 def side_by_side(method, data: dict, saved: bool, settings: dict[str, dict], limit: int, reps: int) -> dict[str, Any]:
     """Seconds and the rollout's phase split of each setting on the first ``limit`` questions,
-    alternating the settings back to back ``reps`` times after one warm-up round (dropped)."""
-    from latentreason.eval.harness import PHASES
-    from latentreason.methods.base import generate_batches
-
+    alternating back to back (``common.alternate_timings``)."""
     examples = method.task.load("valid", limit=limit)
     batch = load_run_config(base=data, saved_base=saved).eval.batch_size
-    seconds: dict[str, list[float]] = {k: [] for k in settings}
-    phases: dict[str, dict[str, list[float]]] = {k: {} for k in settings}
-    for r in range(reps + 1):
-        for key in (list(settings) if r % 2 == 0 else list(settings)[::-1]):
-            method.run = load_run_config(base=merge(data, {"refine": settings[key]}), saved_base=saved)
-            split: dict[str, float] = {}
-            t0 = time.perf_counter()
-            for done in generate_batches(method, examples, batch_size=batch):
-                for timing, phase in PHASES.items():
-                    split[phase] = split.get(phase, 0.0) + done.output.timings.get(timing, 0.0)
-            if r:
-                seconds[key].append(time.perf_counter() - t0)
-                for phase, v in split.items():
-                    phases[key].setdefault(phase, []).append(v)
-    return {"seconds": seconds, "n": len(examples), "batch": batch,
-            "phase_seconds": {k: {phase: round(statistics.median(vs), 3) for phase, vs in split.items()
-                                  if statistics.median(vs) > 0} for k, split in phases.items()}}
+    runs = {k: load_run_config(base=merge(data, {"refine": refine}), saved_base=saved) for k, refine in settings.items()}
+    seconds, phases = alternate_timings(method, examples, runs, batch, reps)
+    return {"seconds": seconds, "n": len(examples), "batch": batch, "phase_seconds": phases}
 
 
 def main() -> None:

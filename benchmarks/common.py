@@ -5,7 +5,9 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,32 @@ def timed_train_step(method: Any, modules: Any, batch: dict[str, Any], optimizer
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
+
+
+def alternate_timings(method: Any, examples: list[Any], runs: dict[str, Any], batch_size: int,
+                      reps: int) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Wall-clock seconds per round and the medians of the rollout's phase split (prefill, the
+    references' prefill, latent, decode) of each run config in ``runs``, generating ``examples``
+    with ``method``: the configs alternate back to back (forward, then backward) for ``reps``
+    rounds after one warm-up round, which is dropped. Why: timings on a shared machine compare
+    only side by side."""
+    from latentreason.eval.harness import PHASES
+    from latentreason.methods.base import generate_batches
+
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    phases: dict[str, dict[str, list[float]]] = {k: {} for k in runs}
+    for r in range(reps + 1):
+        for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            method.run = runs[key]
+            split: dict[str, float] = {}
+            t0 = time.perf_counter()
+            for done in generate_batches(method, examples, batch_size=batch_size):
+                for timing, phase in PHASES.items():
+                    split[phase] = split.get(phase, 0.0) + done.output.timings.get(timing, 0.0)
+            if r:
+                seconds[key].append(time.perf_counter() - t0)
+                for phase, v in split.items():
+                    phases[key].setdefault(phase, []).append(v)
+    medians = {k: {phase: round(statistics.median(vs), 3) for phase, vs in split.items() if statistics.median(vs) > 0}
+               for k, split in phases.items()}
+    return seconds, medians

@@ -54,3 +54,31 @@ def test_rows_name_the_commits_that_trained_and_evaluated_them(tmp_path):
     assert common.code_of(run / "eval-test" / "summary.json") == {"trained_with": "aaa", "evaluated_with": "bbb+dirty"}
     (run / "train_summary.json").write_text(json.dumps({"steps": 4}))  # written before the stamp existed
     assert common.code_of(run / "eval-test" / "summary.json") == {"evaluated_with": "bbb+dirty"}
+
+
+def test_alternate_timings_runs_each_config_per_round_and_splits_the_time(tmp_path):
+    """The benchmarks' side-by-side timer: the warm-up round dropped, every config once per round, in
+    alternating order, and the phases of the configs' own rollouts (a latent one has latent steps)."""
+    from latentreason.config import load_run_config
+    from latentreason.recipes import build_method
+    from tests.conftest import tiny_run
+
+    runs = {name: load_run_config(base=tiny_run(tmp_path, method=name)) for name in ("cot-sft", "pause")}
+    method = build_method(runs["pause"])
+    seen: list[str] = []
+    original = type(method).latent_step
+
+    def tracking(self, examples):  # noqa: ANN001
+        seen.append(self.run.method.name)
+        return original(self, examples)
+
+    type(method).latent_step = tracking
+    try:
+        examples = method.task.load("valid", limit=4)
+        seconds, phases = common.alternate_timings(method, examples, runs, batch_size=4, reps=2)
+    finally:
+        type(method).latent_step = original
+    assert seen == ["cot-sft", "pause", "pause", "cot-sft", "cot-sft", "pause"]
+    assert {k: len(v) for k, v in seconds.items()} == {"cot-sft": 2, "pause": 2}
+    assert all(s > 0 for v in seconds.values() for s in v)
+    assert {"prefill", "decode"} <= set(phases["cot-sft"]) and "latent" in phases["pause"]
