@@ -65,7 +65,14 @@ NOTES = {
               "of bench_baselines.py (10 thoughts); coconut-stage-1: its curriculum stage-1 model (2 thoughts, then the "
               "remaining steps written). latent-sft-r4: r = 4 with stage 2 cut to 400 of 1200 steps. Every "
               "setting chosen on 200 validation questions (alpha x eta grid), reported once on the generated test split (500). "
-              "ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds)."),
+              "ci95 over seeds: mean +- t(0.975, seeds-1) * sd / sqrt(seeds). latent-sft-r4+residual's cost ratio of 1.32 "
+              "(seed 0) is not the operator's cost (1.00 on ProsQA, and 1.001 for the operator alone): a batch's latent loop "
+              "runs as long as its longest row, and refined latents keep a few rows reasoning past the 9 steps every row "
+              "otherwise takes. Checked on 2026-12-06 with a re-trained seed-1 model (configs/latent_sft_arith_stage1.yaml, "
+              "stage 2 of 400 steps; seed 0's models are no longer on disk), test split, batch 250: unrefined, both batches "
+              "ran 9 latent steps; alpha = 0.05 kept one row of 500 reasoning 14 steps, so one batch ran 14 (latent phase "
+              "1.25x, whole evaluation 1.09x); alpha = 0.25, two batches of 24 and 16. summary.json's batch_step_use "
+              "reports this share of waiting rows for any evaluation."),
     "prosqa": ("Tiny model (4 layers, d = 128, word-level), ProsQA as in bench_baselines.py (600 CoT-SFT steps from scratch: "
                "under-trained, see baselines_prosqa). References: the seed's CoT-SFT run keeping every 150 steps: strong = "
                "step 600, weak = step 150. Coconut: the seed's model (6 thoughts); coconut-stage-1: its curriculum stage-1 "

@@ -46,11 +46,13 @@ def write_results(name: str, command: str, rows: list[dict[str, Any]], *, path: 
 def earlier_rows(name: str, metric: str | None = None, method_prefix: str = "") -> list[dict[str, Any]]:
     """Rows of ``metric`` (any, if None) whose method starts with ``method_prefix`` in the published
     ``<name>.json``: a rebuild that does not re-time keeps the timings measured earlier (on an idle
-    machine), and the rows only a slower pass computes, instead of dropping them."""
+    machine), and the rows only a slower pass computes, instead of dropping them. Each says when it
+    was measured (``carried``: the date of the file it came from), as the file's own date is the rebuild's."""
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return []
-    return [r for r in json.loads(path.read_text())["rows"]
+    doc = json.loads(path.read_text())
+    return [{**r, "carried": r.get("carried", doc.get("date"))} for r in doc["rows"]
             if metric in (None, r.get("metric")) and str(r.get("method", "")).startswith(method_prefix)]
 
 

@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(_config(args, saved_base=True))
     keys = ("model", "task", "method", "split", "device", "dtype", "n", "accuracy", "accuracy_ci95",
             "accuracy_flexible", "mean_reasoning_positions", "mean_latent_steps", "questions_per_second",
-            "seconds_by_phase", "probe", "refine")
+            "seconds_by_phase", "batch_step_use", "probe", "refine")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
 

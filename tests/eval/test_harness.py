@@ -161,6 +161,15 @@ def test_rows_and_summary(tmp_path, trained_arith_model):
         assert len({json.dumps(r["phase_seconds"]) for r in batch}) == 1
         assert sum(batch[0]["phase_seconds"].values()) <= seconds
     assert sum(phases.values()) == pytest.approx(sum(sum(r["phase_seconds"].values()) for r in rows), abs=1e-3)
+    # each batch's decode loop computed at least each row's answer and eos, at most the longest one's
+    # for every row; no latent loop ran
+    for batch in batches.values():
+        assert len({json.dumps(r["row_steps"]) for r in batch}) == 1
+        ends = [r["generated_tokens"] + int(r["finished"]) for r in batch]
+        assert batch[0]["row_steps"]["latent"] == 0
+        assert sum(ends) / len(batch) <= batch[0]["row_steps"]["decode"] <= max(ends)
+    used = sum(r["generated_tokens"] + int(r["finished"]) for r in rows)
+    assert summary["batch_step_use"] == {"decode": round(used / sum(r["row_steps"]["decode"] for r in rows), 4)}
     with pytest.raises(ValueError, match="other settings"):
         evaluate(method, examples, tmp_path / "ev", batch_size=4, info={"model": "other"}, progress=False)
 

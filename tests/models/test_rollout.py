@@ -629,9 +629,57 @@ def test_deferred_stop_checks_change_nothing(lm: LoadedModel, kind: str, sync_ev
     _assert_same(deferred, every, atol=0)
     assert deferred.finished.all() and len({len(t) for t in every.tokens}) >= 2
     assert deferred.timings["forwards"] >= every.timings["forwards"]
+    # the loops ran as long as their longest row: its latent steps, its answer and eos
+    assert every.timings["latent_steps_run"] == max(every.num_latent_steps.tolist())
+    assert every.timings["decode_steps_run"] == max(len(t) for t in every.tokens) + 1
+    for loop in ("latent_steps_run", "decode_steps_run"):
+        assert deferred.timings[loop] >= every.timings[loop]
     if sync_every > 11:  # no check before the budget runs out: every step runs, the done rows masked
         assert deferred.timings["forwards"] > every.timings["forwards"]
     _assert_same(run(sync_every, eos, use_cache=False), every)
+
+
+@pytest.mark.parametrize("mode", [{}, {"cache": "dynamic"}, {"use_cache": False}, {"temperature": 0.8}])
+def test_finished_rows_leave_the_batch_and_nothing_changes(lm: LoadedModel, mode: dict) -> None:
+    """Rows that finished their answer are dropped from the decoding batch once at most half are
+    still writing (``rollout.compact``): the same tokens, finish flags and log-probabilities as when
+    every row steps to the end, with fewer row-steps computed."""
+    prompts, seeds = _prompts(lm), [11, 12, 13, 14]
+
+    def run(compact: bool, eos: list[int]) -> RolloutOutput:
+        with torch.no_grad():
+            step = _make_step("external-lengths", lm, [0, 1, 2, 3])
+            return rollout(lm.model, prompts, ExternalStep(step.vectors, lengths=torch.tensor([3, 0, 2, 1])), RolloutConfig(
+                num_latent_steps=NUM_LATENT, max_new_tokens=11, compact=compact, **mode), eos_ids=eos, pad_id=lm.pad_id,
+                eot_id=lm.eot_id, row_seeds=seeds, return_logprobs=True)
+
+    eos = _eos_finishing_rows_apart(run(False, [-1]), margin=4)
+    full, compacted = run(False, eos), run(True, eos)
+    assert full.tokens == compacted.tokens and torch.equal(full.finished, compacted.finished)
+    torch.testing.assert_close(compacted.logprobs, full.logprobs, atol=ATOL, rtol=0)
+    assert len({len(t) for t in full.tokens}) >= 2 and full.finished.all()
+    steps = full.timings["decode_steps_run"]
+    assert compacted.timings["decode_steps_run"] == steps
+    assert full.timings["decode_row_steps"] == steps * len(prompts)
+    # each row is computed until its eos, or, until at most half the rows remain, until the batch's
+    ends = sorted(len(t) + 1 for t in full.tokens)
+    assert sum(ends) <= compacted.timings["decode_row_steps"] < full.timings["decode_row_steps"]
+
+
+def test_a_cache_that_cannot_drop_rows_keeps_them(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the cache cannot drop rows (a model's own cache class), every row steps to the end, as
+    with rollout.compact=false, and the outputs are the same."""
+    import latentreason.models.rollout as rollout_module
+
+    step = _make_step("external-lengths", lm, [0, 1, 2, 3])
+    step = ExternalStep(step.vectors, lengths=torch.tensor([3, 0, 2, 1]))
+    free = _run(lm, _prompts(lm), step, eos_ids=[-1], max_new_tokens=11)
+    eos = _eos_finishing_rows_apart(free, margin=4)
+    compacted = _run(lm, _prompts(lm), step, eos_ids=eos, max_new_tokens=11)
+    monkeypatch.setattr(rollout_module, "select_cache_rows", lambda cache, index: False)
+    kept = _run(lm, _prompts(lm), step, eos_ids=eos, max_new_tokens=11)
+    _assert_same(kept, compacted)
+    assert kept.timings["decode_row_steps"] == kept.timings["decode_steps_run"] * 4 > compacted.timings["decode_row_steps"]
 
 
 @pytest.mark.parametrize("sync_every, expected", [(1, 5 + 1 + 9), (0, 5 + 1 + 9), (4, 2 + 1 + 2)])

@@ -114,15 +114,30 @@ def rewind_static_cache(cache: Any, n: int) -> None:
 def repeat_cache_rows(cache: Any, repeats: int) -> None:
     """Repeat every row of a filled KV cache ``repeats`` times in place (row b becomes rows
     b·repeats … b·repeats + repeats − 1): G samples that share one prefill of their prompt."""
-    for layer in getattr(cache, "layers", []):
+    _map_cache_rows(cache, lambda t: t.repeat_interleave(repeats, dim=0),
+                    lambda layer: layer.batch_repeat_interleave(repeats))
+
+
+def select_cache_rows(cache: Any, index: torch.Tensor) -> bool:
+    """Keep only rows ``index`` of a filled KV cache, in place: rows that finished leave the batch.
+    False (nothing changed) for a cache not made of layers (a model's own cache class)."""
+    return _map_cache_rows(cache, lambda t: t[index], lambda layer: layer.batch_select_indices(index))
+
+
+def _map_cache_rows(cache: Any, rows: Any, growing: Any) -> bool:
+    """Apply ``rows`` to every layer's keys and values (growing layers: their own method, ``growing``)."""
+    if not hasattr(cache, "layers"):
+        return False
+    for layer in cache.layers:
         if hasattr(layer, "batch_repeat_interleave") and not hasattr(layer, "max_cache_len"):
-            layer.batch_repeat_interleave(repeats)  # a growing layer
+            growing(layer)  # a growing layer
             continue
         keys = getattr(layer, "keys", None)
         if not torch.is_tensor(keys) or keys.numel() == 0:
             continue  # not written yet (a layer that never saw the prompt)
-        layer.keys = keys.repeat_interleave(repeats, dim=0)
-        layer.values = layer.values.repeat_interleave(repeats, dim=0)
+        layer.keys = rows(keys)
+        layer.values = rows(layer.values)
         for name in ("max_batch_size", "batch_size"):
             if isinstance(getattr(layer, name, None), int):
                 setattr(layer, name, layer.keys.shape[0])
+    return True

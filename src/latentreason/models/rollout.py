@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, StaticCache
 
-from latentreason.models.compat import forward_args, repeat_cache_rows, returned_cache, rewind_static_cache
+from latentreason.models.compat import (
+    forward_args,
+    repeat_cache_rows,
+    returned_cache,
+    rewind_static_cache,
+    select_cache_rows,
+)
 from latentreason.models.steps import LatentStep, StepContext
 
 
@@ -51,6 +57,11 @@ class RolloutConfig:
         "where the eager loop is launch-bound; needs cache=static and applies under no_grad/inference_mode "
         "(with grad enabled the rollout runs eagerly). The first batch of each shape bucket (batch and length "
         "rounded up to powers of two) compiles, taking tens of seconds; later ones reuse it")})
+    compact: bool = field(default=True, metadata={"help": (
+        "drop rows that finished their answer from the decoding batch once at most half of it is still writing "
+        "(at the sync_every checks; not under compile, whose shapes are fixed): finished rows stop costing compute, "
+        "where without it a batch pays every step for all its rows until its longest answer ends. Each row's output "
+        "is the same either way")})
     sync_every: int = field(default=0, metadata={"help": (
         "steps between host checks of 'every row stopped' (each check waits for the device); rows that stop "
         "in between are masked, so results do not change. 0 = auto: 1 on CPU (a check is free), 8 elsewhere")})
@@ -87,7 +98,8 @@ class RolloutOutput:
     dist_probs: torch.Tensor | None  # [B, K, k] (topk) or [B, K, V] (full): p(· | prefix) that produced step t
     dist_ids: torch.Tensor | None  # [B, K, k] token ids for topk
     #: seconds per phase (prefill_s, latent_s, decode_s; reference_prefill_s: the references reading
-    #: the prompts) and counts (forwards; reference_forwards)
+    #: the prompts) and counts (forwards; reference_forwards; latent_steps_run and decode_steps_run:
+    #: the steps the batch ran, which is its longest row's, as stopped rows wait masked)
     timings: dict[str, float] = field(default_factory=dict)
     #: [B, T] log-probability of each decoded token under the distribution it was drawn from
     #: (softmax(logits / temperature); greedy: temperature 1), 0 after a row ended; with return_logprobs
@@ -448,6 +460,22 @@ class _Runner:
             self.cache = cache
         return logits, hidden if self.need_hidden else None
 
+    def select_rows(self, index: torch.Tensor) -> bool:
+        """Keep only rows ``index`` (cache included): rows that finished leave the batch. False
+        (nothing changed) where the cache cannot drop rows (the compiled step, a model's own cache)."""
+        if self.compiled is not None:
+            return False
+        if self.use_cache:
+            if not select_cache_rows(self.cache, index):
+                return False
+            if self.static:
+                self.mask_buf = self.mask_buf[index]
+            else:
+                self.mask = self.mask[index]
+        else:
+            self.embeds, self.mask, self.positions = self.embeds[index], self.mask[index], self.positions[index]
+        return True
+
     def repeat_rows(self, repeats: int) -> None:
         """Every row ``repeats`` times (row b -> rows b·repeats ...), cache included: after one
         prefill, G samples per prompt. Not for the compiled step (its buffers have fixed shapes)."""
@@ -759,7 +787,12 @@ def rollout(
     forwards and must not sync the host (see ``steps.py``). "Every row stopped" is checked every
     ``cfg.sync_every`` steps (auto: every step on CPU, every 8 elsewhere); in between, stopped rows
     keep stepping masked (holes in the cache, pad tokens cut from the answer), so the outputs are
-    those of a check at every step (``timings["forwards"]`` counts the extra forwards).
+    those of a check at every step (``timings["forwards"]`` counts the extra forwards). While
+    decoding, rows that wrote their eos leave the batch, cache rows and all, once at most half of
+    it is still writing (``cfg.compact``; not under ``cfg.compile``): a batch no longer pays every
+    step for rows that finished. Rows that stop reasoning early stay in the latent phase, masked,
+    as they still have an answer to write (``timings["latent_row_steps"]`` / ``"decode_row_steps"``
+    count the row-steps computed).
     """
     device = model.device
     embed = model.get_input_embeddings()
@@ -803,10 +836,12 @@ def rollout(
         refs = References(references, ids, mask, cfg, max_len=ids.shape[1] + num_steps + 1, dim=dim,
                           exact=exact_references)
         timings["reference_prefill_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), runner.forwards
     phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, embed.weight,
                          keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every,
                          references=refs)
+    timings["latent_steps_run"] = float(runner.forwards - before)
+    timings["latent_row_steps"] = timings["latent_steps_run"] * batch
     logits, lengths = phase.logits, phase.lengths
     latents, n_latent, dist_probs, dist_ids = phase.latents, phase.num_latent_steps, phase.dist_probs, phase.dist_ids
     if feed_eot:
@@ -819,25 +854,42 @@ def rollout(
     t0 = time.perf_counter()
     eos = torch.tensor(eos_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # every row's, whatever the loop holds
+    rows = torch.arange(batch, device=device)  # the rows the loop still holds (all, until a compaction)
     pads = torch.full((batch,), pad_id, dtype=torch.long, device=device)
     out = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(batch, cfg.max_new_tokens, device=device) if return_logprobs else None
-    produced = 0
+    compact = cfg.compact
+    produced, row_steps = 0, 0
     with torch.no_grad():
         for i in range(cfg.max_new_tokens):
-            nxt = torch.where(done, pads, _select(logits, cfg, generators))
-            out[:, i] = nxt
+            nxt = torch.where(done, pads[: len(rows)], _select(logits, cfg, generators))
+            out[rows, i] = nxt
             if logps is not None:
                 scaled = logits.float() / (cfg.temperature or 1.0)
                 chosen = scaled.log_softmax(-1).gather(-1, nxt[:, None])[:, 0]
-                logps[:, i] = torch.where(done, torch.zeros_like(chosen), chosen)
-            produced = i + 1
+                logps[rows, i] = torch.where(done, torch.zeros_like(chosen), chosen)
+            produced, row_steps = i + 1, row_steps + len(rows)
             done = done | torch.isin(nxt, eos)
-            if i == cfg.max_new_tokens - 1 or ((i + 1) % sync_every == 0 and bool(done.all())):
-                break  # rows done before the check decode pad, cut below: the tokens do not change
-            logits, _ = runner(embed(nxt[:, None]), ones, lengths[:, None])
+            if i == cfg.max_new_tokens - 1:
+                break
+            if (i + 1) % sync_every == 0:  # rows done before a check decode pad, cut below
+                left = int((~done).sum())
+                if left == 0:
+                    break
+                keep = (~done).nonzero()[:, 0] if compact and left <= len(rows) // 2 else None
+                if keep is not None and not runner.select_rows(keep):
+                    compact = False  # the compiled step's fixed shapes, or a cache that cannot drop rows
+                elif keep is not None:  # finished rows leave the batch: they stop costing
+                    finished[rows[done]] = True
+                    rows, nxt, logits, lengths, done = rows[keep], nxt[keep], logits[keep], lengths[keep], done[keep]
+                    generators = None if generators is None else [generators[k] for k in keep.tolist()]
+            logits, _ = runner(embed(nxt[:, None]), ones[: len(rows)], lengths[:, None])
             lengths = lengths + 1
+    finished[rows] = done
     timings["decode_s"] = time.perf_counter() - t0
+    timings["decode_steps_run"] = float(produced)
+    timings["decode_row_steps"] = float(row_steps)
     timings["forwards"] = float(runner.forwards)
     if refs is not None:
         timings["reference_forwards"] = float(refs.forwards * len(refs.runners))
@@ -849,4 +901,4 @@ def rollout(
         tokens.append(row[:cut])
     if logps is not None:
         logps = logps[:, :produced]
-    return RolloutOutput(tokens, done, n_latent, latents, dist_probs, dist_ids, timings, logps)
+    return RolloutOutput(tokens, finished, n_latent, latents, dist_probs, dist_ids, timings, logps)

@@ -1,0 +1,104 @@
+"""Finished answers leaving the decoding batch (``rollout.compact``), side by side on SmolLM2-135M.
+
+    python benchmarks/bench_compact.py [--limit 96] [--reps 3]
+
+A batch decodes until its longest answer ends; without compaction every finished row keeps
+stepping, masked, until then. With it, rows that wrote their eos leave the batch (their cache
+rows are dropped) once at most half of it is still writing. On these CPU cores a step's cost
+grows with the rows it computes, so this is where "shorter answers" become wall-clock.
+
+Workloads (GSM8K-Aug valid, the first ``--limit`` questions, batch 32, greedy):
+
+- ``cot-sft``: bench_latent_sft_smollm2.py's short CoT-SFT model (answers of 33 tokens on average,
+  up to 96); skipped with a message where that run is not on disk;
+- ``soft-thinking``: SmolLM2-135M-Instruct as shipped, Soft Thinking (training-free; its latent
+  phase is not compacted: rows that stopped reasoning still wait, masked, for the others; on
+  2026-12-07 no batch had half its answers ended before the 96-token cap, so nothing was
+  compacted: a control whose ratios show the timing noise).
+
+Rows: ``compact_speedup`` (seconds without / with, median over alternating rounds after a
+warm-up), ``decode_speedup`` (the same for the decode phase alone), and ``decode_row_steps_share``
+(row-steps computed with compaction over without). The outputs must be identical (checked), or
+the comparison is void. Writes ``benchmarks/results/compact_smollm2.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import Any
+
+from common import ROOT, alternate_timings, write_results
+
+from latentreason.config import load_run_config
+from latentreason.methods.base import generate_batches
+from latentreason.recipes import build_method
+
+COT_SFT = ROOT / "runs" / "bench-latent-sft-smollm2" / "cot-sft" / "final"
+SOFT_THINKING = ["model.name_or_path=smollm2-135m", "data.task=gsm8k-aug", "method.name=soft-thinking",
+                 "method.num_latent_steps=96", "method.cold_stop_steps=16", "rollout.max_new_tokens=96"]
+BATCH = 32
+
+
+def workloads() -> dict[str, tuple[list[str], bool]]:
+    """name -> (overrides, read the model folder's saved settings)."""
+    out = {"soft-thinking": (SOFT_THINKING, False)}
+    if (COT_SFT / "run_config.yaml").exists():
+        out = {"cot-sft": ([f"model.name_or_path={COT_SFT}"], True), **out}
+    else:
+        print(f"{COT_SFT}: not on disk (python benchmarks/bench_latent_sft_smollm2.py makes it); timing soft-thinking only")
+    return out
+
+
+def measure(name: str, overrides: list[str], saved: bool, limit: int, reps: int) -> list[dict[str, Any]]:
+    runs = {flag: load_run_config(overrides=overrides + ["eval.split=valid", f"rollout.compact={flag}"], saved_base=saved)
+            for flag in ("false", "true")}
+    method = build_method(runs["false"])
+    examples = method.task.load("valid", limit=limit)
+    texts: dict[str, list[str]] = {}
+    row_steps: dict[str, float] = {}
+    for flag, run in runs.items():  # outputs and row-steps, once each (greedy: deterministic)
+        method.run = run
+        texts[flag], row_steps[flag] = [], 0.0
+        for done in generate_batches(method, examples, batch_size=BATCH):
+            texts[flag] += done.texts
+            row_steps[flag] += done.output.timings["decode_row_steps"]
+    same = sum(a == b for a, b in zip(texts["false"], texts["true"]))
+    if same != len(examples):
+        raise SystemExit(f"{name}: {len(examples) - same} of {len(examples)} outputs differ with rollout.compact=true")
+    seconds, phases = alternate_timings(method, examples, runs, batch_size=BATCH, reps=reps)
+    base = {"task": "gsm8k-aug", "model": "smollm2-135m", "method": name, "n": len(examples), "split": "valid",
+            "batch_size": BATCH, "identical_outputs": same, "reps": reps}
+    total = [a / b for a, b in zip(seconds["false"], seconds["true"])]
+    decode = phases["false"]["decode"] / phases["true"]["decode"]
+    if row_steps["true"] == row_steps["false"]:  # the same work twice: the ratios are the timing noise
+        base["note"] = ("nothing compacted: no batch had half its rows finished before the token cap, so both "
+                        "settings computed the same row-steps; a control, whose ratios show the timing noise")
+    return [
+        {**base, "metric": "compact_speedup", "value": round(statistics.median(total), 3), "ratios": [round(r, 3) for r in total],
+         "seconds": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()}, "phase_seconds": phases},
+        {**base, "metric": "decode_speedup", "value": round(decode, 3),
+         "note": base.get("note", "the medians of the decode phase's seconds, without over with")},
+        {**base, "metric": "decode_row_steps_share", "value": round(row_steps["true"] / row_steps["false"], 4),
+         "row_steps": row_steps},
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=96, help="questions (the first of GSM8K-Aug valid)")
+    ap.add_argument("--reps", type=int, default=3, help="alternating rounds after the warm-up")
+    args = ap.parse_args()
+    rows = []
+    for name, (overrides, saved) in workloads().items():
+        rows += measure(name, overrides, saved, args.limit, args.reps)
+        print(rows[-3]["method"], rows[-3]["value"], rows[-2]["value"], rows[-1]["value"], flush=True)
+    note = (f"SmolLM2-135M-Instruct on 2 CPU cores, batch {BATCH}, greedy, the first {args.limit} GSM8K-Aug valid questions; "
+            "cot-sft is the short (48-step) CoT-SFT model of bench_latent_sft_smollm2.py, soft-thinking the shipped model. "
+            "Outputs identical with and without compaction (checked). Timings alternate back to back after a warm-up round.")
+    print(write_results("compact_smollm2", f"python benchmarks/bench_compact.py --limit {args.limit} --reps {args.reps}",
+                        rows, note=note))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
