@@ -1,25 +1,26 @@
-"""Finished answers leaving the decoding batch (``rollout.compact``), side by side on SmolLM2-135M.
+"""Rows that finished stepping aside (``rollout.compact``), side by side on SmolLM2-135M.
 
-    python benchmarks/bench_compact.py [--limit 96] [--reps 3]
+    python benchmarks/bench_compact.py [--limit 64] [--reps 3]
 
-A batch decodes until its longest answer ends; without compaction every finished row keeps
-stepping, masked, until then. With it, rows that wrote their eos leave the batch (their cache
-rows are dropped) once at most half of it is still writing. On these CPU cores a step's cost
-grows with the rows it computes, so this is where "shorter answers" become wall-clock.
+A batch runs its latent loop until its longest chain stops and decodes until its longest answer
+ends; without compaction every finished row keeps stepping, masked, until then. With it, once at
+most half of the batch is still going, the others step aside: rows that stopped reasoning wait
+(their cache kept for their answer), rows that wrote their eos leave. On these CPU cores a step's
+cost grows with the rows it computes, so this is where shorter chains and answers become wall-clock.
 
 Workloads (GSM8K-Aug valid, the first ``--limit`` questions, batch 32, greedy):
 
 - ``cot-sft``: bench_latent_sft_smollm2.py's short CoT-SFT model (answers of 33 tokens on average,
   up to 96); skipped with a message where that run is not on disk;
-- ``soft-thinking``: SmolLM2-135M-Instruct as shipped, Soft Thinking (training-free; its latent
-  phase is not compacted: rows that stopped reasoning still wait, masked, for the others; on
-  2026-12-07 no batch had half its answers ended before the 96-token cap, so nothing was
-  compacted: a control whose ratios show the timing noise).
+- ``soft-thinking``: SmolLM2-135M-Instruct as shipped, Soft Thinking (training-free; rows stop
+  reasoning at different steps, by its cold stop or the answer delimiter).
 
 Rows: ``compact_speedup`` (seconds without / with, median over alternating rounds after a
-warm-up), ``decode_speedup`` (the same for the decode phase alone), and ``decode_row_steps_share``
-(row-steps computed with compaction over without). The outputs must be identical (checked), or
-the comparison is void. Writes ``benchmarks/results/compact_smollm2.json``.
+warm-up), ``latent_speedup`` and ``decode_speedup`` (the same for one phase: the medians of its
+seconds), and ``latent_row_steps_share`` / ``decode_row_steps_share`` (row-steps computed with
+compaction over without; 1 where nothing stepped aside: a control whose ratio is the timing
+noise). The outputs must be identical (checked), or the comparison is void. Writes
+``benchmarks/results/compact_smollm2.json``.
 """
 from __future__ import annotations
 
@@ -56,13 +57,15 @@ def measure(name: str, overrides: list[str], saved: bool, limit: int, reps: int)
     method = build_method(runs["false"])
     examples = method.task.load("valid", limit=limit)
     texts: dict[str, list[str]] = {}
-    row_steps: dict[str, float] = {}
+    row_steps: dict[str, dict[str, float]] = {}  # loop -> setting -> row-steps computed
     for flag, run in runs.items():  # outputs and row-steps, once each (greedy: deterministic)
         method.run = run
-        texts[flag], row_steps[flag] = [], 0.0
+        texts[flag] = []
         for done in generate_batches(method, examples, batch_size=BATCH):
             texts[flag] += done.texts
-            row_steps[flag] += done.output.timings["decode_row_steps"]
+            for loop in ("latent", "decode"):
+                share = row_steps.setdefault(loop, {})
+                share[flag] = share.get(flag, 0.0) + done.output.timings[f"{loop}_row_steps"]
     same = sum(a == b for a, b in zip(texts["false"], texts["true"]))
     if same != len(examples):
         raise SystemExit(f"{name}: {len(examples) - same} of {len(examples)} outputs differ with rollout.compact=true")
@@ -70,32 +73,35 @@ def measure(name: str, overrides: list[str], saved: bool, limit: int, reps: int)
     base = {"task": "gsm8k-aug", "model": "smollm2-135m", "method": name, "n": len(examples), "split": "valid",
             "batch_size": BATCH, "identical_outputs": same, "reps": reps}
     total = [a / b for a, b in zip(seconds["false"], seconds["true"])]
-    decode = phases["false"]["decode"] / phases["true"]["decode"]
-    if row_steps["true"] == row_steps["false"]:  # the same work twice: the ratios are the timing noise
-        base["note"] = ("nothing compacted: no batch had half its rows finished before the token cap, so both "
-                        "settings computed the same row-steps; a control, whose ratios show the timing noise")
-    return [
-        {**base, "metric": "compact_speedup", "value": round(statistics.median(total), 3), "ratios": [round(r, 3) for r in total],
-         "seconds": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()}, "phase_seconds": phases},
-        {**base, "metric": "decode_speedup", "value": round(decode, 3),
-         "note": base.get("note", "the medians of the decode phase's seconds, without over with")},
-        {**base, "metric": "decode_row_steps_share", "value": round(row_steps["true"] / row_steps["false"], 4),
-         "row_steps": row_steps},
-    ]
+    rows = [{**base, "metric": "compact_speedup", "value": round(statistics.median(total), 3),
+             "ratios": [round(r, 3) for r in total], "seconds": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()},
+             "phase_seconds": phases}]
+    for loop, steps in row_steps.items():
+        if not steps["false"]:
+            continue  # no latent loop (CoT)
+        extra = {} if steps["true"] < steps["false"] else {
+            "note": "nothing stepped aside (no batch had half its rows finished before the bound): both settings "
+                    "computed the same row-steps; a control, whose ratio is the timing noise"}
+        rows += [{**base, "metric": f"{loop}_speedup", "value": round(phases["false"][loop] / phases["true"][loop], 3), **extra},
+                 {**base, "metric": f"{loop}_row_steps_share", "value": round(steps["true"] / steps["false"], 4),
+                  "row_steps": steps, **extra}]
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=96, help="questions (the first of GSM8K-Aug valid)")
+    ap.add_argument("--limit", type=int, default=64, help="questions (the first of GSM8K-Aug valid)")
     ap.add_argument("--reps", type=int, default=3, help="alternating rounds after the warm-up")
     args = ap.parse_args()
     rows = []
     for name, (overrides, saved) in workloads().items():
-        rows += measure(name, overrides, saved, args.limit, args.reps)
-        print(rows[-3]["method"], rows[-3]["value"], rows[-2]["value"], rows[-1]["value"], flush=True)
+        got = measure(name, overrides, saved, args.limit, args.reps)
+        print(name, {r["metric"]: r["value"] for r in got}, flush=True)
+        rows += got
     note = (f"SmolLM2-135M-Instruct on 2 CPU cores, batch {BATCH}, greedy, the first {args.limit} GSM8K-Aug valid questions; "
             "cot-sft is the short (48-step) CoT-SFT model of bench_latent_sft_smollm2.py, soft-thinking the shipped model. "
-            "Outputs identical with and without compaction (checked). Timings alternate back to back after a warm-up round.")
+            "Outputs identical with and without compaction (checked). Timings alternate back to back after a warm-up round; "
+            "a phase's speedup is the ratio of its median seconds.")
     print(write_results("compact_smollm2", f"python benchmarks/bench_compact.py --limit {args.limit} --reps {args.reps}",
                         rows, note=note))
 

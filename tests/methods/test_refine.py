@@ -22,7 +22,7 @@ from latentreason.models.loading import LoadedModel
 from latentreason.models.rollout import RolloutConfig, RolloutOutput, rollout
 from latentreason.models.steps import ExternalStep, LatentStep, StepContext, StepResult
 from tests.conftest import tiny_run
-from tests.models.test_rollout import EXTERNAL_LENGTHS, NUM_LATENT, TEXTS, _load, _prompts
+from tests.models.test_rollout import EXTERNAL_LENGTHS, NUM_LATENT, TEXTS, _assert_same, _load, _prompts
 
 ARCHS = ["tiny-llama-l2-d64", "tiny-gpt2-l2-d64"]  # rotary and absolute positions
 ATOL = 1e-5
@@ -260,6 +260,24 @@ def test_row_shifts_measure_each_operators_move_over_the_fed_latents(trio) -> No
     alone = RefineStep(ExternalStep(v), RefineConfig(residual=True, alpha=a))
     _run(main, alone, None)
     assert set(alone.row_shifts()) == {"residual"}  # an operator that is off reports nothing
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_rows_that_stop_leave_the_references_and_nothing_changes(trio, exact: bool) -> None:
+    """Rows that stopped reasoning step aside (rollout.compact), the references' rows with them:
+    the same latents, answers and per-row operator moves as when every row steps to the end."""
+    main, strong, weak = trio
+    v, cfg = _vectors(main), RefineConfig(residual=True, alpha=0.4, contrastive=True, eta=40.0)
+    outs, shifts = [], []
+    for compact in (False, True):
+        step = RefineStep(ExternalStep(v, lengths=torch.tensor(EXTERNAL_LENGTHS)), cfg)
+        outs.append(_run(main, step, [strong, weak], exact=exact, compact=compact))
+        shifts.append(step.row_shifts())
+    _assert_same(outs[1], outs[0])
+    for op in ("residual", "contrastive"):
+        torch.testing.assert_close(shifts[1][op], shifts[0][op], atol=1e-5, rtol=0)
+    assert outs[1].timings["latent_row_steps"] < outs[0].timings["latent_row_steps"]
+    assert outs[1].timings["reference_forwards"] == outs[0].timings["reference_forwards"]
 
 
 def test_same_reference_twice_changes_nothing(trio) -> None:

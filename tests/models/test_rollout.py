@@ -29,7 +29,15 @@ from latentreason.models.rollout import (
     derive_seed,
     rollout,
 )
-from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep, StepContext, StepResult
+from latentreason.models.steps import (
+    ExternalStep,
+    HiddenStateStep,
+    LatentStep,
+    MixtureStep,
+    ProbeStep,
+    StepContext,
+    StepResult,
+)
 from tests.models.host_syncs import HostSyncs
 
 ARCHS = ["tiny-llama-l2-d64", "tiny-qwen2-l2-d64", "tiny-gpt2-l2-d64"]
@@ -625,8 +633,10 @@ def test_deferred_stop_checks_change_nothing(lm: LoadedModel, kind: str, sync_ev
         return _run(lm, prompts, step, eos_ids=eos, max_new_tokens=11, sync_every=n, keep_distributions="full", **kw)
 
     eos = _eos_finishing_rows_apart(run(1, [-1]), margin=4)
-    every, deferred = run(1, eos), run(sync_every, eos)
+    every, deferred = run(1, eos, compact=False), run(sync_every, eos, compact=False)
     _assert_same(deferred, every, atol=0)
+    # rows stepping aside (rollout.compact) at other steps change the batch's shapes, not the outputs
+    _assert_same(run(sync_every, eos), every)
     assert deferred.finished.all() and len({len(t) for t in every.tokens}) >= 2
     assert deferred.timings["forwards"] >= every.timings["forwards"]
     # the loops ran as long as their longest row: its latent steps, its answer and eos
@@ -664,6 +674,42 @@ def test_finished_rows_leave_the_batch_and_nothing_changes(lm: LoadedModel, mode
     # each row is computed until its eos, or, until at most half the rows remain, until the batch's
     ends = sorted(len(t) + 1 for t in full.tokens)
     assert sum(ends) <= compacted.timings["decode_row_steps"] < full.timings["decode_row_steps"]
+
+
+@pytest.mark.parametrize("kind", ["external-lengths", "mixture-stop", "probe-noise", "probe-shuffle"])
+@pytest.mark.parametrize("cache, sync_every", [("static", 1), ("dynamic", 1), ("static", 2)])
+def test_rows_that_stop_reasoning_step_aside_and_nothing_changes(lm: LoadedModel, kind: str, cache: str,
+                                                                 sync_every: int) -> None:
+    """Once at most half the rows still reason, the others wait aside (rollout.compact): the same
+    answers, latents, counts and kept distributions as when every row steps to the end, with fewer
+    row-steps computed. A step that cannot narrow its state (the shuffle probe) keeps every row."""
+    prompts, lengths = _prompts(lm), torch.tensor(EXTERNAL_LENGTHS)  # rows stop at 3, 0, 5 and 1 latents
+
+    def run(compact: bool) -> RolloutOutput:
+        inner = _make_step("mixture-stop" if kind == "mixture-stop" else "external-lengths", lm, [0, 1, 2, 3])
+        if kind != "mixture-stop":
+            inner = ExternalStep(inner.vectors, lengths=lengths)
+        step = ProbeStep(inner, kind.split("-")[1], seed=3) if kind.startswith("probe") else inner
+        return _run(lm, prompts, step, cache=cache, compact=compact, keep_distributions="full", sync_every=sync_every)
+
+    full, compacted = run(False), run(True)
+    _assert_same(compacted, full)
+    steps = full.timings["latent_steps_run"]
+    assert compacted.timings["latent_steps_run"] == steps and full.timings["latent_row_steps"] == 4 * steps
+    if kind == "probe-shuffle":
+        assert compacted.timings["latent_row_steps"] == full.timings["latent_row_steps"]
+    elif kind != "mixture-stop":
+        # 5 steps. Checks every step: 4 rows at step 0 (row 1 stopped: 3 left), 2 at steps 1 and 2 (row 3
+        # stopped), 1 at 3 and 4 (row 0 stopped). Every 2 steps: 4 at 0 and 1, 2 at 2 and 3 (row 0 stops at
+        # 3, masked), 1 at 4
+        assert full.num_latent_steps.tolist() == EXTERNAL_LENGTHS == [3, 0, NUM_LATENT, 1]
+        want = {1: 4 + 2 + 2 + 1 + 1, 2: 4 + 4 + 2 + 2 + 1}[sync_every]
+        assert compacted.timings["latent_row_steps"] == want
+    else:  # where the stop token ends rows depends on the model: fewer row-steps only if some stopped early
+        n = full.num_latent_steps.tolist()
+        assert compacted.timings["latent_row_steps"] <= full.timings["latent_row_steps"]
+        if sorted(n)[len(n) // 2 - 1] < max(n):
+            assert compacted.timings["latent_row_steps"] < full.timings["latent_row_steps"]
 
 
 def test_a_cache_that_cannot_drop_rows_keeps_them(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,8 +51,8 @@ class Prediction:
     #: ``decode`` and, under refinement, ``reference_prefill`` (the references reading the prompts)
     phase_seconds: dict[str, float] | None = None
     #: this example's share of the row-steps its batch's loops computed (``latent``, ``decode``):
-    #: rows that stopped still step, masked, until their batch's longest row ends or, while decoding,
-    #: until they leave the batch (``rollout.compact``); see ``batch_step_use``
+    #: rows that stopped still step, masked, until their batch's longest row ends or they step
+    #: aside (``rollout.compact``); see ``batch_step_use``
     row_steps: dict[str, float] | None = None
     #: the answer ended with an eos token (False: cut at ``rollout.max_new_tokens``)
     finished: bool | None = None
@@ -195,9 +195,9 @@ def _step_use_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     that served a row still reasoning or answering; the rest were stopped rows stepping, masked,
     for their batch's longest row. Why: a batch pays for its longest row, so a method that shortens
     most rows' reasoning but not the longest saves no wall-clock (one row in 500 that runs to the
-    latent bound of 24 where the others take 9 nearly doubles its batch's latent phase). Finished
-    answers leave the decoding batch (``rollout.compact``); stopped latent rows do not. A row used
-    ``generated_tokens`` answer steps, plus one for its eos if it wrote one."""
+    latent bound of 24 where the others take 9 nearly doubles its batch's latent phase), unless the
+    stopped rows step aside (``rollout.compact``, once at most half the batch is still going). A row
+    used ``generated_tokens`` answer steps, plus one for its eos if it wrote one."""
     if not rows or any(not r.get("row_steps") or r.get("finished") is None for r in rows):
         return {}
     out = {}

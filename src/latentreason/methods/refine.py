@@ -62,6 +62,22 @@ class RefineStep(LatentStep):
         self._velocity: torch.Tensor | None = None
         self._shift: dict[str, torch.Tensor] = {}
         self._fed: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # the rows still served (None: all); the sums stay whole
+        self.compactable = inner.compactable
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.inner.select_rows(index)
+        self._rows = index if self._rows is None else self._rows[index]
+        self._prev = None if self._prev is None else self._prev[index]
+        self._velocity = None if self._velocity is None else self._velocity[index]
+
+    def _add(self, total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+        """A per-row sum over the whole batch, with ``value`` for the rows still served."""
+        if self._rows is None:
+            return value if total is None else total + value
+        if total is None:  # an operator that first ran after rows left (self._fed is whole by then)
+            total = torch.zeros_like(self._fed)
+        return total.index_add(0, self._rows, value)
 
     def validate(self, batch: int, num_steps: int, dim: int) -> None:
         self.inner.validate(batch, num_steps, dim)
@@ -88,13 +104,13 @@ class RefineStep(LatentStep):
 
     def __call__(self, ctx: StepContext) -> StepResult:
         if ctx.step == 0:  # a new rollout (a Python value: no sync)
-            self._prev = self._velocity = None
+            self._prev = self._velocity = self._rows = None
             self._shift, self._fed = {}, None
         result = self.inner(ctx)
         z = result.embeds
         fed = ctx.active if result.stop is None else ctx.active & ~result.stop  # rows that feed this vector
         fed = fed.float()
-        self._fed = fed if self._fed is None else self._fed + fed
+        self._fed = self._add(self._fed, fed)
         ops = ["residual", "contrastive"] if self.cfg.order == "residual-first" else ["contrastive", "residual"]
         for op in ops:
             before = z
@@ -106,7 +122,7 @@ class RefineStep(LatentStep):
                 continue
             moved = (z - before).float().norm(dim=-1) / before.float().norm(dim=-1).clamp_min(1e-12)
             moved = moved * fed
-            self._shift[op] = moved if op not in self._shift else self._shift[op] + moved
+            self._shift[op] = self._add(self._shift.get(op), moved)
         self._prev = z
         return StepResult(z, result.stop)
 

@@ -24,6 +24,7 @@ import types
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, StaticCache
@@ -58,10 +59,11 @@ class RolloutConfig:
         "(with grad enabled the rollout runs eagerly). The first batch of each shape bucket (batch and length "
         "rounded up to powers of two) compiles, taking tens of seconds; later ones reuse it")})
     compact: bool = field(default=True, metadata={"help": (
-        "drop rows that finished their answer from the decoding batch once at most half of it is still writing "
-        "(at the sync_every checks; not under compile, whose shapes are fixed): finished rows stop costing compute, "
-        "where without it a batch pays every step for all its rows until its longest answer ends. Each row's output "
-        "is the same either way")})
+        "once at most half of a batch is still reasoning (or writing its answer), the rows that stopped step aside "
+        "(at the sync_every checks): stopped reasoning rows wait, their cache kept for the answer, finished answers "
+        "leave. Without it a batch pays every step for all its rows until its longest chain or answer ends. Each "
+        "row's output is the same either way; not under compile (fixed shapes), nor for a step that cannot narrow "
+        "its state (the shuffle probe)")})
     sync_every: int = field(default=0, metadata={"help": (
         "steps between host checks of 'every row stopped' (each check waits for the device); rows that stop "
         "in between are masked, so results do not change. 0 = auto: 1 on CPU (a check is free), 8 elsewhere")})
@@ -432,6 +434,8 @@ class _Runner:
         self.mask: torch.Tensor | None = None  # [B, L] attention mask over everything fed (dynamic/uncached)
         self.positions: torch.Tensor | None = None
         self.forwards = 0
+        #: while narrowed (:meth:`narrow`): the rows run, and the whole batch's tensors set aside
+        self._narrow: tuple[torch.Tensor, list[tuple[Any, torch.Tensor, torch.Tensor]], torch.Tensor] | None = None
 
     def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         n = embeds.shape[1]
@@ -475,6 +479,49 @@ class _Runner:
         else:
             self.embeds, self.mask, self.positions = self.embeds[index], self.mask[index], self.positions[index]
         return True
+
+    def can_narrow(self) -> bool:
+        """Whether :meth:`narrow` can set rows aside: an eager KV cache whose layers hold plain
+        key and value tensors (a model's own cache class, or the compiled step, cannot)."""
+        layers = getattr(self.cache, "layers", None)
+        return (self.compiled is None and self.use_cache and layers is not None
+                and all(type(layer).__name__ in ("DynamicLayer", "StaticLayer") for layer in layers))
+
+    def narrow(self, rows: torch.Tensor) -> None:
+        """Run only ``rows`` (indices into the whole batch) until :meth:`widen`; the others wait aside,
+        their cache untouched, as rows that stopped reasoning still have an answer to write."""
+        if self._narrow is not None:
+            self.widen()
+        saved = []
+        for layer in self.cache.layers:
+            keys, values = layer.keys, layer.values
+            saved.append((layer, keys, values))
+            if torch.is_tensor(keys) and keys.numel():
+                layer.keys, layer.values = keys[rows], values[rows]
+                _set_rows(layer, len(rows))
+        mask = self.mask_buf if self.static else self.mask
+        self._narrow = (rows, saved, mask)
+        if self.static:
+            self.mask_buf = mask[rows]
+        else:
+            self.mask = mask[rows]
+
+    def widen(self) -> None:
+        """Back to the whole batch: the rows run while narrowed bring their new columns; the rows set
+        aside get holes there (masked), as a stopped row does."""
+        if self._narrow is None:
+            return
+        rows, saved, mask = self._narrow
+        self._narrow = None
+        for layer, keys, values in saved:
+            if not (torch.is_tensor(keys) and keys.numel()):
+                continue
+            layer.keys, layer.values = _widen(keys, layer.keys, rows), _widen(values, layer.values, rows)
+            _set_rows(layer, keys.shape[0])
+        if self.static:
+            self.mask_buf = _widen(mask, self.mask_buf, rows)
+        else:
+            self.mask = _widen(mask, self.mask, rows)
 
     def repeat_rows(self, repeats: int) -> None:
         """Every row ``repeats`` times (row b -> rows b·repeats ...), cache included: after one
@@ -527,6 +574,25 @@ class _Runner:
         return out.logits, out.hidden_states[-1] if need_hidden else None
 
 
+def _set_rows(layer: Any, rows: int) -> None:
+    for name in ("max_batch_size", "batch_size"):  # static layers record their batch size (4.x / 5.x)
+        if isinstance(getattr(layer, name, None), int):
+            setattr(layer, name, rows)
+
+
+def _widen(whole: torch.Tensor, part: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``whole`` [B, ...] with rows ``rows`` replaced by ``part`` [len(rows), ...]; where ``part`` grew
+    along dim 2 of a cache or dim 1 of a mask (a growing cache), the other rows get zeros there."""
+    grow = 2 if whole.dim() == 4 else 1
+    if part.shape[grow] != whole.shape[grow]:
+        shape = list(whole.shape)
+        shape[grow] = part.shape[grow]
+        grown = whole.new_zeros(shape)
+        grown.narrow(grow, 0, whole.shape[grow]).copy_(whole)
+        whole = grown
+    return whole.index_copy_(0, rows, part)  # in place: nothing else holds the tensors set aside
+
+
 class References:
     """Extra models run in lockstep with the main one over the latent phase (refinement's strong and
     weak references): each with its own KV cache, the same left padding, positions and holes.
@@ -573,6 +639,17 @@ class References:
                 runner = _Runner(ref, ref_cfg, True, batch, max_len, probe=embed(ref_ids[:1, -4:]), need_logits=False)
                 runner(embed(ref_ids), mask.to(ref.device), positions.to(ref.device))  # the prompt
             self.runners.append(runner)
+
+    def can_select(self) -> bool:
+        """Whether rows can leave the references' batch (:meth:`select_rows`)."""
+        return all(r.compiled is None and hasattr(r.cache, "layers") for r in self.runners)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` of the current batch: the references serve only the latent phase, so
+        rows that stopped reasoning leave them for good."""
+        for runner in self.runners:
+            runner.select_rows(index.to(runner.model.device))
+        self.pending = [tuple(c[index.to(c.device)] for c in col) for col in self.pending]
 
     def commit(self, fed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """The [B, 1, D] column the main model was fed (mask and positions [B, 1]), fed later."""
@@ -651,12 +728,29 @@ class LatentPhase:
     num_latent_steps: torch.Tensor  # [B]
     dist_probs: torch.Tensor | None
     dist_ids: torch.Tensor | None
+    row_steps: int = 0  # rows computed, summed over the steps run (fewer once stopped rows step aside)
+
+
+def _put_rows(whole: torch.Tensor | None, rows: torch.Tensor, part: torch.Tensor | None) -> torch.Tensor | None:
+    """``whole`` with rows ``rows`` replaced by ``part`` (None stays None)."""
+    return None if whole is None else whole.index_copy(0, rows, part)
+
+
+def _whole_rows(entries: list[torch.Tensor], rows: list[torch.Tensor | None], batch: int) -> list[torch.Tensor]:
+    """Per-step tensors of the rows served at each step, back at their place in the whole batch
+    (zeros, or False, for the rows set aside: they were stopped)."""
+    out = []
+    for entry, index in zip(entries, rows):
+        if index is not None:
+            entry = entry.new_zeros((batch, *entry.shape[1:])).index_copy(0, index, entry)
+        out.append(entry)
+    return out
 
 
 def latent_phase(
     runner: _Runner, step: LatentStep | None, num_steps: int, logits: torch.Tensor, hidden: torch.Tensor | None,
     lengths: torch.Tensor, embedding: torch.Tensor, *, keep: str = "none", keep_topk: int = 10, sync_every: int = 1,
-    references: References | None = None,
+    references: References | None = None, compact: bool = False,
 ) -> LatentPhase:
     """Up to ``num_steps`` latent steps after a prefill: the loop shared by the rollout (inference)
     and :func:`latentreason.models.latent_forward.latent_forward` (training, with gradients).
@@ -664,6 +758,11 @@ def latent_phase(
     Per step only what the next forward needs runs; the non-finite check, the kept distributions'
     masking and the stacking run once after the loop (each op here is a kernel launch per step,
     and on a GPU the step is launch-bound).
+
+    ``compact``: once at most half of the rows still reason (at a host check), the others wait
+    aside (:meth:`_Runner.narrow`: their cache untouched, holes where the rest go on) and the
+    step, the references and the loop serve the rest; the whole batch comes back after the loop
+    for the answer. Where the step (``compactable``) or a cache cannot, every row keeps stepping.
     """
     batch, dim, device = logits.shape[0], embedding.shape[1], logits.device
     n_latent = torch.zeros(batch, dtype=torch.long, device=device)
@@ -672,24 +771,46 @@ def latent_phase(
     latent_list: list[torch.Tensor] = []
     active_list: list[torch.Tensor] = []  # [B] rows fed at each step
     kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    compact = (compact and step is not None and step.compactable and runner.can_narrow()
+               and (references is None or references.can_select()))
+    rows: torch.Tensor | None = None  # while narrowed: the whole-batch index of each row served
+    row_list: list[torch.Tensor | None] = []  # the rows of each step's entries above (None: all)
+    whole: list[torch.Tensor | None] = []  # while narrowed: logits, hidden, lengths of the whole batch
+    row_steps = 0
     for t in range(num_steps):
         result = step(StepContext(t, hidden, logits, embedding, active, lengths, references))
         if result.stop is not None:
             active = active & ~result.stop
-        # A host check waits for the device, so it runs every sync_every steps; until it runs, a
-        # stopped batch keeps stepping with every row masked: holes in the cache, nothing recorded.
-        if t % sync_every == 0 and not bool(active.any()):
-            break
         z = result.embeds
-        if tuple(z.shape) != (batch, dim):
+        if tuple(z.shape) != (active.shape[0], dim):
             raise ValueError(
                 f"{type(step).__name__} returned vectors of shape {tuple(z.shape)} at latent step {t}; "
-                f"expected ({batch}, {dim}) (batch, hidden size)"
+                f"expected ({active.shape[0]}, {dim}) (batch, hidden size)"
             )
+        # A host check waits for the device, so it runs every sync_every steps; until it runs, a
+        # stopped batch keeps stepping with every row masked: holes in the cache, nothing recorded.
+        if t % sync_every == 0:
+            left = int(active.sum())
+            if left == 0:
+                break
+            if compact and left <= active.shape[0] // 2:  # the stopped rows step aside
+                served = active.nonzero()[:, 0]
+                if rows is None:
+                    rows, whole = torch.arange(batch, device=device), [logits, hidden, lengths]
+                else:  # bring the whole batch up to date with the rows served so far
+                    whole = [_put_rows(w, rows, c) for w, c in zip(whole, (logits, hidden, lengths))]
+                step.select_rows(served)
+                if references is not None:
+                    references.select_rows(served)
+                rows = rows[served]
+                runner.narrow(rows)
+                z, active, logits, lengths = z[served], active[served], logits[served], lengths[served]
+                hidden = None if hidden is None else hidden[served]
         # Stopped rows get zeros, not the raw vector: under a zero mask 0 * NaN is still NaN.
         fed = torch.where(active[:, None], z, torch.zeros_like(z)).to(embedding.dtype)
         latent_list.append(fed)
         active_list.append(active)
+        row_list.append(rows)
         if keep != "none":
             with torch.no_grad():
                 probs = logits.detach().float().softmax(-1)
@@ -700,6 +821,7 @@ def latent_phase(
                     kept.append((probs, None))
         step_long = active.long()
         new_logits, new_hidden = runner(fed[:, None], step_long[:, None], lengths[:, None])
+        row_steps += active.shape[0]
         if references is not None:
             references.commit(fed[:, None], step_long[:, None], lengths[:, None])
         # Stopped rows keep their last real outputs: that is where their answer continues from.
@@ -707,7 +829,14 @@ def latent_phase(
         if new_hidden is not None:
             hidden = torch.where(active[:, None], new_hidden, hidden)
         lengths = lengths + step_long  # a new tensor: the positions fed above are never overwritten
-        n_latent = n_latent + step_long
+        n_latent = n_latent + step_long if rows is None else n_latent.index_add(0, rows, step_long)
+    if rows is not None:  # the whole batch again, for the answer
+        runner.widen()
+        logits, hidden, lengths = (_put_rows(w, rows, c) for w, c in zip(whole, (logits, hidden, lengths)))
+        latent_list, active_list = _whole_rows(latent_list, row_list, batch), _whole_rows(active_list, row_list, batch)
+        if kept:
+            ids = _whole_rows([i for _, i in kept], row_list, batch) if kept[0][1] is not None else [None] * len(kept)
+            kept = list(zip(_whole_rows([p for p, _ in kept], row_list, batch), ids))
     latents = torch.zeros(batch, num_steps, dim, device=device, dtype=embedding.dtype)
     dist_probs = dist_ids = None
     if latent_list:
@@ -739,7 +868,7 @@ def latent_phase(
         dist_ids = torch.zeros(batch, num_steps, keep_topk, dtype=torch.long, device=device)
     elif keep == "full":
         dist_probs = torch.zeros(batch, num_steps, logits.shape[-1], device=device)
-    return LatentPhase(logits, hidden, lengths, latents, n_latent, dist_probs, dist_ids)
+    return LatentPhase(logits, hidden, lengths, latents, n_latent, dist_probs, dist_ids, row_steps)
 
 
 def rollout(
@@ -787,11 +916,11 @@ def rollout(
     forwards and must not sync the host (see ``steps.py``). "Every row stopped" is checked every
     ``cfg.sync_every`` steps (auto: every step on CPU, every 8 elsewhere); in between, stopped rows
     keep stepping masked (holes in the cache, pad tokens cut from the answer), so the outputs are
-    those of a check at every step (``timings["forwards"]`` counts the extra forwards). While
-    decoding, rows that wrote their eos leave the batch, cache rows and all, once at most half of
-    it is still writing (``cfg.compact``; not under ``cfg.compile``): a batch no longer pays every
-    step for rows that finished. Rows that stop reasoning early stay in the latent phase, masked,
-    as they still have an answer to write (``timings["latent_row_steps"]`` / ``"decode_row_steps"``
+    those of a check at every step (``timings["forwards"]`` counts the extra forwards). Once at
+    most half of the rows still reason, the stopped ones wait aside until the latent phase ends
+    (:func:`latent_phase`), and once at most half still write, the finished answers leave the
+    batch, cache rows and all (``cfg.compact``; not under ``cfg.compile``): a batch no longer pays
+    every step for rows that are done (``timings["latent_row_steps"]`` / ``"decode_row_steps"``
     count the row-steps computed).
     """
     device = model.device
@@ -839,9 +968,9 @@ def rollout(
     t0, before = time.perf_counter(), runner.forwards
     phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, embed.weight,
                          keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every,
-                         references=refs)
+                         references=refs, compact=cfg.compact and not torch.is_grad_enabled())
     timings["latent_steps_run"] = float(runner.forwards - before)
-    timings["latent_row_steps"] = timings["latent_steps_run"] * batch
+    timings["latent_row_steps"] = float(phase.row_steps)
     logits, lengths = phase.logits, phase.lengths
     latents, n_latent, dist_probs, dist_ids = phase.latents, phase.num_latent_steps, phase.dist_probs, phase.dist_ids
     if feed_eot:

@@ -52,6 +52,10 @@ class LatentStep:
     """Base class. ``needs_hidden`` tells the rollout whether to return hidden states."""
 
     needs_hidden = False
+    #: True where :meth:`select_rows` can narrow the step's per-row state, so that rows that
+    #: stopped reasoning leave the latent batch (``rollout.compact``); False keeps every row
+    #: stepping, masked, until the last one stops (a step with state it cannot narrow).
+    compactable = False
     #: Token id (or ids) whose argmax stops a sequence (Latent-SFT's "<eot> is the argmax" rule; Soft
     #: Thinking's answer delimiter); None = never.
     stop_token_id: int | Sequence[int] | None = None
@@ -62,6 +66,10 @@ class LatentStep:
     def validate(self, batch: int, num_steps: int, dim: int) -> None:
         """Called once by the rollout before the loop: raise ValueError if this step cannot serve
         ``batch`` rows for ``num_steps`` steps of width ``dim`` (a clear error, not a mid-loop crash)."""
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """From now until the rollout ends, serve only rows ``index`` of the current batch (only
+        called where ``compactable``; a new rollout, latent step 0, starts from every row again)."""
 
     def stop_mask(self, ctx: StepContext) -> torch.Tensor | None:
         ids = self.stop_token_id
@@ -84,6 +92,7 @@ class HiddenStateStep(LatentStep):
     """Coconut's continuous thought: the last hidden state becomes the next input embedding."""
 
     needs_hidden = True
+    compactable = True  # no per-row state
 
     def __init__(self, stop_token_id: int | None = None) -> None:
         self.stop_token_id = stop_token_id
@@ -101,6 +110,8 @@ class MixtureStep(LatentStep):
     k rows instead of a V x D product; ``top_k`` = 0 mixes the full vocabulary (Latent-SFT v1).
     ``top_p`` and ``min_p`` further filter the kept tokens (Soft Thinking).
     """
+
+    compactable = True  # no per-row state (Soft Thinking's counter narrows in its select_rows)
 
     def __init__(
         self,
@@ -204,6 +215,10 @@ class SoftThinkingStep(MixtureStep):
         self.max_topk, self.entropy_threshold, self.cold_stop_steps = max_topk, entropy_threshold, cold_stop_steps
         self._low: torch.Tensor | None = None  # [B] long: consecutive low-entropy steps per row
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self._low is not None:
+            self._low = self._low[index]
+
     def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, k] probabilities, [B, k] ids), k <= max_topk, sorted by probability (descending)."""
         probs, ids = super().weights(logits)
@@ -252,6 +267,13 @@ class ExternalStep(LatentStep):
         self.vectors = vectors
         self.lengths = lengths
         self._lengths_on: dict[torch.device, torch.Tensor] = {}  # lengths moved once per device, not per step
+        self._rows: torch.Tensor | None = None  # the rows still served (None: all)
+
+    compactable = True
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        index = index.to(self.vectors.device)
+        self._rows = index if self._rows is None else self._rows[index]
 
     def validate(self, batch: int, num_steps: int, dim: int) -> None:
         b, k, d = self.vectors.shape
@@ -270,13 +292,17 @@ class ExternalStep(LatentStep):
             raise ValueError(
                 f"external step: asked for latent step {ctx.step} but vectors hold {self.vectors.shape[1]} steps"
             )
+        if ctx.step == 0:  # a new rollout: every row
+            self._rows = None
         stop = None
         if self.lengths is not None:
             device = ctx.logits.device
             if device not in self._lengths_on:
                 self._lengths_on[device] = self.lengths.to(device)
-            stop = self._lengths_on[device] <= ctx.step
-        return StepResult(self.vectors[:, ctx.step], stop)
+            lengths = self._lengths_on[device]
+            stop = (lengths if self._rows is None else lengths[self._rows.to(device)]) <= ctx.step
+        vectors = self.vectors[:, ctx.step]
+        return StepResult(vectors if self._rows is None else vectors[self._rows], stop)
 
 
 PROBES = ("none", "zero", "noise", "shuffle")
@@ -304,6 +330,13 @@ class ProbeStep(LatentStep):
         self.needs_hidden = inner.needs_hidden
         self._noise_cpu: torch.Tensor | None = None  # [B, K, D] unit-free draws, made once in validate
         self._noise_on: dict[torch.device, torch.Tensor] = {}  # moved once per device, not per step
+        self._rows: torch.Tensor | None = None  # the rows still served (None: all)
+        # shuffle reads the other rows' vectors, which a narrowed batch no longer has
+        self.compactable = inner.compactable and kind != "shuffle"
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.inner.select_rows(index)
+        self._rows = index if self._rows is None else self._rows[index]
 
     def validate(self, batch: int, num_steps: int, dim: int) -> None:
         self.inner.validate(batch, num_steps, dim)
@@ -324,6 +357,8 @@ class ProbeStep(LatentStep):
             self._noise_on = {}
 
     def __call__(self, ctx: StepContext) -> StepResult:
+        if ctx.step == 0:  # a new rollout: every row
+            self._rows = None
         result = self.inner(ctx)
         real = result.embeds
         if self.kind == "zero":
@@ -337,6 +372,8 @@ class ProbeStep(LatentStep):
             if device not in self._noise_on:
                 self._noise_on[device] = self._noise_cpu.to(device)
             noise = self._noise_on[device][:, ctx.step]  # [B, D]
+            if self._rows is not None:
+                noise = noise[self._rows.to(device)]
             norm = real.float().norm(dim=-1, keepdim=True)
             embeds = (noise * (norm / noise.norm(dim=-1, keepdim=True))).to(real.dtype)
         return StepResult(embeds, result.stop)
