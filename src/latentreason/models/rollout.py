@@ -101,7 +101,8 @@ class RolloutOutput:
     dist_ids: torch.Tensor | None  # [B, K, k] token ids for topk
     #: seconds per phase (prefill_s, latent_s, decode_s; reference_prefill_s: the references reading
     #: the prompts) and counts (forwards; reference_forwards; latent_steps_run and decode_steps_run:
-    #: the steps the batch ran, which is its longest row's, as stopped rows wait masked)
+    #: the steps each loop ran, its longest row's; latent_row_steps and decode_row_steps: the rows
+    #: computed, summed over those steps, fewer where done rows stepped aside under cfg.compact)
     timings: dict[str, float] = field(default_factory=dict)
     #: [B, T] log-probability of each decoded token under the distribution it was drawn from
     #: (softmax(logits / temperature); greedy: temperature 1), 0 after a row ended; with return_logprobs
