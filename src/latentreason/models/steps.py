@@ -256,6 +256,8 @@ class ExternalStep(LatentStep):
     Vectors may require grad: the rollout then carries gradients through them.
     """
 
+    compactable = True  # narrowed through a row index (select_rows), reset at latent step 0
+
     def __init__(self, vectors: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         if vectors.dim() != 3:
             raise ValueError(f"external step: vectors must be [B, K, D], got shape {tuple(vectors.shape)}")
@@ -268,8 +270,6 @@ class ExternalStep(LatentStep):
         self.lengths = lengths
         self._lengths_on: dict[torch.device, torch.Tensor] = {}  # lengths moved once per device, not per step
         self._rows: torch.Tensor | None = None  # the rows still served (None: all)
-
-    compactable = True
 
     def select_rows(self, index: torch.Tensor) -> None:
         index = index.to(self.vectors.device)
