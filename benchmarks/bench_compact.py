@@ -1,12 +1,13 @@
 """Rows that finished stepping aside (``rollout.compact``), side by side on SmolLM2-135M.
 
-    python benchmarks/bench_compact.py [--limit 64] [--reps 3]
+    python benchmarks/bench_compact.py [--limit 64] [--reps 3] [--at 0.5 0.75 1]
 
 A batch runs its latent loop until its longest chain stops and decodes until its longest answer
 ends; without compaction every finished row keeps stepping, masked, until then. With it, once at
-most half of the batch is still going, the others step aside: rows that stopped reasoning wait
-(their cache kept for their answer), rows that wrote their eos leave. On these CPU cores a step's
-cost grows with the rows it computes, so this is where shorter chains and answers become wall-clock.
+most a share ``rollout.compact_at`` (``--at``; default 0.5) of the batch is still going, the others
+step aside: rows that stopped reasoning wait (their cache kept for their answer), rows that wrote
+their eos leave; each narrowing copies the served rows' cache. On these CPU cores a step's cost
+grows with the rows it computes, so this is where shorter chains and answers become wall-clock.
 
 Workloads (GSM8K-Aug valid, the first ``--limit`` questions, batch 32, greedy):
 
@@ -15,11 +16,12 @@ Workloads (GSM8K-Aug valid, the first ``--limit`` questions, batch 32, greedy):
 - ``soft-thinking``: SmolLM2-135M-Instruct as shipped, Soft Thinking (training-free; rows stop
   reasoning at different steps, by its cold stop or the answer delimiter).
 
-Rows: ``compact_speedup`` (seconds without / with, median over alternating rounds after a
-warm-up), ``latent_speedup`` and ``decode_speedup`` (the same for one phase: the medians of its
-seconds), and ``latent_row_steps_share`` / ``decode_row_steps_share`` (row-steps computed with
-compaction over without; 1 where nothing stepped aside: a control whose ratio is the timing
-noise). The outputs must be identical (checked), or the comparison is void. Writes
+Rows, one set per ``compact_at`` (its field): ``compact_speedup`` (seconds without / with, median
+over alternating rounds after a warm-up, every setting in the same rounds), ``latent_speedup`` and
+``decode_speedup`` (the same for one phase: the medians of its seconds), and
+``latent_row_steps_share`` / ``decode_row_steps_share`` (row-steps computed with compaction over
+without; 1 where nothing stepped aside: a control whose ratio is the timing noise). The outputs
+must be identical (checked), or the comparison is void. Writes
 ``benchmarks/results/compact_smollm2.json``.
 """
 from __future__ import annotations
@@ -51,9 +53,10 @@ def workloads() -> dict[str, tuple[list[str], bool]]:
     return out
 
 
-def measure(name: str, overrides: list[str], saved: bool, limit: int, reps: int) -> list[dict[str, Any]]:
-    runs = {flag: load_run_config(overrides=overrides + ["eval.split=valid", f"rollout.compact={flag}"], saved_base=saved)
-            for flag in ("false", "true")}
+def measure(name: str, overrides: list[str], saved: bool, limit: int, reps: int, ats: list[float]) -> list[dict[str, Any]]:
+    settings = {"false": ["rollout.compact=false"], **{f"{at:g}": ["rollout.compact=true", f"rollout.compact_at={at}"] for at in ats}}
+    runs = {key: load_run_config(overrides=overrides + ["eval.split=valid", *extra], saved_base=saved)
+            for key, extra in settings.items()}
     method = build_method(runs["false"])
     examples = method.task.load("valid", limit=limit)
     texts: dict[str, list[str]] = {}
@@ -66,25 +69,32 @@ def measure(name: str, overrides: list[str], saved: bool, limit: int, reps: int)
             for loop in ("latent", "decode"):
                 share = row_steps.setdefault(loop, {})
                 share[flag] = share.get(flag, 0.0) + done.output.timings[f"{loop}_row_steps"]
-    same = sum(a == b for a, b in zip(texts["false"], texts["true"]))
-    if same != len(examples):
-        raise SystemExit(f"{name}: {len(examples) - same} of {len(examples)} outputs differ with rollout.compact=true")
+    for key in settings:
+        same = sum(a == b for a, b in zip(texts["false"], texts[key]))
+        if same != len(examples):
+            raise SystemExit(f"{name}: {len(examples) - same} of {len(examples)} outputs differ with rollout.compact_at={key}")
     seconds, phases = alternate_timings(method, examples, runs, batch_size=BATCH, reps=reps)
-    base = {"task": "gsm8k-aug", "model": "smollm2-135m", "method": name, "n": len(examples), "split": "valid",
-            "batch_size": BATCH, "identical_outputs": same, "reps": reps}
-    total = [a / b for a, b in zip(seconds["false"], seconds["true"])]
-    rows = [{**base, "metric": "compact_speedup", "value": round(statistics.median(total), 3),
-             "ratios": [round(r, 3) for r in total], "seconds": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()},
-             "phase_seconds": phases}]
-    for loop, steps in row_steps.items():
-        if not steps["false"]:
-            continue  # no latent loop (CoT)
-        extra = {} if steps["true"] < steps["false"] else {
-            "note": "nothing stepped aside (no batch had half its rows finished before the bound): both settings "
-                    "computed the same row-steps; a control, whose ratio is the timing noise"}
-        rows += [{**base, "metric": f"{loop}_speedup", "value": round(phases["false"][loop] / phases["true"][loop], 3), **extra},
-                 {**base, "metric": f"{loop}_row_steps_share", "value": round(steps["true"] / steps["false"], 4),
-                  "row_steps": steps, **extra}]
+    rows = []
+    for key in settings:
+        if key == "false":
+            continue
+        base = {"task": "gsm8k-aug", "model": "smollm2-135m", "method": name, "n": len(examples), "split": "valid",
+                "batch_size": BATCH, "compact_at": float(key), "identical_outputs": len(examples), "reps": reps}
+        total = [a / b for a, b in zip(seconds["false"], seconds[key])]
+        rows.append({**base, "metric": "compact_speedup", "value": round(statistics.median(total), 3),
+                     "ratios": [round(r, 3) for r in total],
+                     "seconds": {k: [round(v, 2) for v in seconds[k]] for k in ("false", key)},
+                     "phase_seconds": {k: phases[k] for k in ("false", key)}})
+        for loop, steps in row_steps.items():
+            if not steps["false"]:
+                continue  # no latent loop (CoT)
+            pair = {k: steps[k] for k in ("false", key)}
+            extra = {} if steps[key] < steps["false"] else {
+                "note": "nothing stepped aside at this setting: both computed the same row-steps; a control, "
+                        "whose ratio is the timing noise"}
+            rows += [{**base, "metric": f"{loop}_speedup", "value": round(phases["false"][loop] / phases[key][loop], 3), **extra},
+                     {**base, "metric": f"{loop}_row_steps_share", "value": round(steps[key] / steps["false"], 4),
+                      "row_steps": pair, **extra}]
     return rows
 
 
@@ -92,17 +102,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=64, help="questions (the first of GSM8K-Aug valid)")
     ap.add_argument("--reps", type=int, default=3, help="alternating rounds after the warm-up")
+    ap.add_argument("--at", type=float, nargs="+", default=[0.5], help="rollout.compact_at settings, each against compact=false")
     args = ap.parse_args()
     rows = []
     for name, (overrides, saved) in workloads().items():
-        got = measure(name, overrides, saved, args.limit, args.reps)
-        print(name, {r["metric"]: r["value"] for r in got}, flush=True)
+        got = measure(name, overrides, saved, args.limit, args.reps, args.at)
+        for r in got:
+            print(name, r["compact_at"], r["metric"], r["value"], flush=True)
         rows += got
     note = (f"SmolLM2-135M-Instruct on 2 CPU cores, batch {BATCH}, greedy, the first {args.limit} GSM8K-Aug valid questions; "
             "cot-sft is the short (48-step) CoT-SFT model of bench_latent_sft_smollm2.py, soft-thinking the shipped model. "
-            "Outputs identical with and without compaction (checked). Timings alternate back to back after a warm-up round; "
-            "a phase's speedup is the ratio of its median seconds.")
-    print(write_results("compact_smollm2", f"python benchmarks/bench_compact.py --limit {args.limit} --reps {args.reps}",
+            "Outputs identical with and without compaction, at every compact_at (checked). Timings alternate back to back "
+            "after a warm-up round, every setting in the same rounds; a phase's speedup is the ratio of its median seconds.")
+    ats = " ".join(f"{a:g}" for a in args.at)
+    print(write_results("compact_smollm2", f"python benchmarks/bench_compact.py --limit {args.limit} --reps {args.reps} --at {ats}",
                         rows, note=note))
 
 

@@ -106,7 +106,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
             examples = [Example(id="question", question=args.question, answer="")]
         else:
-            examples = method.task.load(run.eval.split, limit=args.n)[-1:]
+            if args.n < 1:
+                raise SystemExit(f"latentreason inspect latents: -n {args.n}: the question's 1-based position in "
+                                 f"eval.split ({run.eval.split}), must be >= 1")
+            examples = method.task.load(run.eval.split, limit=args.n)
+            if len(examples) < args.n:
+                raise SystemExit(f"latentreason inspect latents: -n {args.n}: eval.split ({run.eval.split}) of task "
+                                 f"{run.data.task} has only {len(examples)} questions")
+            examples = examples[-1:]
         for ex in examples:
             text, figure = inspect_latents(method, ex, args.out)
             print(text, end="")
@@ -180,7 +187,7 @@ def make_parser() -> argparse.ArgumentParser:
                "'latents': each latent step's top-5 tokens and entropy for one question of a model "
                "(model.name_or_path=<saved run folder>), as text and a figure",
                first={"name": "what", "choices": ["tasks", "methods", "steps", "config", "example", "latents"]})
-    insp.add_argument("-n", type=int, default=3, help="examples to print with 'example'; with 'latents', the n-th question of eval.split")
+    insp.add_argument("-n", type=int, default=3, help="examples to print with 'example'; with 'latents', the n-th question of eval.split (1-based)")
     insp.add_argument("--question", default=None, help="'latents': this question instead of one from eval.split")
     insp.add_argument("--out", default=None, help="'latents': folder for the figure and text (none: print only)")
     comp = sub.add_parser(

@@ -302,6 +302,10 @@ def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage
     assert steps and all(len(line.split("  ")) >= 3 for line in steps)
     assert int(steps[-1].split()[0]) == len(steps)
     assert next((tmp_path / "insp").glob("latents-*.png")).stat().st_size > 1000
+    # a position outside the split is an error naming it, not an empty print
+    for n, says in (("0", "must be >= 1"), ("100000", "has only")):
+        with pytest.raises(SystemExit, match=says):
+            main(["inspect", "latents", f"model.name_or_path={out / 'best'}", "-n", n])
 
 
 def test_warmup_targets_are_what_the_decoder_writes_after_each_latent():

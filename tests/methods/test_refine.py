@@ -280,6 +280,49 @@ def test_rows_that_stop_leave_the_references_and_nothing_changes(trio, exact: bo
     assert outs[1].timings["reference_forwards"] == outs[0].timings["reference_forwards"]
 
 
+class _AsksOnEvenSteps(LatentStep):
+    """Asks the references at even latent steps only and moves the vector by what they answer, so a
+    commit waits (pending) through each odd step: where rows step aside at odd steps, the waiting
+    column must be narrowed with them."""
+
+    compactable = True
+
+    def __init__(self, inner: ExternalStep) -> None:
+        self.inner, self.needs_hidden, self.asked = inner, inner.needs_hidden, []
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.inner.select_rows(index)
+
+    def __call__(self, ctx: StepContext) -> StepResult:
+        result = self.inner(ctx)
+        if ctx.step % 2:
+            return result
+        pending = len(ctx.references.pending)
+        strong, weak = ctx.references.hidden(result.embeds, ctx.active, ctx.positions)
+        self.asked.append((ctx.step, pending, ctx.active.shape[0]))
+        return StepResult(result.embeds + 0.5 * (strong - weak), result.stop)
+
+
+def test_rows_step_aside_while_a_reference_column_waits(trio) -> None:
+    """Rows 1 and 3 stop at steps 0 and 1, row 0 at step 3: the batch narrows at steps 1 and 3, odd
+    steps, when the references hold the column committed at the step before, not yet fed. The same
+    latents and answers as without compaction, which depend on what the references answered."""
+    main, strong, weak = trio
+    v = _vectors(main)
+    runs = {}
+    for compact in (False, True):
+        step = _AsksOnEvenSteps(ExternalStep(v, lengths=torch.tensor(EXTERNAL_LENGTHS)))
+        runs[compact] = (_run(main, step, [strong, weak], compact=compact), step.asked)
+    (full, asked_full), (compacted, asked) = runs[False], runs[True]
+    _assert_same(compacted, full)
+    assert not torch.allclose(full.latents[2], v[2])  # the references moved the vectors fed
+    # asked at steps 0, 2, 4; from step 2 on two columns went together (the one held back, the new one);
+    # the batch asked about shrank from 4 rows to 2 (narrowed at step 1) to 1 (at step 3)
+    assert asked_full == [(0, 0, 4), (2, 2, 4), (4, 2, 4)]
+    assert asked == [(0, 0, 4), (2, 2, 2), (4, 2, 1)]
+    assert compacted.timings["latent_row_steps"] < full.timings["latent_row_steps"]
+
+
 def test_same_reference_twice_changes_nothing(trio) -> None:
     main, strong, _ = trio
     v = _vectors(main)

@@ -552,7 +552,8 @@ def test_step_returning_the_wrong_shape_raises_naming_it(lm: LoadedModel) -> Non
      ("temperature", -0.5, "temperature=-0.5"), ("top_p", 0.0, "top_p=0.0"), ("top_p", 1.5, "top_p=1.5"),
      ("keep_distributions", "all", "keep_distributions='all'"),
      ("distribution_topk", -3, "distribution_topk=-3, must be >= 1"), ("distribution_topk", 0, "distribution_topk=0"),
-     ("sync_every", -1, "sync_every=-1, must be >= 0")],
+     ("sync_every", -1, "sync_every=-1, must be >= 0"), ("compact_at", 0.0, r"compact_at=0.0, must be in \(0, 1\]"),
+     ("compact_at", 1.5, "compact_at=1.5")],
 )
 def test_rollout_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -656,11 +657,11 @@ def test_finished_rows_leave_the_batch_and_nothing_changes(lm: LoadedModel, mode
     every row steps to the end, with fewer row-steps computed."""
     prompts, seeds = _prompts(lm), [11, 12, 13, 14]
 
-    def run(compact: bool, eos: list[int]) -> RolloutOutput:
+    def run(compact: bool, eos: list[int], at: float = 0.5) -> RolloutOutput:
         with torch.no_grad():
             step = _make_step("external-lengths", lm, [0, 1, 2, 3])
             return rollout(lm.model, prompts, ExternalStep(step.vectors, lengths=torch.tensor([3, 0, 2, 1])), RolloutConfig(
-                num_latent_steps=NUM_LATENT, max_new_tokens=11, compact=compact, **mode), eos_ids=eos, pad_id=lm.pad_id,
+                num_latent_steps=NUM_LATENT, max_new_tokens=11, compact=compact, compact_at=at, **mode), eos_ids=eos, pad_id=lm.pad_id,
                 eot_id=lm.eot_id, row_seeds=seeds, return_logprobs=True)
 
     eos = _eos_finishing_rows_apart(run(False, [-1]), margin=4)
@@ -674,12 +675,18 @@ def test_finished_rows_leave_the_batch_and_nothing_changes(lm: LoadedModel, mode
     # each row is computed until its eos, or, until at most half the rows remain, until the batch's
     ends = sorted(len(t) + 1 for t in full.tokens)
     assert sum(ends) <= compacted.timings["decode_row_steps"] < full.timings["decode_row_steps"]
+    # compact_at=1: a row leaves at the first check after its eos (every step here): it costs its own steps
+    eager = run(True, eos, at=1.0)
+    assert eager.tokens == full.tokens and torch.equal(eager.finished, full.finished)
+    torch.testing.assert_close(eager.logprobs, full.logprobs, atol=ATOL, rtol=0)
+    assert eager.timings["decode_row_steps"] == sum(ends) <= compacted.timings["decode_row_steps"]
 
 
 @pytest.mark.parametrize("kind", ["external-lengths", "mixture-stop", "probe-noise", "probe-shuffle"])
-@pytest.mark.parametrize("cache, sync_every", [("static", 1), ("dynamic", 1), ("static", 2)])
+@pytest.mark.parametrize("cache, sync_every, at", [("static", 1, 0.5), ("dynamic", 1, 0.5), ("static", 2, 0.5),
+                                                   ("static", 1, 0.75), ("dynamic", 2, 1.0)])
 def test_rows_that_stop_reasoning_step_aside_and_nothing_changes(lm: LoadedModel, kind: str, cache: str,
-                                                                 sync_every: int) -> None:
+                                                                 sync_every: int, at: float) -> None:
     """Once at most half the rows still reason, the others wait aside (rollout.compact): the same
     answers, latents, counts and kept distributions as when every row steps to the end, with fewer
     row-steps computed. A step that cannot narrow its state (the shuffle probe) keeps every row."""
@@ -690,7 +697,8 @@ def test_rows_that_stop_reasoning_step_aside_and_nothing_changes(lm: LoadedModel
         if kind != "mixture-stop":
             inner = ExternalStep(inner.vectors, lengths=lengths)
         step = ProbeStep(inner, kind.split("-")[1], seed=3) if kind.startswith("probe") else inner
-        return _run(lm, prompts, step, cache=cache, compact=compact, keep_distributions="full", sync_every=sync_every)
+        return _run(lm, prompts, step, cache=cache, compact=compact, compact_at=at, keep_distributions="full",
+                    sync_every=sync_every)
 
     full, compacted = run(False), run(True)
     _assert_same(compacted, full)
@@ -699,11 +707,13 @@ def test_rows_that_stop_reasoning_step_aside_and_nothing_changes(lm: LoadedModel
     if kind == "probe-shuffle":
         assert compacted.timings["latent_row_steps"] == full.timings["latent_row_steps"]
     elif kind != "mixture-stop":
-        # 5 steps. Checks every step: 4 rows at step 0 (row 1 stopped: 3 left), 2 at steps 1 and 2 (row 3
-        # stopped), 1 at 3 and 4 (row 0 stopped). Every 2 steps: 4 at 0 and 1, 2 at 2 and 3 (row 0 stops at
-        # 3, masked), 1 at 4
+        # 5 steps. Half (compact_at 0.5), checks every step: 4 rows at step 0 (row 1 stopped: 3 left), 2
+        # at steps 1 and 2 (row 3 stopped), 1 at 3 and 4 (row 0 stopped). Every 2 steps: 4 at 0 and 1, 2
+        # at 2 and 3 (row 0 stops at 3, masked), 1 at 4. At 0.75 (3 of 4, then 2 of 3) or 1, every stop
+        # narrows: 3 at step 0, 2 at 1 and 2, 1 at 3 and 4; every 2 steps: 3 at 0 and 1, 2 at 2 and 3, 1 at 4
         assert full.num_latent_steps.tolist() == EXTERNAL_LENGTHS == [3, 0, NUM_LATENT, 1]
-        want = {1: 4 + 2 + 2 + 1 + 1, 2: 4 + 4 + 2 + 2 + 1}[sync_every]
+        want = {(1, 0.5): 4 + 2 + 2 + 1 + 1, (2, 0.5): 4 + 4 + 2 + 2 + 1,
+                (1, 0.75): 3 + 2 + 2 + 1 + 1, (2, 1.0): 3 + 3 + 2 + 2 + 1}[sync_every, at]
         assert compacted.timings["latent_row_steps"] == want
     else:  # where the stop token ends rows depends on the model: fewer row-steps only if some stopped early
         n = full.num_latent_steps.tolist()

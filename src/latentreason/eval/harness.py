@@ -196,7 +196,7 @@ def _step_use_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for their batch's longest row. Why: a batch pays for its longest row, so a method that shortens
     most rows' reasoning but not the longest saves no wall-clock (one row in 500 that runs to the
     latent bound of 24 where the others take 9 nearly doubles its batch's latent phase), unless the
-    stopped rows step aside (``rollout.compact``, once at most half the batch is still going). A row
+    stopped rows step aside (``rollout.compact``, once at most ``rollout.compact_at`` of the batch is still going). A row
     used ``generated_tokens`` answer steps, plus one for its eos if it wrote one."""
     if not rows or any(not r.get("row_steps") or r.get("finished") is None for r in rows):
         return {}
@@ -230,7 +230,7 @@ ROW_NEUTRAL_FIELDS: frozenset[str] = frozenset({
     "eval.output_dir", "eval.overwrite", "eval.limit", "eval.batch_size",
     "data.train_split", "data.valid_split", "data.train_limit",
     "train", "optim", "lora",
-    "rollout.keep_distributions", "rollout.distribution_topk", "rollout.compact",
+    "rollout.keep_distributions", "rollout.distribution_topk", "rollout.compact", "rollout.compact_at",
     "refine.sweep_alphas", "refine.sweep_etas", "refine.sweep_limit",
 })
 

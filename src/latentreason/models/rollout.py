@@ -59,11 +59,16 @@ class RolloutConfig:
         "(with grad enabled the rollout runs eagerly). The first batch of each shape bucket (batch and length "
         "rounded up to powers of two) compiles, taking tens of seconds; later ones reuse it")})
     compact: bool = field(default=True, metadata={"help": (
-        "once at most half of a batch is still reasoning (or writing its answer), the rows that stopped step aside "
+        "once at most half of a batch (rollout.compact_at) is still reasoning (or writing its answer), the rows that stopped step aside "
         "(at the sync_every checks): stopped reasoning rows wait, their cache kept for the answer, finished answers "
         "leave. Without it a batch pays every step for all its rows until its longest chain or answer ends. Each "
         "row's output is the same either way; not under compile (fixed shapes), nor for a step that cannot narrow "
         "its state (the shuffle probe)")})
+    compact_at: float = field(default=0.5, metadata={"help": (
+        "rollout.compact's trigger: the done rows step aside once at most this share of the rows served is still "
+        "going, and again each time the share of the rest falls as low (0.5: at half, a quarter, ...). Higher "
+        "reaches batches whose rows end close together, at the price of one copy of the served rows' cache per "
+        "narrowing; 1 narrows at every host check where a row stopped")})
     sync_every: int = field(default=0, metadata={"help": (
         "steps between host checks of 'every row stopped' (each check waits for the device); rows that stop "
         "in between are masked, so results do not change. 0 = auto: 1 on CPU (a check is free), 8 elsewhere")})
@@ -83,6 +88,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.keep_distributions={self.keep_distributions!r}, must be topk, full or none")
         if self.distribution_topk < 1:
             raise ValueError(f"rollout.distribution_topk={self.distribution_topk}, must be >= 1")
+        if not 0 < self.compact_at <= 1:
+            raise ValueError(f"rollout.compact_at={self.compact_at}, must be in (0, 1]")
         if self.sync_every < 0:
             raise ValueError(f"rollout.sync_every={self.sync_every}, must be >= 0 (0 = auto)")
         if self.compile and (self.cache != "static" or not self.use_cache):
@@ -737,6 +744,11 @@ def _put_rows(whole: torch.Tensor | None, rows: torch.Tensor, part: torch.Tensor
     return None if whole is None else whole.index_copy(0, rows, part)
 
 
+def _narrows(left: int, width: int, at: float) -> bool:
+    """Whether a batch of ``width`` rows, ``left`` of them still going, sets the others aside."""
+    return left < width and left <= int(width * at)
+
+
 def _whole_rows(entries: list[torch.Tensor], rows: list[torch.Tensor | None], batch: int) -> list[torch.Tensor]:
     """Per-step tensors of the rows served at each step, back at their place in the whole batch
     (zeros, or False, for the rows set aside: they were stopped)."""
@@ -751,7 +763,7 @@ def _whole_rows(entries: list[torch.Tensor], rows: list[torch.Tensor | None], ba
 def latent_phase(
     runner: _Runner, step: LatentStep | None, num_steps: int, logits: torch.Tensor, hidden: torch.Tensor | None,
     lengths: torch.Tensor, embedding: torch.Tensor, *, keep: str = "none", keep_topk: int = 10, sync_every: int = 1,
-    references: References | None = None, compact: bool = False,
+    references: References | None = None, compact: bool = False, compact_at: float = 0.5,
 ) -> LatentPhase:
     """Up to ``num_steps`` latent steps after a prefill: the loop shared by the rollout (inference)
     and :func:`latentreason.models.latent_forward.latent_forward` (training, with gradients).
@@ -760,7 +772,7 @@ def latent_phase(
     masking and the stacking run once after the loop (each op here is a kernel launch per step,
     and on a GPU the step is launch-bound).
 
-    ``compact``: once at most half of the rows still reason (at a host check), the others wait
+    ``compact``: once at most ``compact_at`` of the rows still reason (at a host check), the others wait
     aside (:meth:`_Runner.narrow`: their cache untouched, holes where the rest go on) and the
     step, the references and the loop serve the rest; the whole batch comes back after the loop
     for the answer. Where the step (``compactable``) or a cache cannot, every row keeps stepping.
@@ -794,7 +806,7 @@ def latent_phase(
             left = int(active.sum())
             if left == 0:
                 break
-            if compact and left <= active.shape[0] // 2:  # the stopped rows step aside
+            if compact and _narrows(left, active.shape[0], compact_at):  # the stopped rows step aside
                 served = active.nonzero()[:, 0]
                 if rows is None:
                     rows, whole = torch.arange(batch, device=device), [logits, hidden, lengths]
@@ -918,8 +930,8 @@ def rollout(
     ``cfg.sync_every`` steps (auto: every step on CPU, every 8 elsewhere); in between, stopped rows
     keep stepping masked (holes in the cache, pad tokens cut from the answer), so the outputs are
     those of a check at every step (``timings["forwards"]`` counts the extra forwards). Once at
-    most half of the rows still reason, the stopped ones wait aside until the latent phase ends
-    (:func:`latent_phase`), and once at most half still write, the finished answers leave the
+    most half of the rows (``cfg.compact_at``) still reason, the stopped ones wait aside until the
+    latent phase ends (:func:`latent_phase`), and once at most that share still write, the finished answers leave the
     batch, cache rows and all (``cfg.compact``; not under ``cfg.compile``): a batch no longer pays
     every step for rows that are done (``timings["latent_row_steps"]`` / ``"decode_row_steps"``
     count the row-steps computed).
@@ -969,7 +981,8 @@ def rollout(
     t0, before = time.perf_counter(), runner.forwards
     phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, embed.weight,
                          keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every,
-                         references=refs, compact=cfg.compact and not torch.is_grad_enabled())
+                         references=refs, compact=cfg.compact and not torch.is_grad_enabled(),
+                         compact_at=cfg.compact_at)
     timings["latent_steps_run"] = float(runner.forwards - before)
     timings["latent_row_steps"] = float(phase.row_steps)
     logits, lengths = phase.logits, phase.lengths
@@ -1007,7 +1020,7 @@ def rollout(
                 left = int((~done).sum())
                 if left == 0:
                     break
-                keep = (~done).nonzero()[:, 0] if compact and left <= len(rows) // 2 else None
+                keep = (~done).nonzero()[:, 0] if compact and _narrows(left, len(rows), cfg.compact_at) else None
                 if keep is not None and not runner.select_rows(keep):
                     compact = False  # the compiled step's fixed shapes, or a cache that cannot drop rows
                 elif keep is not None:  # finished rows leave the batch: they stop costing
