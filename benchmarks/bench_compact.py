@@ -98,6 +98,22 @@ def measure(name: str, overrides: list[str], saved: bool, limit: int, reps: int,
     return rows
 
 
+def noise_note(rows: list[dict[str, Any]]) -> str:
+    """How far one setting's time moved between rounds: differences between settings smaller than
+    this are not told apart by the timings (the row-step shares are exact counts)."""
+    spans = {}
+    for r in rows:
+        if r["metric"] == "compact_speedup":
+            for setting, secs in r["seconds"].items():
+                spans[(r["method"], setting)] = (min(secs), max(secs))
+    if not spans:
+        return ""
+    (method, setting), (lo, hi) = max(spans.items(), key=lambda kv: kv[1][1] / kv[1][0])
+    label = "without compaction" if setting == "false" else f"compact_at={setting}"
+    return (f" Between rounds one setting's time moved by up to {hi / lo - 1:.0%} ({method} {label}: {lo:.1f} to "
+            f"{hi:.1f} s): speedups that differ by less are not told apart here; the row-step shares are exact counts.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=64, help="questions (the first of GSM8K-Aug valid)")
@@ -113,7 +129,8 @@ def main() -> None:
     note = (f"SmolLM2-135M-Instruct on 2 CPU cores, batch {BATCH}, greedy, the first {args.limit} GSM8K-Aug valid questions; "
             "cot-sft is the short (48-step) CoT-SFT model of bench_latent_sft_smollm2.py, soft-thinking the shipped model. "
             "Outputs identical with and without compaction, at every compact_at (checked). Timings alternate back to back "
-            "after a warm-up round, every setting in the same rounds; a phase's speedup is the ratio of its median seconds.")
+            "after a warm-up round, every setting in the same rounds; a phase's speedup is the ratio of its median seconds."
+            + noise_note(rows))
     ats = " ".join(f"{a:g}" for a in args.at)
     print(write_results("compact_smollm2", f"python benchmarks/bench_compact.py --limit {args.limit} --reps {args.reps} --at {ats}",
                         rows, note=note))
