@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import ROOT, write_results
+from common import ROOT, carry_published, write_results
 
 from latentreason.config import load_run_config, merge
 from latentreason.eval.superposition import solutions_from_predictions
@@ -115,23 +115,6 @@ def rows_for(summary: dict[str, Any], method: str, **extra: Any) -> list[dict[st
             rows.append({**base, "metric": key, "value": round(summary[key], 4),
                          "n": summary.get("n_eff_questions", n) if few else n})
     return rows
-
-
-def against_published(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(the published rows of methods this run did not rebuild, marked ``carried`` with their file's
-    date: a run of ``--rates 2`` keeps r = 4's rows and its speed ratio; the rebuilt rows whose
-    published value differs, timings aside: runs/ is not versioned, so a rerun retrains from scratch
-    and should land on the same numbers)."""
-    path = ROOT / "benchmarks" / "results" / "latent_sft_smollm2.json"
-    if not path.exists():
-        return [], []
-    doc = json.loads(path.read_text())
-    before = {(r["method"], r["metric"]): r["value"] for r in doc["rows"]}
-    differ = [f"{r['method']} {r['metric']} was {before[r['method'], r['metric']]} ({doc['date']}), is {r['value']} now"
-              for r in rows if before.get((r["method"], r["metric"]), r["value"]) != r["value"]
-              and r["metric"] not in ("seconds_per_question", "speedup_vs_cot")]
-    rebuilt = {r["method"] for r in rows}
-    return [{**r, "carried": r.get("carried", doc["date"])} for r in doc["rows"] if r["method"] not in rebuilt], differ
 
 
 def main() -> None:
@@ -222,9 +205,9 @@ def main() -> None:
                      f"{r['n']} latents ({top}): the encoder collapsed onto a few tokens, so at this budget the latents "
                      "cannot carry the chain's numbers (latentreason inspect latents shows what the model feeds).")
     command = "python benchmarks/bench_latent_sft_smollm2.py " + " ".join(sys.argv[1:])
-    carried, differ = against_published(rows)
-    for line in differ:
-        print(line, file=sys.stderr)
+    differ: list[str] = []  # runs/ is not versioned: a rerun retrains from scratch and should land on the same numbers
+    carried = carry_published("latent_sft_smollm2", rows, seedless=True, differences=differ,
+                              unchecked=("seconds_per_question", "speedup_vs_cot"))[len(rows):]
     if carried:
         note += (f" Rows marked carried ({', '.join(sorted({r['method'] for r in carried}))}) come from an earlier run "
                  f"of this script from the same {args.init_steps}-step CoT-SFT recipe; the rows rebuilt here that it also "

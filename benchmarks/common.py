@@ -58,13 +58,18 @@ def earlier_rows(name: str, metric: str | None = None, method_prefix: str = "") 
 
 def carry_published(name: str, rows: list[dict[str, Any]], values: dict[tuple[str, str], list[tuple[Any, float]]] | None = None,
                     *, skip_metrics: tuple[str, ...] = (), skip_methods: tuple[str, ...] = (),
-                    into_means: Any = None) -> list[dict[str, Any]]:
+                    into_means: Any = None, seedless: bool = False, unchecked: tuple[str, ...] = (),
+                    differences: list[str] | None = None) -> list[dict[str, Any]]:
     """``rows`` (rebuilt from the runs on disk) plus the per-seed rows of the published ``<name>.json``
     whose run (method, seed) is not among them: runs/ is not versioned, so a rebuild on a fresh clone
     (or after runs were pruned) adds to the result file instead of dropping what was measured before.
     Carried rows say so (``carried``: the date of the file they came from) and join ``values`` (for
     the seed means) where ``into_means(row)`` allows. Rows of ``skip_metrics``, and of methods starting
-    with one of ``skip_methods``, are left to their own mechanism (timings: ``earlier_rows``)."""
+    with one of ``skip_methods``, are left to their own mechanism (timings: ``earlier_rows``).
+
+    A rebuilt row whose published value differs is reported on stderr (and appended to
+    ``differences``), except for ``unchecked`` metrics (timings that are carried but may move).
+    ``seedless``: a file of one run per method (rows without a seed) carries by method."""
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return rows
@@ -73,11 +78,16 @@ def carry_published(name: str, rows: list[dict[str, Any]], values: dict[tuple[st
     before = {(r["method"], r.get("seed"), r.get("metric")): r["value"] for r in doc["rows"]}
     for r in rows:  # a run redone (other code, other machine) that disagrees: carried rows may rest on the old one
         old = before.get((r["method"], r.get("seed"), r.get("metric")))
-        if r.get("seed") != "mean" and old is not None and old != r["value"] and r.get("metric") not in skip_metrics:
-            print(f"{name}: {r['method']} seed {r.get('seed')} {r.get('metric')} was {old} ({doc.get('date')}), "
-                  f"is {r['value']} on disk now", file=sys.stderr)
+        if (r.get("seed") != "mean" and old is not None and old != r["value"]
+                and r.get("metric") not in skip_metrics + unchecked):
+            seed = "" if r.get("seed") is None else f" seed {r.get('seed')}"
+            line = f"{name}: {r['method']}{seed} {r.get('metric')} was {old} ({doc.get('date')}), is {r['value']} on disk now"
+            print(line, file=sys.stderr)
+            if differences is not None:
+                differences.append(line)
+    kept_seeds = (None, "mean") if not seedless else ("mean",)
     carried = [{**r, "carried": r.get("carried", doc.get("date"))} for r in doc["rows"]
-               if r.get("seed") not in (None, "mean") and r.get("metric") not in skip_metrics
+               if r.get("seed") not in kept_seeds and r.get("metric") not in skip_metrics
                and not str(r["method"]).startswith(skip_methods)
                and (r["method"], r.get("seed")) not in have]
     if values is not None:

@@ -46,6 +46,28 @@ def test_a_run_on_disk_replaces_its_published_rows(published, capsys):
         [("cot", 0, "accuracy"), ("cot", 1, "accuracy"), ("cot-stage-1", 1, "accuracy")]
 
 
+def test_a_file_of_one_run_per_method_carries_by_method(tmp_path, monkeypatch, capsys):
+    """Rows without a seed (bench_latent_sft_smollm2: one short run per method): a rerun of some
+    methods keeps the others' rows, timings included; its accuracies are compared, its timings not."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    rows = [row("cot-sft", None, "accuracy", 0.035), row("latent-sft-r4", None, "accuracy", 0.0),
+            row("latent-sft-r4", None, "speedup_vs_cot", 1.02), row("latent-sft-r2", None, "accuracy", 0.0),
+            row("latent-sft-r2", None, "seconds_per_question", 0.7)]
+    (tmp_path / "bench.json").write_text(json.dumps({"benchmark": "bench", "date": "2026-11-27", "rows": rows}))
+    rebuilt = [row("cot-sft", None, "accuracy", 0.04), row("latent-sft-r2", None, "accuracy", 0.0),
+               row("latent-sft-r2", None, "seconds_per_question", 0.9)]
+    differ: list[str] = []
+    out = common.carry_published("bench", rebuilt, seedless=True, differences=differ,
+                                 unchecked=("seconds_per_question", "speedup_vs_cot"))
+    assert out[:3] == rebuilt
+    assert [(r["method"], r["metric"], r["carried"]) for r in out[3:]] == [
+        ("latent-sft-r4", "accuracy", "2026-11-27"), ("latent-sft-r4", "speedup_vs_cot", "2026-11-27")]
+    assert differ == ["bench: cot-sft accuracy was 0.035 (2026-11-27), is 0.04 on disk now"]
+    assert differ[0] in capsys.readouterr().err
+    # without seedless, rows without a seed are never carried (per-seed files: those are settings rows)
+    assert common.carry_published("bench", rebuilt) == rebuilt
+
+
 def test_rows_name_the_commits_that_trained_and_evaluated_them(tmp_path):
     run = tmp_path / "cot-sft"
     (run / "eval-test").mkdir(parents=True)
