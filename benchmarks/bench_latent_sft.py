@@ -241,10 +241,10 @@ def main() -> None:
             f"; then --collect --seeds {' '.join(map(str, args.seeds))}" + \
             (" --speed" if args.speed else " (speedup_vs_cot rows kept from the last --speed run)")
     rows = collect(Path(args.out), args.task, model, report, args.seeds)
-    if args.speed:
-        rows += speed_rows(Path(args.out), args.task, model, report, args.seeds, method_name(args.compression, "main"))
-    else:  # keep the side-by-side timings of the last --speed run
-        rows += earlier_rows(f"latent_sft_{args.task}", "speedup_vs_cot")
+    timed = speed_rows(Path(args.out), args.task, model, report, args.seeds,
+                       method_name(args.compression, "main")) if args.speed else []
+    again = {r["seed"] for r in timed}  # the seeds re-timed now; the others keep their last --speed run's timings
+    rows += timed + [r for r in earlier_rows(f"latent_sft_{args.task}", "speedup_vs_cot") if r.get("seed") not in again]
     print(write_results(f"latent_sft_{args.task}", command, rows, note=NOTES[args.task]))
 
 
