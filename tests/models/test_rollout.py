@@ -560,6 +560,14 @@ def test_rollout_config_rejects_bad_values(field: str, value: object, message: s
         RolloutConfig(**{field: value})
 
 
+def test_compact_at_is_a_share_of_the_rows_served() -> None:
+    from latentreason.models.rollout import _narrows
+
+    assert _narrows(16, 32, 0.5) and not _narrows(17, 32, 0.5) and _narrows(16, 33, 0.5) and not _narrows(17, 33, 0.5)
+    assert _narrows(29, 100, 0.29) and not _narrows(30, 100, 0.29)  # 0.29 * 100 rounds below 29 in floating point
+    assert _narrows(3, 4, 1.0) and not _narrows(4, 4, 1.0)  # at 1, any stop; nothing stopped, nothing to set aside
+
+
 @pytest.mark.parametrize("other", [{"cache": "dynamic"}, {"use_cache": False}])
 def test_compile_needs_the_static_cache(other: dict) -> None:
     with pytest.raises(ValueError, match="rollout.compile=true needs the static cache"):
