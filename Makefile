@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (each installs what it needs first):
-#   make demo   train + evaluate tiny no-CoT and CoT models on arith, print the table, write the plot
+#   make demo   train + evaluate tiny no-CoT, CoT, Coconut and Latent-SFT models on arith, print the table, write the plot
 #   make test   the test suite (slow tests: make test-slow)
 # Uses the active virtual environment if there is one, else creates .venv here.
 #   make test-min   the suite again on the lowest versions pyproject.toml declares

@@ -41,7 +41,7 @@ on cudasuite && (LATENTREASON_DEVICE=cuda OMP_NUM_THREADS=1 timeout 230 python3 
   > "$L/pytest_cuda.txt" 2>&1; echo "pytest-cuda rc $?" >> "$L/pytest_cuda.txt") &
 on fp32 && (timeout 150 $B --models smollm2-135m-shape --dtype float32 --batch-sizes 1 --new-tokens 32 --reps 1 --no-latent \
   --out "$OUT/rollout_gpu_fp32.json" > "$L/bench_fp32.log" 2>&1; echo "fp32 rc $?" >> "$L/bench_fp32.log") &
-on demo && (timeout 190 python3 -m latentreason.cli demo --output-dir /tmp/demo > "$L/demo.log" 2>&1; echo "demo rc $?" >> "$L/demo.log"
+on demo && (timeout 190 python3 -m latentreason.cli demo --no-latent-sft --output-dir /tmp/demo > "$L/demo.log" 2>&1; echo "demo rc $?" >> "$L/demo.log"
  timeout 45 python3 -m latentreason.cli eval model.name_or_path=/tmp/demo/cot-sft/best rollout.compile=true \
    eval.output_dir=/tmp/demo/cot-sft/eval-compiled >> "$L/demo.log" 2>&1; echo "compiled eval rc $?" >> "$L/demo.log"
  tar czf "$OUT/demo.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' -C /tmp demo 2>/dev/null) &

@@ -74,9 +74,9 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys):
     assert summary["accuracy"] > untrained["accuracy"]
 
 
-@pytest.mark.parametrize("flag", [[], ["--latent-sft"]], ids=["default", "latent-sft"])
-def test_demo_trains_latent_sft_only_when_asked(tmp_path, monkeypatch, flag):
-    """The default demo (the README's main command) stays within its time budget: no Latent-SFT."""
+@pytest.mark.parametrize("flag", [[], ["--no-latent-sft"]], ids=["default", "no-latent-sft"])
+def test_demo_trains_latent_sft_unless_told_not_to(tmp_path, monkeypatch, flag):
+    """The default demo (the README's main command) trains Latent-SFT beside the baselines."""
     import latentreason.eval.report as report
     import latentreason.recipes as recipes
 
@@ -92,12 +92,12 @@ def test_demo_trains_latent_sft_only_when_asked(tmp_path, monkeypatch, flag):
     monkeypatch.setattr(report, "compare", lambda *a, **k: None)
     monkeypatch.setattr(report, "plot_accuracy_vs_positions", lambda *a, **k: None)
     assert main(["demo", "--quick", *flag, "--output-dir", str(tmp_path / "demo")]) == 0
-    expected = ["nocot-sft", "cot-sft", "coconut"] + (["latent-sft", "latent-sft"] if flag else [])
+    expected = ["nocot-sft", "cot-sft", "coconut"] + ([] if flag else ["latent-sft", "latent-sft"])
     assert trained == expected
 
 
 def test_quick_demo_writes_table_plot_and_summaries(tmp_path, capsys):
-    assert main(["demo", "--quick", "--latent-sft", "--output-dir", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "nocot-sft" in out and "cot-sft" in out and "reason.pos" in out
     png = tmp_path / "demo" / "accuracy_vs_positions.png"

@@ -1,6 +1,6 @@
 """latentreason's command line: the whole flow, wired in one place.
 
-    latentreason demo                                  # tiny no-CoT vs CoT on arith, table + plot
+    latentreason demo                                  # tiny no-CoT, CoT, Coconut, Latent-SFT on arith, table + plot
     latentreason train --config configs/cot_sft_arith.yaml optim.lr=3e-4
     latentreason eval  model.name_or_path=runs/arith-cot/best         # a saved run: its method, task, rollout
     latentreason eval  model.name_or_path=runs/arith-cot/best rollout.max_new_tokens=128
@@ -176,13 +176,13 @@ def make_parser() -> argparse.ArgumentParser:
         "and the heat map sweep.png, then evaluate the best setting and the unrefined model on eval.split; "
         "references: refine.strong / refine.weak (auto: kept checkpoints of the CoT-SFT run, train.keep_every). "
         "Evaluate one setting with 'latentreason eval refine.residual=true refine.alpha=0.5 ...'")
-    demo = add("demo", cmd_demo, "train tiny no-CoT, CoT and Coconut models on arith, evaluate each, print a table, "
+    demo = add("demo", cmd_demo, "train tiny no-CoT, CoT, Coconut and Latent-SFT models on arith, evaluate each, print a table, "
                "plot accuracy vs reasoning positions")
     demo.add_argument("--output-dir", default="runs/demo", help="where models, predictions and the plot go")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
-    demo.add_argument("--latent-sft", action="store_true",
-                      help="also Latent-SFT r = 4 from the CoT model, at a demo budget (about 5 more minutes on 2 "
-                           "cores, about 34%% accuracy; the full recipe: benchmarks/bench_latent_sft.py)")
+    demo.add_argument("--latent-sft", action=argparse.BooleanOptionalAction, default=True,
+                      help="Latent-SFT r = 4 from the CoT model, at a demo budget (about 4 of the demo's 8 minutes on 2 "
+                           "cores; the full recipe: benchmarks/bench_latent_sft.py); --no-latent-sft leaves it out")
     insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples; "
                "'latents': each latent step's top-5 tokens and entropy for one question of a model "
                "(model.name_or_path=<saved run folder>), as text and a figure",
