@@ -1,7 +1,7 @@
 """Latent-SFT on SmolLM2-135M-Instruct, GSM8K train / GSM8K-Aug valid: a short run on 2 CPU cores.
 
     python benchmarks/bench_latent_sft_smollm2.py [--rates 4 2] [--stage1-steps 6] [--stage2-steps 30]
-        [--init runs/bench-refine-smollm2/cot-sft-kept/final] [--limit 200]
+        [--init runs/bench-refine-smollm2/cot-sft-kept/final] [--limit 200] [--lora]
 
 Every model starts from one short CoT-SFT of SmolLM2 (``--init``, a model folder; without it one is
 trained here: ``configs/cot_sft_gsm8k_smollm2.yaml`` cut to ``--init-steps``). From there, the
@@ -11,6 +11,9 @@ same budget of optimizer steps of 16 examples for each method:
 * ``latent-sft-r<r>``: stage 1 (warm-up, decoder, both: stage1-steps each, the best of each step
   on 32 validation questions), soft labels exported from the stage-1 encoder for the 16 x
   stage2-steps training examples stage 2 then sees once, stage 2 for stage2-steps steps (its last model).
+  Full fine-tune at lr 1e-4; ``--lora`` trains ``latent-sft-r<r>-lora`` instead, with the official
+  recipe's training mode: LoRA (r 64, alpha 128, dropout 0.1) on every linear layer and the embedding
+  table, of the encoder and the LLM, at the official scripts' rates (stage 1 1e-4, stage 2 3e-4).
 
 Each is evaluated greedily on the first ``--limit`` GSM8K-Aug valid questions: accuracy, reasoning
 positions (#L for Latent-SFT), seconds per question, and for Latent-SFT ECR@1/5/10, N_eff,
@@ -43,6 +46,8 @@ from latentreason.recipes import run_eval, run_train
 
 MODEL = "smollm2-135m"
 COT = ROOT / "configs" / "cot_sft_gsm8k_smollm2.yaml"
+#: the official recipe adapts every linear layer and the embedding table (where the new tokens are learned)
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed_tokens"
 LATENT_METRICS = ("ecr@1", "ecr@5", "ecr@10", "n_eff", "n_eff_over_naive", "top2", "pass_at_1_over_latent_steps")
 
 
@@ -68,11 +73,11 @@ def evaluate(model: Path, out: Path, limit: int, overrides: list[str] = ()) -> d
     return run_eval(run)
 
 
-def encoder_rows(folder: Path, rate: int, tokenizer: Any) -> list[dict[str, Any]]:
+def encoder_rows(folder: Path, rate: int, tokenizer: Any, method: str) -> list[dict[str, Any]]:
     """Has the stage-1 encoder collapsed? Its latents at the end of stage 1 (the training log's last
     window) and the soft labels stage 2 learned from (every exported latent): the mean top-1 weight,
     the share of distinct top-1 tokens, and the commonest top-1 tokens."""
-    base = {"task": "gsm8k-aug", "model": MODEL, "method": f"latent-sft-r{rate}-stage1", "split": "train",
+    base = {"task": "gsm8k-aug", "model": MODEL, "method": f"{method}-stage1", "split": "train",
             "compression": rate}
     rows = []
     log = folder / "stage1" / "log.jsonl"
@@ -127,6 +132,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200, help="GSM8K-Aug valid questions evaluated")
     ap.add_argument("--samples", type=int, default=3, help="chains sampled per question for N_eff")
     ap.add_argument("--speed-reps", type=int, default=2)
+    ap.add_argument("--lora", action="store_true",
+                    help="train Latent-SFT with LoRA as the official recipe does (methods latent-sft-r<r>-lora)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-latent-sft-smollm2"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -147,11 +154,14 @@ def main() -> None:
     found = solutions_from_predictions([f / "predictions.jsonl" for f in sampled], solutions)
 
     latent_paths = {}
+    suffix = "-lora" if args.lora else ""
+    lora = {"enabled": True, "r": 64, "alpha": 128, "dropout": 0.1, "target_modules": LORA_TARGETS}
     for rate in args.rates:
-        folder = out / f"latent-sft-r{rate}"
+        name = f"latent-sft-r{rate}{suffix}"
+        folder = out / name
         common = {"model": {"name_or_path": MODEL}, "data": {"task": "gsm8k-aug", "valid_split": "valid"},
                   "optim": {"lr": 1e-4, "warmup_steps": 0, "scheduler": "constant", "weight_decay": 0.01},
-                  "rollout": {"max_new_tokens": 32}}
+                  "rollout": {"max_new_tokens": 32}, **({"lora": lora} if args.lora else {})}
         method = {"name": "latent-sft", "compression": rate, "top_k": 10, "max_latent_steps": 128 // rate,
                   "max_length": 320}
         one = merge(common, {"method": {**method, "stage": 1, "steps": "warmup,decoder,both",
@@ -165,24 +175,26 @@ def main() -> None:
         two = merge(common, {"method": {**method, "stage": 2}, "data": {"train_limit": 16 * args.stage2_steps},
                              "train": {"output_dir": str(folder / "stage2"), "init_from": str(stage1),
                                        "max_steps": args.stage2_steps, "global_batch_size": 16, "micro_batch_size": 8,
-                                       "save_every": args.stage2_steps, "log_every": 5, **no_select}})
+                                       "save_every": args.stage2_steps, "log_every": 5, **no_select},
+                             **({"optim": {"lr": 3e-4}} if args.lora else {})})
         latent_paths[rate] = train(two)
         summary = evaluate(latent_paths[rate], folder / "stage2" / "eval-valid", args.limit, [f"eval.solutions={solutions}"])
-        rows += rows_for(summary, f"latent-sft-r{rate}", compression=rate, train_steps=budget,
-                         stage1_steps=3 * args.stage1_steps, stage2_steps=args.stage2_steps)
+        mode = {"training": "lora", "lr": [1e-4, 3e-4]} if args.lora else {"training": "full", "lr": 1e-4}
+        rows += rows_for(summary, name, compression=rate, train_steps=budget,
+                         stage1_steps=3 * args.stage1_steps, stage2_steps=args.stage2_steps, **mode)
         from transformers import AutoTokenizer
 
-        rows += encoder_rows(folder, rate, AutoTokenizer.from_pretrained(str(latent_paths[rate])))
+        rows += encoder_rows(folder, rate, AutoTokenizer.from_pretrained(str(latent_paths[rate])), name)
 
     if 4 in latent_paths and args.speed_reps:
-        paths = {"cot-sft": cot, "latent-sft-r4": latent_paths[4]}
+        paths = {"cot-sft": cot, f"latent-sft-r4{suffix}": latent_paths[4]}
         qps: dict[str, list[float]] = {k: [] for k in paths}
         for rep in range(args.speed_reps):
             for name in (list(paths) if rep % 2 == 0 else list(paths)[::-1]):
                 with tempfile.TemporaryDirectory() as tmp:
                     qps[name].append(evaluate(paths[name], Path(tmp), args.limit)["questions_per_second"])
-        ratios = [a / b for a, b in zip(qps["latent-sft-r4"], qps["cot-sft"])]
-        rows.append({"task": "gsm8k-aug", "model": MODEL, "method": "latent-sft-r4", "split": "valid",
+        ratios = [a / b for a, b in zip(qps[f"latent-sft-r4{suffix}"], qps["cot-sft"])]
+        rows.append({"task": "gsm8k-aug", "model": MODEL, "method": f"latent-sft-r4{suffix}", "split": "valid",
                      "metric": "speedup_vs_cot", "value": round(statistics.median(ratios), 3), "n": args.speed_reps,
                      "ratios": [round(r, 3) for r in ratios],
                      "questions_per_second": {k: [round(v, 3) for v in vs] for k, vs in qps.items()},
@@ -193,17 +205,14 @@ def main() -> None:
     note = (f"SHORT RUN on 2 CPU cores, one seed: SmolLM2-135M-Instruct from a {args.init_steps}-step CoT-SFT "
             f"({shown}); then {budget} optimizer steps of 16 GSM8K train examples per method (Latent-SFT: stage 1 "
             f"3 x {args.stage1_steps} steps at about 2.2x a CoT step's cost, stage 2 {args.stage2_steps} steps). Full "
-            f"fine-tune, lr 1e-4. Evaluated on the first {args.limit} GSM8K-Aug valid questions (selection used at most "
+            "fine-tune at lr 1e-4, except the methods ending in -lora: LoRA as the official recipe trains (r 64, alpha "
+            "128, dropout 0.1, every linear layer and the embedding table, encoder and LLM; stage 1 at lr 1e-4, stage 2 "
+            "at 3e-4, the official scripts' rates), constant rate, no warm-up, as the full fine-tunes. Evaluated on the "
+            f"first {args.limit} GSM8K-Aug valid questions (selection used at most "
             f"32 of them, in stage 1 only). N_eff: the gold chain plus {args.samples} chains sampled from the continued "
             f"CoT-SFT model ({len(found)} questions gave at least one non-empty chain). Far from the paper's budget "
             "(full epochs of GSM8K-Aug on Llama-3.2-1B): these rows measure the pipeline and the cost, not the "
             "method's accuracy at scale.")
-    for r in rows:  # say it where an encoder collapsed: the stage-2 rows then rest on near-constant labels
-        if r["metric"] == "soft_label_distinct_top1" and r["value"] < 0.01:
-            top = ", ".join(f"'{t}' {share:.0%}" for t, share in r["commonest_top1"][:4])
-            note += (f" {r['method']}: the soft labels stage 2 learned from have {r['distinct']} distinct top-1 tokens over "
-                     f"{r['n']} latents ({top}): the encoder collapsed onto a few tokens, so at this budget the latents "
-                     "cannot carry the chain's numbers (latentreason inspect latents shows what the model feeds).")
     command = "python benchmarks/bench_latent_sft_smollm2.py " + " ".join(sys.argv[1:])
     differ: list[str] = []  # runs/ is not versioned: a rerun retrains from scratch and should land on the same numbers
     carried = carry_published("latent_sft_smollm2", rows, seedless=True, differences=differ,
@@ -212,6 +221,15 @@ def main() -> None:
         note += (f" Rows marked carried ({', '.join(sorted({r['method'] for r in carried}))}) come from an earlier run "
                  f"of this script from the same {args.init_steps}-step CoT-SFT recipe; the rows rebuilt here that it also "
                  "published " + ("differ: see the warnings." if differ else "are the same values (timings aside)."))
+    weight = {r["method"]: r["value"] for r in rows + carried if r["metric"] == "soft_label_top1_weight"}
+    for r in rows + carried:  # say it where an encoder collapsed: the stage-2 rows then rest on near-constant labels
+        if r["metric"] == "soft_label_distinct_top1" and r["value"] < 0.01:
+            top = ", ".join(f"'{t}' {share:.0%}" for t, share in r["commonest_top1"][:4])
+            note += (f" {r['method']}: the soft labels stage 2 learned from have {r['distinct']} distinct top-1 tokens over "
+                     f"{r['n']} latents ({top}), mean top-1 weight {weight.get(r['method'], float('nan')):.2f}: ")
+            note += ("the encoder collapsed onto a few tokens, so at this budget the latents cannot carry the chain's "
+                     "numbers (latentreason inspect latents shows what the model feeds)." if weight.get(r["method"], 1) >= 0.6
+                     else "few tokens lead, but the mixtures stay spread (no collapse onto one token per latent).")
     print(write_results("latent_sft_smollm2", command, rows + carried, note=note))
     for r in rows:
         print(f"{r['method']:16} {r['metric']:26} {r['value']}  n={r['n']}")

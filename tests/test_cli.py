@@ -28,10 +28,17 @@ def test_unknown_key_is_rejected_with_a_suggestion(capsys):
     assert "unknown key 'lrr'; did you mean lr?" in err
 
 
-def test_unknown_model_names_builtins(tmp_path, capsys):
+def test_unknown_model_names_builtins(tmp_path, capsys, monkeypatch):
     cfg = tiny_run(tmp_path, model={"name_or_path": "./no/such/model"})
     assert main(["eval", *cli_args(cfg)]) == 2
     assert "smollm2-135m" in capsys.readouterr().err
+    # 'runs/bset' looks like owner/model, but runs/ is a folder here: a typo, named at once (it went
+    # to the hub, which retries for a minute offline, and ended in a raw OSError)
+    (tmp_path / "runs" / "best").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_run(tmp_path, model={"name_or_path": "runs/bset"})
+    assert main(["eval", *cli_args(cfg)]) == 2
+    assert "'runs/bset': no such local folder" in capsys.readouterr().err
 
 
 def test_inspect(capsys):
@@ -43,6 +50,35 @@ def test_inspect(capsys):
     assert main(["inspect", "example", "data.task=arith", "-n", "2"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 2 and rows[0]["answer"].startswith("####")
+
+
+def test_inspect_lists_in_a_fresh_process():
+    """In a fresh interpreter nothing has registered the tasks yet (in-process tests hide that)."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "latentreason.cli", "inspect", "tasks"], capture_output=True,
+                         text=True, check=True).stdout
+    assert {"arith", "gsm8k", "prosqa"} <= {line.split()[0] for line in out.splitlines() if line.strip()}
+    out = subprocess.run([sys.executable, "-m", "latentreason.cli", "inspect", "methods"], capture_output=True,
+                         text=True, check=True).stdout
+    assert {"cot-sft", "coconut", "latent-sft"} <= {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_overrides_may_follow_options(capsys):
+    """argparse fills the overrides at their first run of positionals: later ones (after -n, --config)
+    were refused as unrecognized arguments."""
+    assert main(["inspect", "example", "-n", "1", "data.task=arith", "--config", "configs/cot_sft_arith.yaml",
+                 "eval.split=test"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["id"] == "arith-test-0"
+    assert main(["inspect", "example", "eval.split=test", "-n", "1", "eval.split=valid"]) == 0  # the later one wins
+    assert json.loads(capsys.readouterr().out)["id"].startswith("arith-valid-")
+    with pytest.raises(SystemExit):
+        main(["inspect", "example", "-n", "1", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "runs/a", "--out", "x", "b=c"])  # compare takes no overrides
+    assert "unrecognized arguments: b=c" in capsys.readouterr().err
 
 
 def test_train_then_eval_through_the_cli(tmp_path, capsys):

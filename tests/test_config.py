@@ -61,6 +61,21 @@ def test_cross_field_validation():
         load_run_config(overrides=["rollout.temperature=-1"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.eval_limit=0", "train.eval_limit=0: model selection needs"), ("train.eval_every=-3", "train.eval_every=-3"),
+    ("eval.limit=0", "eval.limit=0, must be >= 1"), ("eval.limit=-5", "eval.limit=-5"),
+    ("data.train_limit=0", "data.train_limit=0"), ("optim.lr=-1", "optim.lr=-1"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0"),
+])
+def test_out_of_range_values_are_refused_before_any_weights_load(override, message):
+    """Each once failed after the model loaded (or after training: eval_limit=0), or never."""
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(overrides=[override])
+    with pytest.raises(ConfigError, match="lora.r=0"):
+        load_run_config(overrides=["lora.enabled=true", "lora.r=0"])
+    load_run_config(overrides=["train.eval_limit=0", "train.select_on_valid=false", "lora.r=0"])  # unused there: fine
+
+
 @pytest.mark.parametrize("split", ["test", "Test"])
 def test_selection_on_a_test_split_is_refused(split):
     with pytest.raises(ConfigError, match=f"data.valid_split='{split}': model selection must never use a test split"):
@@ -72,6 +87,11 @@ def test_bad_yaml_names_line(tmp_path):
     path.write_text("optim:\n  lr: [1, 2\n")
     with pytest.raises(ConfigError, match=r"broken.yaml:\d+: not valid YAML"):
         load_run_config(path)
+    path.write_text("train:\n  max_steps: 5\noptim:\n  lr: 0.1\ntrain:\n  max_steps: 7\n")  # the first block would vanish
+    with pytest.raises(ConfigError, match=r"broken.yaml:5: not valid YAML \(key 'train' appears twice"):
+        load_run_config(path)
+    with pytest.raises(ConfigError, match="not a file"):
+        load_run_config(tmp_path)
     with pytest.raises(ConfigError, match="expected section.field=value"):
         parse_overrides(["lr=1"])
 

@@ -48,11 +48,26 @@ def test_eval_of_a_saved_folder_uses_its_settings_and_overrides_win(tmp_path, ca
     assert all(r["generated_tokens"] <= 5 for r in rows)
 
 
-def test_naming_another_method_drops_the_saved_method_section(tmp_path):
+def test_eval_of_saved_folders_without_an_output_dir_writes_beside_each(tmp_path, monkeypatch):
+    """Both went to one runs/default/eval-<split>, where the second model was refused."""
+    monkeypatch.chdir(tmp_path)
+    method = build_method(load_run_config(base=tiny_run(tmp_path, rollout={"max_new_tokens": 4})))
+    for name in ("best", "final"):
+        method.save_pretrained(tmp_path / "run" / name)
+        assert main(["eval", f"model.name_or_path=run/{name}", "eval.limit=2"]) == 0
+    assert (tmp_path / "run" / "eval-valid" / "summary.json").exists()
+    assert (tmp_path / "run" / "eval-valid-final" / "summary.json").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_naming_another_method_or_task_drops_the_saved_section(tmp_path):
     saved = tiny_run(tmp_path, "nocot-sft", data={"options": {"num_steps": 3}})
     folder = tmp_path / "saved"
     build_method(load_run_config(base=saved)).save_pretrained(folder)
     run = load_run_config(overrides=[f"model.name_or_path={folder}", "method.name=zero-shot"], saved_base=True)
     assert run.method.name == "zero-shot" and run.data.options["num_steps"] == 3
+    # another task: the saved task's options (arith's num_steps) would be refused as unknown there
+    other = load_run_config(overrides=[f"model.name_or_path={folder}", "data.task=gsm8k"], saved_base=True)
+    assert other.data.task == "gsm8k" and "num_steps" not in other.data.options
     plain = load_run_config(overrides=[f"model.name_or_path={folder}"])
     assert plain.method.name == "cot-sft", "without saved_base the saved settings must not apply"

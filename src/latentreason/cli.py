@@ -80,6 +80,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     what = args.what
     if what == "tasks":
+        from latentreason.data import tasks  # noqa: F401  (registers the built-in tasks: the listing was empty)
+
         for name in TASKS.names():
             task = build_task(name)
             print(f"{name:20} v{task.version}  splits: {', '.join(task.splits)}")
@@ -214,10 +216,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, but overrides may sit anywhere on the line (``eval a=1 --config F b=2 -n 3``):
+    argparse fills a ``*`` positional at its first run of positionals and would refuse the later ones.
+    Whatever is left that reads ``section.field=value`` joins the overrides, in order; anything else is
+    refused as before."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -92,10 +92,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = field(default="valid", metadata={"help": "split to evaluate (test splits are not shipped)"})
+    split: str = field(default="valid", metadata={"help": "split to evaluate ('latentreason inspect tasks' lists each task's; the real datasets' test splits are not shipped, generated tasks have one; select models on valid)"})
     limit: int | None = field(default=None, metadata={"help": "first N examples only"})
     batch_size: int = field(default=32, metadata={"help": "prompts per rollout batch"})
-    output_dir: str | None = field(default=None, metadata={"help": "predictions.jsonl + summary.json (default: <train.output_dir>/eval-<split>)"})
+    output_dir: str | None = field(default=None, metadata={"help": "predictions.jsonl + summary.json (default: <train.output_dir>/eval-<split>; for a saved model folder and no train.output_dir, beside it: <run>/eval-<split> for best/, <run>/eval-<split>-<folder> otherwise)"})
     overwrite: bool = field(default=False, metadata={"help": "discard finished rows instead of resuming"})
     probe: str = field(default="none", metadata={"help": (
         "causal probe of a latent method's latents (rows still stop where the real step says): none; zero "
@@ -347,6 +347,21 @@ def validate(run: RunConfig) -> list[str]:
     for name in ("save_every", "log_every"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name}={getattr(t, name)}, must be >= 1")
+    if t.eval_every < 0:
+        problems.append(f"train.eval_every={t.eval_every}, must be >= 0 (0 = only at the end)")
+    if t.select_on_valid and t.eval_limit < 1:
+        problems.append(f"train.eval_limit={t.eval_limit}: model selection needs validation questions (>= 1), or set "
+                        "train.select_on_valid=false")
+    for name, value in (("data.train_limit", run.data.train_limit), ("eval.limit", run.eval.limit)):
+        if value is not None and value < 1:
+            problems.append(f"{name}={value}, must be >= 1 (or null: all)")
+    if run.optim.lr <= 0:
+        problems.append(f"optim.lr={run.optim.lr}, must be > 0")
+    if run.lora.enabled and (run.lora.r < 1 or run.lora.alpha <= 0 or not 0 <= run.lora.dropout < 1):
+        problems.append(f"lora.r={run.lora.r}, lora.alpha={run.lora.alpha}, lora.dropout={run.lora.dropout}: need r >= 1, "
+                        "alpha > 0 and dropout in [0, 1)")
+    if run.rollout.max_new_tokens < 1:
+        problems.append(f"rollout.max_new_tokens={run.rollout.max_new_tokens}, must be >= 1 (the answer is decoded)")
     if "test" in run.data.valid_split.lower():
         problems.append(f"data.valid_split={run.data.valid_split!r}: model selection must never use a test split; "
                         "use a validation split (e.g. valid)")
@@ -406,12 +421,29 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A key given twice in one mapping is an error: PyYAML would keep the last silently (two
+    ``train:`` blocks, and the first one's settings vanish)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError([f"{path}: no such config file"])
+    if not path.is_file():
+        raise ConfigError([f"{path}: not a file (give the YAML recipe itself, e.g. configs/cot_sft_arith.yaml)"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -430,7 +462,8 @@ def saved_run_base(user: dict[str, Any]) -> dict[str, Any]:
     """The saved method/model/data/rollout sections when ``user``'s ``model.name_or_path`` is a folder
     holding ``run_config.yaml`` (else ``{}``), so ``eval`` on a saved run needs no restated settings.
 
-    A saved method section is dropped when the user names another method: its fields would not fit.
+    A saved method (data) section is dropped when the user names another method (task): its fields
+    would not fit (another task's options are refused as unknown).
     """
     name = (user.get("model") or {}).get("name_or_path", ModelConfig.name_or_path)
     cfg_file = Path(str(name)) / RUN_CONFIG_FILE
@@ -441,6 +474,9 @@ def saved_run_base(user: dict[str, Any]) -> dict[str, Any]:
     user_method = (user.get("method") or {}).get("name")
     if user_method is not None and user_method != base.get("method", {}).get("name"):
         base.pop("method", None)
+    user_task = (user.get("data") or {}).get("task")
+    if user_task is not None and user_task != base.get("data", {}).get("task"):
+        base.pop("data", None)
     logger.info("using the method, model, data and rollout settings saved in %s (the config and overrides given "
                 "take precedence)", cfg_file)
     return base

@@ -12,12 +12,59 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process umask, read at each call (not import) so a later ``os.umask`` is honoured.
+
+    Linux reports it in /proc without changing it; elsewhere it can only be read by setting it, so
+    it is set to the common 0o022 (not 0, which would briefly make other threads' files
+    world-writable) and restored at once.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | Path, prefix: str = ".tmp-") -> Path:
+    """A new empty directory in ``parent`` with the permissions ``mkdir`` would give (0o777 less
+    the umask), for writing a folder and then renaming it into place.
+
+    Why not plain ``tempfile.mkdtemp``: its 0o700 survives the rename, so other users of a shared
+    machine could not read the models or results written through it.
+    """
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def set_default_file_mode(*paths: str | Path) -> None:
+    """Give files the mode ``open`` would have (0o666 less the umask).
+
+    For files written by code that ignores the umask: safetensors 0.8's ``save_file`` (and so
+    ``save_pretrained``) always writes 0o600 (safetensors issue #782), so other users of a shared
+    machine could not read saved weights.
+    """
+    mode = 0o666 & ~_umask()
+    for path in paths:
+        os.chmod(path, mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (atomic on POSIX)."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (atomic on POSIX).
+
+    The file gets the permissions ``open`` would give (0o666 less the umask), not mkstemp's 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 
-from latentreason.config import ConfigError, RunConfig, to_dict
+from latentreason.config import RUN_CONFIG_FILE, ConfigError, RunConfig, TrainConfig, to_dict
 from latentreason.data.base import attach_solutions
 from latentreason.methods.base import Method
 
@@ -69,6 +70,19 @@ def invocation(argv: list[str] | None = None) -> str:
     return " ".join([head, *argv[1:]])
 
 
+def default_eval_dir(run: RunConfig) -> str:
+    """Where an evaluation goes without ``eval.output_dir``: ``<train.output_dir>/eval-<split>``; but a
+    saved model folder evaluated with no ``train.output_dir`` given goes beside itself (its run's
+    ``eval-<split>`` for ``best/``, ``eval-<split>-<folder>`` for another), not into one shared
+    ``runs/default/eval-<split>`` where the second model evaluated would be refused."""
+    model = Path(os.path.expanduser(run.model.name_or_path))
+    if run.train.output_dir == TrainConfig.output_dir and (model / RUN_CONFIG_FILE).is_file():
+        model = model.resolve()
+        name = f"eval-{run.eval.split}" if model.name == "best" else f"eval-{run.eval.split}-{model.name}"
+        return str(model.parent / name)
+    return str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
+
+
 def run_eval(run: RunConfig, method: Method | None = None) -> dict:
     """Evaluate ``run`` into ``eval.output_dir``, resuming only rows made with the same row settings.
 
@@ -84,7 +98,7 @@ def run_eval(run: RunConfig, method: Method | None = None) -> dict:
     examples = method.task.load(run.eval.split, limit=run.eval.limit)
     if run.eval.solutions:
         examples = attach_solutions(examples, run.eval.solutions)
-    out = run.eval.output_dir or str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
+    out = run.eval.output_dir or default_eval_dir(run)
     config = to_dict(run)
     info = {
         "model": run.model.name_or_path, "task": run.data.task, "task_version": method.task.version,

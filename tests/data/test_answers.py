@@ -29,6 +29,15 @@ def test_normalize_number(raw: str, expected: str) -> None:
     assert normalize_number(raw) == expected
 
 
+def test_large_integer_normalises_to_its_exact_digits() -> None:
+    # Decimal.normalize() rounded to 28 significant digits; an integer must keep every digit.
+    big = "12345678901234567890123456789012"
+    assert normalize_number(big) == big
+    assert normalize_number("1,717,000,000") == "1717000000"
+    assert normalize_number("1.5E3") == "1500"  # no exponent in the canonical text
+    assert extract_flexible(f"so the total is {big}", "number") == big  # what prediction_flexible shows
+
+
 def test_to_number_is_exact() -> None:
     assert answers.to_number("3/4") == Fraction(3, 4)
     assert answers.to_number("$1,000.50") == Fraction(2001, 2)
@@ -102,6 +111,15 @@ def test_check_numbers() -> None:
     assert not check("72.01", "72", "number")
     assert not check(None, "72", "number")
     assert not check("seventy-two", "72", "number")
+
+
+def test_check_integers_exactly() -> None:
+    # A relative tolerance on integers scored a near-miss of a large answer as correct.
+    assert not check("1234568", "1234567", "number")
+    assert not check("12345678901234567890123456789013", "12345678901234567890123456789012", "number")
+    assert check("1234567", "1,234,567.0", "number")  # same integer, different formats
+    assert check("$1,234,567", "1234567.00", "number")
+    assert check("0.3333333", "1/3", "number")  # non-integral side: tolerance still applies
 
 
 AQUA_OPTIONS = ("A)21", "B)22 m", "C)1/2", "D)0.5", "E)none of these")

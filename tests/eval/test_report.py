@@ -105,3 +105,16 @@ def test_curves_plot_the_logged_key_per_run_and_name_a_log_without_it(tmp_path, 
     assert "no rows with 'kl'" in capsys.readouterr().err
     assert main(["curves", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no training log here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("smooth", [0, -3])
+def test_curves_refuse_a_smoothing_window_below_one(tmp_path, capsys, smooth):
+    """--smooth 0 ended in a ZeroDivisionError traceback; it is a usage error."""
+    from latentreason.eval.report import plot_curves
+
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+    with pytest.raises(ValueError, match=f"smooth must be at least 1.*got {smooth}"):
+        plot_curves({"a": tmp_path}, tmp_path / "fig.png", smooth=smooth)
+    assert main(["curves", str(tmp_path), "--out", str(tmp_path / "fig.png"), "--smooth", str(smooth)]) == 2
+    assert "latentreason: error: smooth must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "fig.png").exists()

@@ -108,17 +108,24 @@ def test_a_kill_between_the_renames_resumes_from_checkpoint_old(tmp_path):
     assert not ckpt.with_name("checkpoint.old").exists()
 
 
-def test_a_fresh_start_does_not_append_to_the_previous_log(tmp_path):
-    cfg = tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "log_every": 1, "select_on_valid": False})
+def test_a_fresh_start_sets_the_previous_run_aside_whole(tmp_path):
+    """train.resume=false in a used folder: the earlier log, models (keep-4/ would be a stale refine
+    reference), checkpoint and summary move to previous-<time>/; nothing is lost or mixed."""
+    cfg = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 2, "log_every": 1, "keep_every": 2,
+                                    "eval_every": 2})
     run_train(load_run_config(base=cfg))
-    first = (tmp_path / "run" / "log.jsonl").read_text()
+    out = tmp_path / "run"
+    first = (out / "log.jsonl").read_text()
+    assert {"keep-2", "keep-4", "best", "final", "checkpoint"} <= {p.name for p in out.iterdir()}
     again = tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "log_every": 1, "select_on_valid": False,
                                       "resume": False})
     run_train(load_run_config(base=again))
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
-    kept = list((tmp_path / "run").glob("log.previous-*.jsonl"))
-    assert len(kept) == 1 and kept[0].read_text() == first
+    assert not (out / "keep-4").exists() and not (out / "best").exists(), "the earlier run's models stayed"
+    kept = list(out.glob("previous-*"))
+    assert len(kept) == 1 and (kept[0] / "log.jsonl").read_text() == first
+    assert {"keep-2", "keep-4", "best", "final", "checkpoint", "train_summary.json"} <= {p.name for p in kept[0].iterdir()}
 
 
 # -- 11: truncated files are named ---------------------------------------------------------------------

@@ -112,8 +112,11 @@ def _method(tmp_path: Path, **method) -> LatentSFT:
     return build_method(load_run_config(base=cfg), training=True)
 
 
-def test_stage_two_loss_equals_a_hand_computation(tmp_path):
-    method = _method(tmp_path, stage=2, soft_labels=str(tmp_path / "unused"))
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_stage_two_loss_equals_a_hand_computation(tmp_path, tau):
+    """KL(teacher || softmax(logits / τ)) on the latents (inference feeds softmax(logits / τ), so that
+    is the distribution the teacher's α must become) + CE at τ = 1 on <eot>, the answer and EOS."""
+    method = _method(tmp_path, stage=2, soft_labels=str(tmp_path / "unused"), temperature=tau)
     lm = method.loaded
     torch.manual_seed(0)
     k, v = 3, lm.model.get_input_embeddings().weight.shape[0]
@@ -130,12 +133,13 @@ def test_stage_two_loss_equals_a_hand_computation(tmp_path):
         z = [(probs[r, t, :, None] * E[ids[r, t]]).sum(0) for t in range(n)]
         seq = torch.cat([E[prompts[r]], torch.stack(z), E[[lm.eot_id] + targets[r][:-1]]])
         with torch.no_grad():
-            logp = lm.model(inputs_embeds=seq[None]).logits[0].log_softmax(-1)
+            logits = lm.model(inputs_embeds=seq[None]).logits[0]
+        logp, latent_logp = logits.log_softmax(-1), (logits / tau).log_softmax(-1)
         p0 = len(prompts[r]) - 1
         kls = []
         for t in range(n):
             teacher = probs[r, t] / probs[r, t].sum()
-            kls.append(sum(float(teacher[j]) * (math.log(float(teacher[j]) + 1e-12) - float(logp[p0 + t, ids[r, t, j]]))
+            kls.append(sum(float(teacher[j]) * (math.log(float(teacher[j]) + 1e-12) - float(latent_logp[p0 + t, ids[r, t, j]]))
                            for j in range(k)))
         kl_rows.append(sum(kls) / n)
         after = [lm.eot_id] + targets[r]
@@ -178,6 +182,27 @@ def test_stage_one_trains_encoder_then_decoder_then_both_each_from_the_best(stag
     assert len([r for r in log if "restored_best_valid_metric" in r]) == 3
     trained = [r for r in log if "loss" in r]
     assert trained and all(0 < r["latent_top1_weight"] <= 1 and 0 < r["latent_distinct_top1"] <= 1 for r in trained)
+
+
+def test_stage_two_under_lora_exports_the_stage_one_labels(stage1, tmp_path):
+    """Under LoRA the LLM is peft-wrapped when stage 2 exports its labels: the encoder built from it
+    took the adapter layers' names and refused the saved (merged) encoder weights."""
+    from latentreason.recipes import run_train
+
+    def run(out: str, lora: bool) -> SoftLabels:
+        cfg = tiny_run(tmp_path / out, "latent-sft", train={"init_from": str(stage1 / "best"), "max_steps": 2,
+                                                            "select_on_valid": False}, data={"train_limit": 6},
+                       **({"lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": "q_proj,v_proj,embed_tokens"}}
+                          if lora else {}))
+        cfg["method"].update(stage=2, compression=4, max_latent_steps=8)
+        run_train(load_run_config(base=cfg))
+        return SoftLabels(tmp_path / out / "run" / "soft_labels")
+
+    plain, adapted = run("full", False), run("lora", True)
+    assert plain.rows.keys() == adapted.rows.keys() and len(plain.rows) == 6
+    for key, (p, i) in plain.rows.items():
+        assert torch.allclose(adapted.rows[key][0], p) and torch.equal(adapted.rows[key][1], i)
+    assert (tmp_path / "lora" / "run" / "final" / "model.safetensors").exists()
 
 
 def test_stage_two_exports_soft_labels_once_and_resumes_them_without_duplicates(stage1, tmp_path, monkeypatch):

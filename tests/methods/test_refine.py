@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from latentreason.config import RefineConfig, build_run_config
 from latentreason.eval.harness import eval_fingerprint
@@ -357,6 +358,25 @@ def test_trainer_keeps_models_and_auto_finds_them(cot_run: Path) -> None:
         auto_references(str(cot_run / "keep-3" / "missing"))
 
 
+def test_auto_references_skip_the_latent_runs_own_kept_models(cot_run: Path, tmp_path: Path) -> None:
+    """A latent run that also kept models (train.keep_every) started from the CoT-SFT run: the references
+    are the CoT run's checkpoints, not the latent run's (which would include the refined model)."""
+    import shutil
+
+    from latentreason.config import RUN_CONFIG_FILE
+
+    latent = tmp_path / "coconut"
+    shutil.copytree(cot_run, latent)
+    for cfg_file in latent.rglob(RUN_CONFIG_FILE):
+        saved = yaml.safe_load(cfg_file.read_text())
+        saved["method"]["name"] = "coconut"
+        saved["train"]["init_from"] = str(cot_run / "best")
+        cfg_file.write_text(yaml.safe_dump(saved))
+    assert len(list(latent.glob("keep-*"))) == 2
+    strong, weak = auto_references(str(latent / "best"))
+    assert (Path(strong), Path(weak)) == (cot_run / "keep-6", cot_run / "keep-3")
+
+
 def _digest(models: list[torch.nn.Module]) -> list[str]:
     return [hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in m.state_dict().values())).hexdigest()
             for m in models]
@@ -454,3 +474,19 @@ def test_refine_step_never_waits_for_the_device() -> None:
         with HostSyncs(forbid=True):
             out = step(ctx)
         assert out.embeds.shape == (3, 5)
+
+
+def test_refine_finds_its_references_before_the_sweep_runs(tmp_path: Path) -> None:
+    """No references to be found: refused before the first sweep cell (it evaluated the whole
+    (0, 0) cell, 200 questions by default, first)."""
+    from latentreason.config import load_run_config
+    from latentreason.methods.refine import run_refine
+    from latentreason.recipes import build_method
+
+    folder = tmp_path / "model"
+    build_method(load_run_config(base=tiny_run(tmp_path))).save_pretrained(folder)
+    run = load_run_config(overrides=[f"model.name_or_path={folder}", "method.name=coconut", "method.eval_thoughts=2",
+                                     f"eval.output_dir={tmp_path / 'refine'}", "refine.sweep_limit=4"], saved_base=True)
+    with pytest.raises(ValueError, match="train.keep_every"):
+        run_refine(run)
+    assert not (tmp_path / "refine" / "sweep").exists()

@@ -132,6 +132,38 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path):
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_the_same_command_again_changes_nothing_and_a_shorter_run_is_refused(tmp_path):
+    """A finished run rerun as it was: no validation again, best/ final/ and the log untouched (an
+    evaluation of best/ keyed on its files stays valid). Killed after its last checkpoint but before
+    final/: the rerun finishes it with the logged loss (it was NaN, written as invalid JSON).
+    Asked for fewer steps than its checkpoint holds: refused, not silently trained further."""
+    from latentreason.models.loading import CheckpointError
+
+    cfg = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 2})
+
+    def train(**over):
+        run = load_run_config(base={**cfg, "train": {**cfg["train"], **over}})
+        method = build_method(run)
+        return Trainer(run, method, method.task.load("train"), select=lambda m: 0.5).train()
+
+    first = train()
+    out = tmp_path / "run"
+    stamps = {p: p.stat().st_mtime_ns for p in [out / "log.jsonl", *out.glob("*/model.safetensors")]}
+    again = train()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (again.steps, again.final_loss, again.best_metric) == (4, first.final_loss, 0.5)
+    with pytest.raises(CheckpointError, match="past train.max_steps=3"):
+        train(max_steps=3)
+    import shutil
+
+    shutil.rmtree(out / "final")
+    (out / "train_summary.json").unlink()
+    train()
+    summary = json.loads((out / "train_summary.json").read_text())  # strict JSON: no NaN
+    assert summary["final_loss"] == pytest.approx([json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()
+                                                   if "loss" in json.loads(x)][-1]["loss"])
+
+
 def test_accelerate_two_processes_match_one_process(tmp_path):
     """`accelerate launch --num_processes 2` sees the same global batch and gradient."""
     cfg = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 4, "global_batch_size": 16, "micro_batch_size": 4})

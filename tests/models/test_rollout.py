@@ -833,3 +833,31 @@ def test_compile_with_grad_enabled_runs_eagerly_and_keeps_the_graph(compiled: di
     out.latents.sum().backward()
     assert vectors.grad is not None and entry.calls == calls
 
+
+
+def test_a_mixture_over_an_unmerged_lora_embedding_feeds_what_the_merged_model_does():
+    """peft's LoRA embedding keeps the base table in ``.weight`` and adds the low-rank delta in its
+    lookups. A mixture step must mix over the adapted table (what was trained, and what the merged,
+    saved model holds), so the unmerged model and its merged copy roll out the same latents."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    lm = _load("tiny-llama-l2-d64")
+    model = copy.deepcopy(lm.model)
+    model.config.tie_word_embeddings = False  # the trainer unties first (apply_lora)
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
+    torch.manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_embedding" in name:
+            param.data.normal_(0, 0.3)  # B starts at zero: make the delta real
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    base = peft_model.get_input_embeddings().weight
+    assert (merged.get_input_embeddings().weight - base).abs().max() > 0.1, "the delta is too small to matter"
+    outs = {}
+    for name, m in (("unmerged", peft_model), ("merged", merged)):
+        m.eval()
+        outs[name] = _run(types.SimpleNamespace(**{**vars(lm), "model": m}), _prompts(lm), MixtureStep(top_k=0))
+    assert torch.allclose(outs["unmerged"].latents, outs["merged"].latents, atol=ATOL)
+    assert outs["unmerged"].tokens == outs["merged"].tokens

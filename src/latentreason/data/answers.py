@@ -15,7 +15,8 @@ task or user code can register a new kind by name.
 
 Number normalisation (:func:`normalize_number`): surrounding whitespace, a leading ``+``, ``$``,
 thousands commas and a trailing ``%`` are dropped, and the decimal is written in its shortest form
-(``"1,000.50"`` -> ``"1000.5"``, ``"7.00"`` -> ``"7"``, ``"-0"`` -> ``"0"``). ``%`` is dropped
+(``"1,000.50"`` -> ``"1000.5"``, ``"7.00"`` -> ``"7"``, ``"-0"`` -> ``"0"``); an integer is written as
+all its digits, never with an exponent or rounded. ``%`` is dropped
 rather than divided by 100 because GSM8K-style golds for "what percent" questions are the bare
 number (``25``), so ``"25%"`` means 25. Fractions ``"3/4"`` stay text but compare numerically.
 """
@@ -30,7 +31,9 @@ from latentreason.registry import Registry
 
 DELIMITER = "####"  # same as base.ANSWER_DELIMITER (base imports this module, not the reverse)
 KINDS = ("number", "choice", "text")
-REL_TOL = 1e-6  # numbers compare equal within this relative tolerance (float-printed decimals)
+# Non-integral numbers compare equal within this relative tolerance (float-printed decimals such as
+# "0.30000000000000004"); two integers compare exactly, so a near-miss of a large answer is wrong.
+REL_TOL = 1e-6
 
 # Thousands separators only in groups of three ("1,000,000"), so "1,2,3" stays three numbers.
 _NUMBER = re.compile(
@@ -53,8 +56,11 @@ def normalize_number(text: str) -> str:
         return text.strip()
     if not value.is_finite():
         return text.strip()
-    out = format(value.normalize(), "f")
-    return "0" if out in ("-0", "0") else out
+    # Not value.normalize(): it rounds to the context's 28 significant digits, so a long integer
+    # came out with its low digits zeroed. int() and format(, "f") are exact and never use exponents.
+    if value == value.to_integral_value():
+        return str(int(value))  # "7.00" -> "7", "1E+3" -> "1000", "-0" -> "0"
+    return format(value, "f").rstrip("0")  # non-integral, so a "." precedes the stripped zeros
 
 
 def to_number(text: str) -> Fraction | None:
@@ -134,6 +140,8 @@ def _same_number(a: str, b: str) -> bool:
     x, y = to_number(a), to_number(b)
     if x is None or y is None:
         return normalize_number(a) == normalize_number(b)
+    if x.denominator == 1 and y.denominator == 1:
+        return x == y  # integers: exact, or 1234568 would pass for 1234567 (tolerance 1.23)
     return abs(x - y) <= REL_TOL * max(1, abs(y))
 
 

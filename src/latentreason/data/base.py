@@ -95,7 +95,7 @@ class Task:
         if split not in self.splits:
             raise ValueError(
                 f"task {self.name!r} has no split {split!r}; its splits are {', '.join(self.splits)}"
-                " (test splits are never shipped: select models on 'valid')"
+                " (the real datasets' test splits are not shipped; select models on 'valid')"
             )
 
     # -- text formats -----------------------------------------------------------------------

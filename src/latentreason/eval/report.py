@@ -279,6 +279,9 @@ def plot_curves(logs: dict[str, str | Path], path: str | Path, key: str = "rewar
                 title: str = "") -> Path:
     """One line per run of ``key`` against the training step (a trailing mean over ``smooth`` logged
     rows); runs whose labels share the text before '/' share a colour (seeds of one method)."""
+    if smooth < 1:  # checked first: a window of 0 rows would divide by zero, after reading every log
+        raise ValueError(f"smooth must be at least 1 (the number of logged rows each point averages; "
+                         f"1 = no smoothing), got {smooth}")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -9,7 +9,10 @@ explicit solutions of a question (token ids), these say how much of them the lat
   segment t; ``score_m`` = mean over steps of log(mass of p_t on the segment's tokens within its
   top-100); π = softmax(score); N_eff = exp(entropy of π) (1 = one path, M = all paths equally).
   ``n_eff_naive`` averages it over random one-to-one alignments of steps to segments; the ratio
-  says how much the real alignment beats chance.
+  says how much the real alignment beats chance. The alignment is the spec's version 1; version 2
+  (each latent greedily takes the closest unused segment by cosine distance to that solution's
+  encoder latents, the authors' metric code) needs the stage-1 encoder at evaluation and is not
+  implemented.
 * **Top-2**: π(2)/π(1) (our decision: the paper gives no formula).
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from torch import nn
 from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example, Task
 from latentreason.data.collate import encode_prompts
-from latentreason.io import atomic_write_text
+from latentreason.io import atomic_write_text, set_default_file_mode
 from latentreason.models.loading import CheckpointError, LoadedModel, ModelConfig, save_checkpoint
 from latentreason.models.rollout import RolloutConfig, RolloutOutput, derive_seed, rollout
 from latentreason.models.steps import LatentStep, ProbeStep
@@ -221,6 +221,7 @@ class Method:
             state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items()
                      for n, t in (states[k] if k in states else merged_state_dict(m)).items()}
             save_file(state, str(path / EXTRA_MODULES_FILE))
+            set_default_file_mode(path / EXTRA_MODULES_FILE)
         atomic_write_text(path / RUN_CONFIG_FILE, yaml.safe_dump(self.saved_config(), sort_keys=False))
 
     def saved_config(self) -> dict[str, Any]:

@@ -49,12 +49,12 @@ from tqdm.auto import tqdm
 from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example
 from latentreason.data.collate import encode_targets
-from latentreason.io import atomic_write_json
+from latentreason.io import atomic_write_json, set_default_file_mode
 from latentreason.methods.base import EXTRA_MODULES_FILE, METHODS, Method, Stage, stage_problems
 from latentreason.models.loading import CheckpointError, process_state
 from latentreason.models.latent_forward import IGNORE, embed_with_slots, latent_forward
 from latentreason.models.rollout import RolloutConfig, max_positions
-from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep
+from latentreason.models.steps import ExternalStep, HiddenStateStep, LatentStep, MixtureStep, input_embedding_table
 
 STEPS = ("warmup", "encoder", "decoder", "both")
 # Group of each position in the stage-1 decoder sequence (the supervision mask is written in them).
@@ -270,7 +270,10 @@ class LatentEncoder(nn.Module):
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
-        self.body = copy.deepcopy(lm.base_model)
+        if hasattr(lm, "merge_and_unload"):  # a peft-wrapped LLM (stage 2 under LoRA exports labels): the plain
+            self.body = copy.deepcopy(lm).merge_and_unload().base_model  # architecture, not its adapter layers
+        else:
+            self.body = copy.deepcopy(lm.base_model)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
@@ -345,11 +348,8 @@ class LatentSFT(Method):
         """The LLM's input embedding E (detached): the mixture is always over it. Under LoRA on the
         embedding, E is the adapted table (base + low-rank delta), which is what the saved, merged
         model looks tokens up in."""
-        embed = lm.get_input_embeddings()
-        if hasattr(embed, "lora_embedding_A"):
-            with torch.no_grad():
-                return embed(torch.arange(embed.weight.shape[0], device=embed.weight.device))
-        return embed.weight.detach()
+        with torch.no_grad():
+            return input_embedding_table(lm).detach()
 
     def _projection(self, lm: nn.Module) -> torch.Tensor:
         if self.cfg.projection == "output":
@@ -401,7 +401,7 @@ class LatentSFT(Method):
 
     def encoder_scores(self, encoder: nn.Module, lm: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's hidden state at every latent slot projected on the table: ([B, N, V], [B, N] valid)."""
-        h, valid = self.encoder_hidden(encoder, batch, self._table(lm).dtype)
+        h, valid = self.encoder_hidden(encoder, batch, lm.get_input_embeddings().weight.dtype)
         return self._scores(h, lm), valid
 
     def _scores(self, h: torch.Tensor, lm: nn.Module) -> torch.Tensor:
@@ -562,6 +562,8 @@ class LatentSFT(Method):
                              vectors=vectors, num_latents=batch["counts"], return_latent_logits=True, return_hidden=hidden)
         counts = out.num_latents
         logp = out.latent_logits.float().log_softmax(-1)  # [B, K+1, V]
+        # inference feeds softmax(logits / τ) (MixtureStep): that is what must match the teacher's α
+        latent_logp = logp if self.cfg.temperature == 1 else (out.latent_logits.float() / self.cfg.temperature).log_softmax(-1)
         n = probs.shape[1]
         valid = torch.arange(n, device=probs.device)[None] < counts[:, None]
         if hidden:  # the state inference would feed as latent t, against the exported one
@@ -570,7 +572,7 @@ class LatentSFT(Method):
             kl = err.float() * valid  # [B, N]
         else:
             teacher = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
-            student = logp[:, :n] if ids is None else logp[:, :n].gather(-1, ids)
+            student = latent_logp[:, :n] if ids is None else latent_logp[:, :n].gather(-1, ids)
             kl = (teacher * ((teacher + 1e-12).log() - student)).sum(-1) * valid  # [B, N]
         eot_logp = logp.gather(1, counts[:, None, None].expand(-1, 1, logp.shape[-1])).squeeze(1)[:, self.loaded.eot_id]
         ce = out.loss_sum() - eot_logp.sum()
@@ -679,7 +681,7 @@ def export_soft_labels(method: LatentSFT, examples: list[Example], folder: Path,
                 batch = {k: v.to(method.loaded.model.device) for k, v in batch.items()}
                 with torch.no_grad():
                     if c.latent == "hidden":  # the vectors the stage-1 decoder read; no ids
-                        p, valid = method.encoder_hidden(encoder, batch, method._table(method.loaded.model).dtype)
+                        p, valid = method.encoder_hidden(encoder, batch, method.loaded.model.get_input_embeddings().weight.dtype)
                         top = None
                     else:
                         p, top, valid = method.encoder_weights(encoder, method.loaded.model, batch)
@@ -693,6 +695,7 @@ def export_soft_labels(method: LatentSFT, examples: list[Example], folder: Path,
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             os.close(fd)
             save_file(tensors, tmp, metadata={"ids": json.dumps([ex.id for ex in chunk])})
+            set_default_file_mode(tmp)
             os.replace(tmp, folder / _shard_name(start // size))
         atomic_write_json(folder / "complete.json", {"shards": len(shards), "examples": len(examples)})
     return folder

@@ -157,24 +157,27 @@ def kept_checkpoints(run_folder: Path) -> list[Path]:
 
 
 def auto_references(model_path: str) -> tuple[str, str]:
-    """(strong, weak): the latest and earliest kept checkpoints of the first run that kept two or more,
-    starting from the model's own run and going up its ``train.init_from`` chain (for a latent model,
-    the CoT-SFT run it starts from; for a CoT model refined training-free, its own run)."""
+    """(strong, weak): the latest and earliest kept checkpoints of the first CoT-SFT run that kept two
+    or more, starting from the model's own run and going up its ``train.init_from`` chain (for a
+    latent model, the CoT-SFT run it starts from; for a CoT model refined training-free, its own run).
+    Only CoT-SFT runs count: the references are checkpoints of the chain-of-thought training, never
+    of the latent run being refined (whose kept models may hold the refined model itself)."""
     folder, seen = Path(model_path), []
     for _ in range(8):
         cfg_file = folder / RUN_CONFIG_FILE
         if not cfg_file.exists():
             break
         seen.append(str(folder))
-        kept = kept_checkpoints(_run_folder(folder))
+        saved = yaml.safe_load(cfg_file.read_text()) or {}
+        kept = kept_checkpoints(_run_folder(folder)) if saved.get("method", {}).get("name") == "cot-sft" else []
         if len(kept) >= 2:
             return str(kept[-1]), str(kept[0])
-        parent = (yaml.safe_load(cfg_file.read_text()) or {}).get("train", {}).get("init_from")
+        parent = saved.get("train", {}).get("init_from")
         if not parent:
             break
         folder = Path(parent)
     raise ValueError(
-        f"refine.strong=auto / refine.weak=auto: no run with two or more keep-<step>/ checkpoints up the "
+        f"refine.strong=auto / refine.weak=auto: no CoT-SFT run with two or more keep-<step>/ checkpoints up the "
         f"train.init_from chain of {model_path} (looked at {', '.join(seen) or 'nothing: not a saved run folder'}). "
         "Train the CoT-SFT model with train.keep_every=N, or name refine.strong and refine.weak (model folders)"
     )
@@ -304,6 +307,8 @@ def run_refine(run: RunConfig) -> dict[str, Any]:
     if run.eval.split == run.data.valid_split:
         logger.warning("eval.split=%s is the split the sweep selects on: the report is not an independent estimate",
                        run.eval.split)
+    if any(eta != 0 for eta in r.sweep_etas):  # the contrastive cells need references: find them before any cell runs
+        reference_paths(run)
     method = build_method(run)
     cells = []
     for alpha in r.sweep_alphas:

@@ -38,6 +38,8 @@ class NoCoTConfig(SFTConfig):
 
 @METHODS.register("cot-sft")
 class CoTSFT(Method):
+    """Supervised fine-tuning on chain + answer: the explicit-CoT baseline every latent method starts from."""
+
     name = "cot-sft"
     config_cls = SFTConfig
     cfg: SFTConfig
@@ -85,6 +87,8 @@ class CoTSFT(Method):
 
 @METHODS.register("nocot-sft")
 class NoCoTSFT(CoTSFT):
+    """Supervised fine-tuning on the answer alone: the no-reasoning baseline."""
+
     name = "nocot-sft"
     config_cls = NoCoTConfig
 

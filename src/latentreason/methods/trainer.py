@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,9 +44,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from latentreason.config import ConfigError, RunConfig, to_dict
+from latentreason.config import RUN_CONFIG_FILE, ConfigError, RunConfig, to_dict
 from latentreason.data.base import Example
-from latentreason.io import atomic_replace_dir, atomic_write_json, atomic_write_text, provenance, read_jsonl, recover_dir
+from latentreason.io import (
+    atomic_replace_dir,
+    atomic_write_json,
+    atomic_write_text,
+    make_temp_dir,
+    provenance,
+    read_jsonl,
+    recover_dir,
+    set_default_file_mode,
+)
 from latentreason.methods.base import Method, Stage, stage_index_at, stage_problems, stage_start
 from latentreason.models.loading import CheckpointError
 
@@ -465,10 +473,12 @@ class Trainer:
         optimizer = self._optimizer_state()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".checkpoint-"))
+            tmp = make_temp_dir(self.out, prefix=".checkpoint-")
             save_file(trainable, str(tmp / "trainable.safetensors"))
+            set_default_file_mode(tmp / "trainable.safetensors")
             if self.stage_best_state is not None:
                 save_file(self.stage_best_state, str(tmp / "stage_best.safetensors"))
+                set_default_file_mode(tmp / "stage_best.safetensors")
             torch.save(
                 {
                     "step": self.step,
@@ -538,22 +548,44 @@ class Trainer:
             logger.warning("checkpoint written by %d processes, resumed on %d: random streams (dropout) restart "
                            "from the seed; the data order is unchanged", len(rngs), self.acc.num_processes)
         self.step, self.best = state["step"], state["best"]
+        if self.step > self.run.train.max_steps:
+            raise CheckpointError(
+                f"{self.ckpt} is at step {self.step}, past train.max_steps={self.run.train.max_steps}: a run cannot "
+                "be shortened after the fact. Raise train.max_steps, use a new train.output_dir, or evaluate a "
+                f"saved model (keep-<step>/ with train.keep_every)")
         self.stage_best = state.get("stage_best")
         best_file = self.ckpt / "stage_best.safetensors"
         self.stage_best_state = load_file(str(best_file)) if self.stage_best is not None and best_file.exists() else None
         if self.acc.is_main_process and self.log_path.exists():
-            rows = [r for r in read_jsonl(self.log_path, drop_torn_tail=True) if r.get("step", 0) <= self.step]
-            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in rows))
+            every = read_jsonl(self.log_path, drop_torn_tail=True)
+            rows = [r for r in every if r.get("step", 0) <= self.step]
+            if len(rows) < len(every) or not self.log_path.read_bytes().endswith(b"\n"):  # rows past the checkpoint, a torn line
+                atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in rows))
         logger.info("resumed from %s at step %d", self.ckpt, self.step)
         return True
 
     def _start_fresh_log(self) -> None:
-        """A fresh run never appends to an earlier run's log: that log is kept under another name."""
-        if self.acc.is_main_process and self.log_path.exists():
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            kept = self.log_path.with_name(f"log.previous-{stamp}.jsonl")
-            os.replace(self.log_path, kept)
-            logger.info("starting a fresh run in %s; the earlier log is kept as %s", self.out, kept.name)
+        """A fresh run in a folder an earlier run wrote to (``train.resume=false``, or its checkpoint
+        gone) neither appends to that run's log nor leaves its models beside the new ones (a stale
+        ``keep-<step>/`` would be taken as a reference, a stale ``best/`` read as this run's): all of
+        it moves, whole, to ``previous-<time>/``."""
+        if not self.acc.is_main_process or not self.out.is_dir():
+            return
+        earlier = [p for p in self.out.iterdir()
+                   if (p.is_file() and p.name in ("log.jsonl", "train_summary.json", RUN_CONFIG_FILE))
+                   or (p.is_dir() and (p.name == "checkpoint" or (p / RUN_CONFIG_FILE).exists()))]
+        if all(p.name == RUN_CONFIG_FILE for p in earlier):  # a start that died before its first log line
+            return
+        kept = self.out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 0
+        while kept.exists():  # two fresh starts within a second
+            n += 1
+            kept = self.out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        kept.mkdir()
+        for p in earlier:
+            os.replace(p, kept / p.name)
+        logger.info("starting a fresh run in %s; the earlier run's %s moved to %s", self.out,
+                    ", ".join(sorted(p.name for p in earlier)), kept.name)
 
     def save_model(self, name: str) -> None:
         """``best/`` or ``final/``: what ``Method.from_pretrained`` and ``latentreason eval`` read."""
@@ -677,6 +709,14 @@ class Trainer:
         resumed = self.try_resume()  # first: refuses a checkpoint of other settings before writing
         if not resumed:
             self._start_fresh_log()
+        first_step = self.step
+        done = self.out / "train_summary.json"
+        if resumed and self.step >= t.max_steps and done.exists() and (self.out / "final").exists():
+            # the same command again: nothing to train, and best/, final/ and the log stay as they were
+            summary = json.loads(done.read_text())
+            logger.info("%s: already trained to step %d (train_summary.json); nothing to do", self.out, self.step)
+            return TrainResult(self.out, self.step, summary.get("final_loss", float("nan")),
+                               summary.get("best_valid_metric"), 0.0)
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "run_config.yaml", yaml.safe_dump(to_dict(self.run), sort_keys=False))
@@ -741,12 +781,16 @@ class Trainer:
             if self.step % t.save_every == 0 or self.step == t.max_steps or stage_ended:
                 self.save_resumable()
         bar.close()
+        if self.step == first_step and self.log_path.exists():
+            # killed after its last checkpoint, before final/: no step ran now, the log has the last loss
+            losses = [r["loss"] for r in read_jsonl(self.log_path, drop_torn_tail=True) if "loss" in r]
+            last_loss = losses[-1] if losses else last_loss
         self.wrapped.eval()
         self._maybe_select()
         self.save_model("final")
         if self.acc.is_main_process:
             atomic_write_json(self.out / "train_summary.json", {
-                "steps": self.step, "final_loss": last_loss, "best_valid_metric": self.best,
+                "steps": self.step, "final_loss": None if math.isnan(last_loss) else last_loss, "best_valid_metric": self.best,
                 "seconds_this_session": round(time.perf_counter() - start, 2), "processes": self.acc.num_processes,
                 "distributed_type": str(self.acc.distributed_type).rsplit(".", 1)[-1], "device": str(self.acc.device),
                 "global_batch_size": t.global_batch_size, "provenance": provenance(),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from latentreason.models.rollout import RolloutConfig, _Runner, check_context, latent_phase, left_pad
-from latentreason.models.steps import LatentStep, StepContext, StepResult
+from latentreason.models.steps import LatentStep, StepContext, StepResult, input_embedding_table
 
 IGNORE = -100
 
@@ -186,7 +186,7 @@ def latent_forward(
     positions = (pmask.cumsum(-1) - 1).clamp(min=0)
     logits, hidden = runner(embed(ids), pmask, positions)
     # One host check (all rows may have zero latents); the counts stop rows without further syncs.
-    phase = latent_phase(runner, _Counted(step, counts), k, logits, hidden, pmask.sum(-1), embed.weight,
+    phase = latent_phase(runner, _Counted(step, counts), k, logits, hidden, pmask.sum(-1), input_embedding_table(model),
                          sync_every=max(k, 1))
     tail_mask = torch.cat([ones, feed_tmask], dim=1)
     tail_pos = phase.lengths[:, None] + (tail_mask.cumsum(-1) - 1).clamp(min=0)

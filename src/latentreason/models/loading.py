@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from latentreason.io import atomic_replace_dir, recover_dir
+from latentreason.io import atomic_replace_dir, make_temp_dir, recover_dir, set_default_file_mode
 from latentreason.models import tiny
 from latentreason.models.compat import add_extra_special_tokens
 
@@ -182,9 +181,10 @@ def materialise_smollm2(force: bool = False) -> Path:
     model.hf_quantizer = None
     model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    tmp = make_temp_dir(target.parent, prefix=".smollm2-")  # not mkdtemp: its 0o700 would stay
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    set_default_file_mode(*tmp.glob("*.safetensors"))  # safetensors writes 0o600
     if (target / "config.json").exists():  # another process won the race
         import shutil
 
@@ -256,11 +256,14 @@ def _resolve(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
     if name == SMOLLM2_NAME:
         path: str | Path = materialise_smollm2()
     else:
-        path = name
+        path = name = os.path.expanduser(name)  # the shell leaves ~ alone inside model.name_or_path=~/...
         recover_dir(name)  # a save killed between its two renames left only <name>.old
-        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        # 'runs/bset' reads like a hub name (owner/model), but runs/ is a folder here: a mistyped path,
+        # not something to ask the hub for (which retries for a minute without a network).
+        local_parent = name.count("/") == 1 and Path(name.split("/")[0]).is_dir()
+        if not Path(name).exists() and (name.startswith((".", "/")) or name.count("/") > 1 or local_parent):
             raise FileNotFoundError(
-                f"model {name!r}: no such local folder; use a hub name (owner/model), a folder, "
+                f"model {cfg.name_or_path!r}: no such local folder; use a hub name (owner/model), a folder, "
                 f"or one of {', '.join(BUILTIN_NAMES)}"
             )
     try:
@@ -270,6 +273,9 @@ def _resolve(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except Exception as exc:
         if not Path(path).is_dir():
+            if isinstance(exc, OSError):  # a hub name that did not resolve (no network, no such repo)
+                raise FileNotFoundError(f"model {cfg.name_or_path!r}: not a local folder, and the hub did not give it "
+                                        f"({str(exc)[:300]})") from exc
             raise
         # A truncated or corrupt file surfaces as a raw safetensors/json/torch error: name it.
         raise CheckpointError(
@@ -341,7 +347,7 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path, state_dict: dict[str,
     a sharded model, whose own ``state_dict()`` holds shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}-")  # readable by others, unlike mkdtemp
     model = loaded.model
     if state_dict is None and hasattr(model, "merge_and_unload"):  # peft: save merged weights, keep training intact
         import copy
@@ -350,6 +356,7 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path, state_dict: dict[str,
     extra = {} if state_dict is None else {"state_dict": state_dict}
     model.save_pretrained(tmp, safe_serialization=True, **extra)
     loaded.tokenizer.save_pretrained(tmp)
+    set_default_file_mode(*tmp.glob("*.safetensors"))  # safetensors writes 0o600, unreadable by others
     atomic_replace_dir(tmp, path)
 
 

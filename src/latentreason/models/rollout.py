@@ -36,7 +36,7 @@ from latentreason.models.compat import (
     rewind_static_cache,
     select_cache_rows,
 )
-from latentreason.models.steps import LatentStep, StepContext
+from latentreason.models.steps import LatentStep, StepContext, input_embedding_table
 
 
 @dataclass
@@ -979,7 +979,7 @@ def rollout(
                           exact=exact_references)
         timings["reference_prefill_s"] = time.perf_counter() - t0
     t0, before = time.perf_counter(), runner.forwards
-    phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, embed.weight,
+    phase = latent_phase(runner, step, num_steps, logits, hidden, lengths, input_embedding_table(model),
                          keep=cfg.keep_distributions, keep_topk=cfg.distribution_topk, sync_every=sync_every,
                          references=refs, compact=cfg.compact and not torch.is_grad_enabled(),
                          compact_at=cfg.compact_at)

@@ -27,6 +27,18 @@ import torch
 from latentreason.registry import Registry
 
 
+def input_embedding_table(model: torch.nn.Module) -> torch.Tensor:
+    """[V, D] the table the model looks tokens up in: what a mixture step mixes over.
+
+    An unmerged peft LoRA embedding's ``.weight`` is the base table alone; its lookups add the
+    low-rank delta, and the saved (merged) model uses base + delta. Mixing over ``.weight`` there
+    would feed other latents than the ones trained and saved (the live validation of a LoRA run)."""
+    embed = model.get_input_embeddings()
+    if hasattr(embed, "lora_embedding_A"):
+        return embed(torch.arange(embed.weight.shape[0], device=embed.weight.device))
+    return embed.weight
+
+
 @dataclass
 class StepContext:
     """What the rollout hands a step. Shapes: B batch, D hidden, V vocabulary."""
