@@ -75,7 +75,12 @@ def test_overrides_may_follow_options(capsys):
     assert json.loads(capsys.readouterr().out)["id"].startswith("arith-valid-")
     with pytest.raises(SystemExit):
         main(["inspect", "example", "-n", "1", "stray"])
-    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    assert "latentreason inspect: error: unrecognized arguments: stray" in capsys.readouterr().err  # its own usage
+    from latentreason.cli import make_parser, parse
+
+    verbose = lambda *argv: parse(make_parser(), list(argv)).verbose  # noqa: E731
+    assert verbose("inspect", "example", "-v") and verbose("-v", "inspect", "example")  # -v after the verb too
+    assert not verbose("inspect", "example")
     with pytest.raises(SystemExit):
         main(["compare", "runs/a", "--out", "x", "b=c"])  # compare takes no overrides
     assert "unrecognized arguments: b=c" in capsys.readouterr().err

@@ -160,6 +160,8 @@ def make_parser() -> argparse.ArgumentParser:
     def add(name: str, func, help: str, first: dict | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=_field_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        # also after the verb; SUPPRESS keeps a -v given before it (a subparser default would reset it)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         if first:
             p.add_argument(first.pop("name"), **first)
         p.add_argument("--config", help="YAML recipe (see configs/)")
@@ -223,8 +225,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     refused as before."""
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # the subcommand's usage, not the top level's
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        (sub.choices.get(args.verb, parser) if sub else parser).error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args

@@ -326,6 +326,7 @@ def build_run_config(data: dict[str, Any], source: str = "<config>") -> RunConfi
     problems = validate(run)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
+    run._source = source  # type: ignore[attr-defined]  # for later checks' messages (training-only ones)
     return run
 
 

@@ -38,7 +38,8 @@ def run_train(run: RunConfig) -> Path:
 
     problems = METHODS.get(run.method.name).train_problems(run)
     if problems:  # e.g. a curriculum that does not add up to train.max_steps: refused before any weights load
-        raise ConfigError(problems)
+        source = getattr(run, "_source", None)
+        raise ConfigError([f"{source}: {p}" if source else p for p in problems])
     resumable_checkpoint(run)  # a checkpoint of other settings is refused before any weights load
     method = build_method(run, model_path=run.train.init_from, training=True)
     if not method.trainable:

@@ -105,6 +105,10 @@ def test_resume_refuses_rows_of_other_settings_and_continues_the_same_ones(tmp_p
     assert "8 of 16 examples already done" in caplog.text
     text = (out / "predictions.jsonl").read_text()
     assert text.startswith(first) and len(text.splitlines()) == 16 and summary["n"] == 16
+    assert "rows_beyond_this_evaluation" not in summary
+    shorter = run(eval={"limit": 5})  # the file keeps all 16 rows; the summary says it covers 5
+    assert shorter["n"] == 5 and shorter["rows_beyond_this_evaluation"] == 11
+    assert (out / "predictions.jsonl").read_text() == text
 
 
 def test_rows_written_before_a_field_existed_resume_only_at_its_old_behaviour(tmp_path):

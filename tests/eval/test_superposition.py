@@ -22,6 +22,10 @@ def test_ecr_by_hand():
     assert ecr(PROBS, IDS, A, 2, 1) == 1.0  # 5 in step 0's top-1, 8 in step 1's
     assert ecr(PROBS, IDS, A, 2, 3) == 2.0  # {5, 6} and {8, 9}
     assert ecr(PROBS, IDS, [7, 7, 1, 2], 2, 3) == 0.5  # one distinct token found, over two steps
+    # against the next segment: step 0 reads segment 1 ({8, 9}: none in its top-3), step 1 has none
+    assert ecr(PROBS, IDS, A, 2, 3, offset=1) == 0.0
+    assert ecr(PROBS, IDS, [1, 2, 5, 7], 2, 3, offset=1) == 1.0  # {5, 7} both in step 0's top-3, over 2 steps
+    assert question_metrics(PROBS, IDS, [1, 2, 5, 7], [[1]], 2)["ecr_next@5"] == 1.0
 
 
 def test_path_scores_n_eff_and_top2_by_hand():

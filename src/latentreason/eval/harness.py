@@ -170,7 +170,7 @@ def _superposition_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if not measured:
         return {}
     out: dict[str, Any] = {}
-    for key in ("ecr@1", "ecr@5", "ecr@10", "n_eff", "n_eff_over_naive", "top2"):
+    for key in ("ecr@1", "ecr@5", "ecr@10", "ecr_next@1", "ecr_next@5", "ecr_next@10", "n_eff", "n_eff_over_naive", "top2"):
         values = [m[key] for m in measured if m.get(key) is not None]
         out[key] = mean(values) if values else None
     out["n_eff_questions"] = sum(1 for m in measured if m.get("n_eff") is not None)
@@ -348,6 +348,11 @@ def evaluate(
         rows = _merge_rows(out, examples)
         wanted = {ex.id for ex in examples}
         summary = summarise([r for r in rows if r["id"] in wanted], info)
+        beyond = len(rows) - summary["n"]
+        if beyond:  # an earlier, longer run's rows stay in the file: say so, or file and summary disagree
+            summary["rows_beyond_this_evaluation"] = beyond
+            logger.info("%s: predictions.jsonl also holds %d rows of an earlier, longer evaluation (after these %d); "
+                        "summary.json covers these %d only", out, beyond, summary["n"], summary["n"])
         atomic_write_json(out / "summary.json", summary)
     state.wait_for_everyone()
     return json.loads((out / "summary.json").read_text())
