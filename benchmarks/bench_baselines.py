@@ -60,7 +60,9 @@ NOTES = {
                "current code (`--seeds 2`); its CoT-SFT model scores 0.510, so under this budget the seeds' CoT-SFT "
                "models differ widely and every method trained from them inherits that spread. Every seed-1 row was "
                "made on 2026-12-06 with the current code (`--seeds 1`): its CoT-SFT model scores 0.080 again (and its "
-               "no-CoT 0.460), as the earlier code's run did, so the mean rows are all on the current code."),
+               "no-CoT 0.460), as the earlier code's run did, so every mean row is on code from 2026-11-27 on (not one "
+               "commit: latent_sft_prosqa.json reports that seed 2's CoT-SFT and no-CoT, re-trained with the same recipe "
+               "on later code, gave 0.490 and 0.390)."),
 }
 TASKS: dict[str, dict[str, Any]] = {
     "arith": {"base": DEMO_BASE, "report": "test", "coconut": COCONUT},

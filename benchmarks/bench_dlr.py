@@ -254,10 +254,13 @@ def main() -> None:
     means: dict[tuple[str, str], list[tuple[Any, float]]] = {}
     fields = {"task": "arith", "model": MODEL, "split": "test"}
 
+    labels: dict[tuple[str, str], dict[str, Any]] = {}  # a mean row says what its seed rows say (task, split, note)
+
     def add(method: str, metric: str, value: float, n: int, seed: Any, **extra: Any) -> None:
         rows.append({**fields, "method": method, "metric": metric, "value": round(value, 4), "n": n, "seed": seed,
                      **extra})
         means.setdefault((method, metric), []).append((seed, value))
+        labels[(method, metric)] = {k: v for k, v in extra.items() if k in ("task", "split", "note")}
 
     frozen_a = evaluate(main_model, root / "eval" / "main-A", TASK_A)
     frozen_b = evaluate(main_model, root / "eval" / "main-B", TASK_B)
@@ -293,7 +296,10 @@ def main() -> None:
             add(name, "seconds_per_update_in_training", seconds_per_update(runs[name]), RL_STEPS - 1, seed,
                 split="train", note="median over the run's updates (validation excluded); runs trained one after another")
             curves[f"{name}/seed{seed}"] = runs[name]
-    rows += seed_mean_rows(means, **fields)
+    for row in seed_mean_rows(means, **fields):
+        own = labels.get((row["method"], row["metric"]), {})
+        note = f"{row['note']}; {own['note']}" if "note" in own else row["note"]
+        rows.append({**row, **own, "note": note})
     if args.cost:
         c = cost(root, main_model, warm_start(root, main_model, args.seeds[0], dlr_cfg["latent_dim"]), dlr_cfg)
         base_row = {**fields, "split": "train", "n": c["updates"],

@@ -1,10 +1,11 @@
 """SmolLM2-135M-Instruct on 200 rows of GSM8K-Aug valid: zero-shot, then after a short CoT-SFT.
 
-    python benchmarks/bench_smollm2_gsm8k.py [--limit 200] [--train-steps 80]
+    python benchmarks/bench_smollm2_gsm8k.py [--limit 200] [--train-steps 60]
 
 The CoT-SFT run trains on GSM8K train with equation-only chains (the gsm8k-aug task's train
 split, which excludes every GSM8K-Aug valid question) and is evaluated exactly like the
-zero-shot model. Both phases resume if the script is stopped and rerun. Writes
+zero-shot model (both with the task's format instruction in the prompt: method.prompt=instruction,
+not the zero-shot method's bare default). Both phases resume if the script is stopped and rerun. Writes
 benchmarks/results/smollm2_gsm8k.json.
 """
 from __future__ import annotations

@@ -19,10 +19,13 @@ Timings on a shared 2-core machine are noisy: speed is reported as ratios measur
 one run. Accuracy is a fraction of `n` questions, with its 95% Wilson interval where given.
 The runs behind a file live in `runs/`, which is not versioned: a `--collect` on another machine
 rebuilds the file from the runs it finds and carries the rows of the runs it does not find, each
-marked `carried=<date of the file it came from>`; a carried row may rest on a base model that has
-since been re-trained (the bench prints where a re-run disagrees with the published value).
-Rows of runs trained since 2026-11-27 name the commits that trained and evaluated their model
-(`trained_with`, `evaluated_with`; `+dirty` when the checkout had uncommitted changes).
+marked `carried=<date of the file it came from>` (timing rows kept from an earlier pass are marked so
+only since 2026-12-07: an unmarked timing row in an older file may come from an earlier pass of the
+same bench); a carried row may rest on a base model that has since been re-trained (the bench
+prints where a re-run disagrees with the published value). Rows of the tiny-model benches
+(`bench_baselines.py`, `bench_latent_sft.py`) trained since 2026-11-27 name the commits that trained
+and evaluated their model (`trained_with`, `evaluated_with`; `+dirty` when the checkout had
+uncommitted changes); the refinement, SmolLM2 and Coconut-budget benches do not record them.
 """
 
 

@@ -43,6 +43,22 @@ def test_curriculum_replaces_steps_by_thoughts_stage_by_stage(tmp_path) -> None:
         assert batch["prompts"][0][-1] == m.loaded.bot_id and batch["num_targets"] == len(batch["targets"][0])
     m.cfg.pad_thoughts = False  # a 4-step chain past max_stage 3: 3 steps' worth of thoughts, padded or not
     assert m.collate([ex])["counts"] == [6]
+    # a chain shorter than the stage: every step replaced by k·c thoughts (it got min(k, steps)·c, while a
+    # stage-k model is evaluated with k·c)
+    m.set_stage(3, stages[3])
+    assert m.thoughts(2) == 6 and m.eval_thoughts() == 6
+
+
+def test_a_stage_zero_model_is_evaluated_on_the_sequence_it_trained_on(tmp_path) -> None:
+    """Stage 0 trains on [Q, <bot>, <eot>, chain, answer]: its evaluation prompt must end <bot> <eot>
+    (it decoded right after <bot>, where it never learned to write)."""
+    _, m = _method(tmp_path, "coconut", thoughts_per_step=2, max_stage=3)
+    m.set_stage(0, m.stages()[0])
+    ex = m.task.load("valid", limit=1)[0]
+    assert m.eval_thoughts() == 0 and m.latent_step([ex]) is None
+    assert m.prompt_ids([ex])[0][-2:] == [m.loaded.bot_id, m.loaded.eot_id]
+    m.set_stage(1, m.stages()[1])
+    assert m.prompt_ids([ex])[0][-1] == m.loaded.bot_id  # with thoughts the rollout feeds <eot> after them
 
 
 def test_final_stage_without_padding_gives_short_chains_fewer_thoughts(tmp_path) -> None:
@@ -149,3 +165,32 @@ def test_resume_with_other_max_steps_is_refused_when_the_stages_derive_from_it(t
         resumable_checkpoint(replace(run, train=replace(run.train, max_steps=9)))
     assert "train.max_steps" not in resume_safe(run)
     assert "train.max_steps" in resume_safe(replace(run, method=replace(run.method, steps_per_stage=1)))
+
+
+def test_softcot_thoughts_do_not_depend_on_the_batch_on_an_absolute_position_model(tmp_path) -> None:
+    """GPT-2 adds a position embedding per slot: without positions taken from the mask, a row's soft
+    thoughts moved with how much left padding its batch gave it (training and evaluation batches differ)."""
+    cfg = tiny_run(tmp_path, "softcot", model={"name_or_path": "tiny-gpt2-l2-d64"},
+                   data={"task": "arith", "options": {"num_steps": 2, "valid_size": 8, "modulus": 1000, "max_operand": 999}})
+    cfg["method"].update(num_thoughts=3)
+    m = build_method(load_run_config(base=cfg))
+    with torch.no_grad():
+        m.assistant.projection.weight.normal_()  # its 0.1-scaled start would make any gap small
+    examples = m.task.load("valid", limit=8)
+    long = max(examples, key=lambda ex: len(ex.question))
+    short = min(examples, key=lambda ex: len(ex.question))
+    assert len(long.question) > len(short.question), "one prompt length: no padding to test"
+    with torch.no_grad():
+        together = m.latent_step([long, short]).vectors[1]
+        alone = m.latent_step([short]).vectors[0]
+    assert torch.allclose(together, alone, atol=1e-5), (together - alone).abs().max()
+
+
+def test_softcot_refuses_lora_on_its_frozen_main_model(tmp_path) -> None:
+    from latentreason.config import ConfigError
+
+    cfg = tiny_run(tmp_path, "softcot", lora={"enabled": True})
+    with pytest.raises(ConfigError, match="frozen main model"):
+        load_run_config(base=cfg)
+    cfg["method"]["train_main"] = True
+    load_run_config(base=cfg)

@@ -83,6 +83,26 @@ def _saved_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.parametrize("name", ["grpo", "cot-sft"])
+def test_on_policy_losses_run_without_dropout(name, tmp_path):
+    """GRPO/DLR sample in eval mode; scoring the samples in train mode (dropout on) would make the
+    first update's importance ratios differ from 1 and the clip drop them. SFT keeps dropout."""
+    cfg = tiny_run(tmp_path, name, train={"max_steps": 2, "save_every": 2, "select_on_valid": False})
+    if name == "grpo":
+        cfg["method"].update(group_size=2)
+    run = load_run_config(base=cfg)
+    method = build_method(run)
+    seen, real = [], method.loss
+
+    def loss(modules, batch):
+        seen.append(any(m.training for m in modules.modules()))
+        return real(modules, batch)
+
+    method.loss = loss
+    Trainer(run, method, method.task.load("train", limit=16)).train()
+    assert seen and all(flag == (name == "cot-sft") for flag in seen), seen
+
+
 def test_batch_indices_are_a_pure_function_of_the_step():
     a = [batch_indices(10, s, 4, seed=3) for s in range(6)]
     assert a == [batch_indices(10, s, 4, seed=3) for s in range(6)]

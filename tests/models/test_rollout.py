@@ -861,3 +861,16 @@ def test_a_mixture_over_an_unmerged_lora_embedding_feeds_what_the_merged_model_d
         outs[name] = _run(types.SimpleNamespace(**{**vars(lm), "model": m}), _prompts(lm), MixtureStep(top_k=0))
     assert torch.allclose(outs["unmerged"].latents, outs["merged"].latents, atol=ATOL)
     assert outs["unmerged"].tokens == outs["merged"].tokens
+
+
+def test_stop_ids_name_the_eos_that_ended_each_row():
+    """A model may stop on several ids (Qwen-Instruct); GRPO scores the one sampled, so the rollout
+    says which one ended each row (it appended eos_ids[0] whatever was sampled)."""
+    lm = _load("tiny-llama-l2-d64")
+    free = _run(lm, _prompts(lm), None, eos_ids=[-1])  # no stop: what each row writes
+    stop = free.tokens[0][2]  # row 0 writes it at step 2
+    assert stop not in free.tokens[0][:2]
+    out = _run(lm, _prompts(lm), None, eos_ids=[lm.eos_ids[0], stop])
+    assert out.stop_ids[0] == stop and out.tokens[0] == free.tokens[0][:2]
+    for toks, end, row in zip(out.tokens, out.stop_ids, free.tokens):
+        assert (end is None) == (len(toks) == MAX_NEW) and (end is None or end in (lm.eos_ids[0], stop))

@@ -108,11 +108,13 @@ class Coconut(Method):
         return None if name == "stage-final" else int(name.split("-")[1])
 
     def thoughts(self, num_steps: int) -> int:
-        """Thoughts for a chain of ``num_steps`` text steps at the current stage."""
+        """Thoughts for a chain of ``num_steps`` text steps at the current stage: k·c at stage k even
+        for a chain shorter than k (every step replaced), as the official code does and as a stage-k
+        model is evaluated; the final stage pads to max_stage·c (or, unpadded, min(steps, max_stage)·c)."""
         c, k = self.cfg, self._curriculum_stage()
         if k is None:
             return c.max_stage * c.thoughts_per_step if c.pad_thoughts else min(num_steps, c.max_stage) * c.thoughts_per_step
-        return min(k, num_steps) * c.thoughts_per_step
+        return k * c.thoughts_per_step
 
     def eval_thoughts(self) -> int:
         if self.cfg.eval_thoughts is not None:
@@ -159,7 +161,10 @@ class Coconut(Method):
 
     # -- evaluation ----------------------------------------------------------------------------
     def prompt_ids(self, examples: list[Example]) -> list[list[int]]:
-        return self.bot_prompt_ids(examples)
+        prompts = self.bot_prompt_ids(examples)
+        if not self.eval_thoughts():  # stage 0 trains on [Q, <bot>, <eot>, chain]: the rollout feeds <eot> only
+            prompts = [p + [self.loaded.eot_id] for p in prompts]  # after latents, so the prompt carries it here
+        return prompts
 
     def latent_step(self, examples: list[Example]) -> LatentStep | None:
         return HiddenStateStep() if self.eval_thoughts() else None

@@ -73,11 +73,10 @@ class GRPO(Method):
                       row_seeds=sample_seeds(c.sample_seed, step, examples, G), group_size=G, return_logprobs=True)
         texts = self.loaded.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         rewards = score_samples(self.task, texts, examples, G, c.format_weight)
-        eos = self.loaded.eos_ids[0]
-        finished = out.finished.tolist()
         seqs, labels, spans = [], [], []
         for i, toks in enumerate(out.tokens):
-            completion = toks + ([eos] if finished[i] else [])  # the eos that ended a row was sampled too
+            stop = out.stop_ids[i]  # the eos that ended a row was sampled too: score that one, not eos_ids[0]
+            completion = toks + ([stop] if stop is not None else [])
             prompt = prompts[i // G]
             seqs.append(prompt + completion)
             labels.append([IGNORE] * len(prompt) + completion)

@@ -63,8 +63,9 @@ class Assistant(nn.Module):
         """[B, n, D_main] soft thoughts for prompts that end with their n placeholder tokens."""
         lm = self.lm[0]
         ids, mask = left_pad(prompts, lm.pad_id, lm.model.device)
-        with torch.no_grad():
-            hidden = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # from the mask: absolute-position models (GPT-2) would
+        with torch.no_grad():                           # otherwise see a row's thoughts move with its batch's padding
+            hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
                               use_cache=False).hidden_states[-1][:, -n:]
         return self.projection(hidden.to(self.projection.weight.dtype))
 
@@ -94,6 +95,13 @@ class SoftCoT(Method):
         self.assistant = Assistant(helper, main_width).to(self.loaded.model.device)
         if not self.cfg.train_main:
             self.loaded.model.requires_grad_(False)
+
+    @classmethod
+    def validate(cls, run: Any) -> list[str]:
+        if run.lora.enabled and not getattr(run.method, "train_main", False):
+            return ["lora.enabled=true would attach trainable adapters to SoftCoT's frozen main model; set "
+                    "lora.enabled=false (only the projection trains), or method.train_main=true"]
+        return []
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"assistant": self.assistant}

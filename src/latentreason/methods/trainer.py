@@ -615,12 +615,23 @@ class Trainer:
 
     def _sample(self, micro: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """On-policy step, first half: samples from the current weights (no gradients, eval mode);
-        the unwrapped parts run it, so every process samples its own slice of the global batch."""
+        the unwrapped parts run it, so every process samples its own slice of the global batch.
+        Under the same autocast as the loss's forward: log-probabilities sampled in float32 and
+        scored in bfloat16 differ (for DLR's Gaussian over L x d latents, by ratios far outside the
+        clip range at what should be ratio 1), and the clipped surrogate then drops most updates."""
         self.wrapped.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.acc.autocast():
                 return [self.method.sample(self.module.parts, b, self.step) for b in micro]
         finally:
+            self._train_mode()
+
+    def _train_mode(self) -> None:
+        """Train mode, but dropout off for on-policy methods: the importance ratio of the first
+        update is 1 only if the policy scored is the one that sampled (TRL disables dropout too)."""
+        if self.method.on_policy:
+            self.wrapped.eval()
+        else:
             self.wrapped.train()
 
     def _current_stage(self) -> Stage | None:
@@ -685,7 +696,7 @@ class Trainer:
         self.wrapped.eval()
         with self._whole():
             metric = self.select(self.method)  # every process evaluates: cheap, and keeps them in step
-        self.wrapped.train()
+        self._train_mode()
         self._selected_at = self.step
         if self.acc.is_main_process:
             self._log({"step": self.step, "valid_metric": metric})
@@ -720,7 +731,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "run_config.yaml", yaml.safe_dump(to_dict(self.run), sort_keys=False))
-        self.wrapped.train()
+        self._train_mode()
         bar = tqdm(total=t.max_steps, initial=self.step, desc=f"train {self.method.name}",
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()

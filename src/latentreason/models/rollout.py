@@ -114,6 +114,8 @@ class RolloutOutput:
     #: [B, T] log-probability of each decoded token under the distribution it was drawn from
     #: (softmax(logits / temperature); greedy: temperature 1), 0 after a row ended; with return_logprobs
     logprobs: torch.Tensor | None = None
+    #: the eos id that ended each row (None: it ran to max_new_tokens); a model may have several
+    stop_ids: list[int | None] = field(default_factory=list)
 
 
 class ContextLengthError(ValueError):
@@ -1037,11 +1039,12 @@ def rollout(
     if refs is not None:
         timings["reference_forwards"] = float(refs.forwards * len(refs.runners))
 
-    tokens = []
+    tokens, stops = [], []
     eos_set = set(eos_ids)
     for row in out[:, :produced].tolist():
         cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
         tokens.append(row[:cut])
+        stops.append(row[cut] if cut < len(row) else None)
     if logps is not None:
         logps = logps[:, :produced]
-    return RolloutOutput(tokens, finished, n_latent, latents, dist_probs, dist_ids, timings, logps)
+    return RolloutOutput(tokens, finished, n_latent, latents, dist_probs, dist_ids, timings, logps, stops)
