@@ -71,3 +71,19 @@ def test_naming_another_method_or_task_drops_the_saved_section(tmp_path):
     assert other.data.task == "gsm8k" and "num_steps" not in other.data.options
     plain = load_run_config(overrides=[f"model.name_or_path={folder}"])
     assert plain.method.name == "cot-sft", "without saved_base the saved settings must not apply"
+
+
+def test_an_empty_split_is_an_error_not_accuracy_zero(tmp_path):
+    """gsm8k's valid split keeps only the GSM8K-Aug valid questions of the file given: another file
+    gave n = 0 and a summary of accuracy 0.0, silently."""
+    import pytest
+
+    from latentreason.recipes import run_eval
+
+    rows = tmp_path / "other.jsonl"
+    rows.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    cfg = tiny_run(tmp_path, eval={"output_dir": str(tmp_path / "ev")})
+    cfg["data"] = {"task": "gsm8k", "path": str(rows)}
+    run = load_run_config(base=cfg)
+    with pytest.raises(ValueError, match=r"eval.split=valid of task gsm8k holds no examples \(data.path="):
+        run_eval(run)

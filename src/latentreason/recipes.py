@@ -97,6 +97,9 @@ def run_eval(run: RunConfig, method: Method | None = None) -> dict:
     else:
         method.run = run
     examples = method.task.load(run.eval.split, limit=run.eval.limit)
+    if not examples:  # it reported accuracy 0.0 over n = 0 (gsm8k's valid keeps only the GSM8K-Aug valid questions of a file)
+        raise ValueError(f"eval.split={run.eval.split} of task {run.data.task} holds no examples"
+                         f"{f' (data.path={run.data.path})' if run.data.path else ''}: nothing to evaluate")
     if run.eval.solutions:
         examples = attach_solutions(examples, run.eval.solutions)
     out = run.eval.output_dir or default_eval_dir(run)

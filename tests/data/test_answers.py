@@ -68,6 +68,11 @@ def test_extract_strict_number(text: str, expected: str | None) -> None:
         ("2 apples\n#### 1,000", "1000"),
         ("1,2,3", "3"),  # not a thousands group: three numbers
         ("no digits here", None),
+        ("#### 6-7", "7"),  # a hyphen after a digit is a dash, not a minus sign
+        ("so 2023-10", "10"),
+        ("(18-3)", "3"),
+        ("the change is -2", "-2"),
+        ("x = \u22123.5", "-3.5"),
     ],
 )
 def test_extract_flexible_number(text: str, expected: str | None) -> None:
@@ -119,7 +124,9 @@ def test_check_integers_exactly() -> None:
     assert not check("12345678901234567890123456789013", "12345678901234567890123456789012", "number")
     assert check("1234567", "1,234,567.0", "number")  # same integer, different formats
     assert check("$1,234,567", "1234567.00", "number")
-    assert check("0.3333333", "1/3", "number")  # non-integral side: tolerance still applies
+    assert check("0.3333333", "1/3", "number")  # non-integral gold: tolerance still applies
+    assert not check("999999.5", "1000000", "number")  # an integer gold is exact: no tolerance growing with it
+    assert check("6/2", "3", "number")
 
 
 AQUA_OPTIONS = ("A)21", "B)22 m", "C)1/2", "D)0.5", "E)none of these")

@@ -31,13 +31,14 @@ from latentreason.registry import Registry
 
 DELIMITER = "####"  # same as base.ANSWER_DELIMITER (base imports this module, not the reverse)
 KINDS = ("number", "choice", "text")
-# Non-integral numbers compare equal within this relative tolerance (float-printed decimals such as
-# "0.30000000000000004"); two integers compare exactly, so a near-miss of a large answer is wrong.
+# A non-integral gold compares within this relative tolerance (float-printed decimals such as
+# "0.30000000000000004"); an integer gold exactly, so a near-miss of a large answer is wrong.
 REL_TOL = 1e-6
 
 # Thousands separators only in groups of three ("1,000,000"), so "1,2,3" stays three numbers.
+# A sign only where nothing word-like precedes it: "6-7" and "2023-10" hold 7 and 10, not -7 and -10.
 _NUMBER = re.compile(
-    r"[-+\u2212]?(?:\$\s?)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)%?(?![\d])"
+    r"(?:(?<![\w.])[-+\u2212])?(?:\$\s?)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)%?(?![\d])"
 )
 _LETTER = re.compile(r"(?<![A-Za-z0-9])([A-E])(?![A-Za-z0-9])")
 _OPTION = re.compile(r"^\s*\(?([A-Ea-e])\s*[\)\.:]\s*(.*)$", re.S)
@@ -140,8 +141,8 @@ def _same_number(a: str, b: str) -> bool:
     x, y = to_number(a), to_number(b)
     if x is None or y is None:
         return normalize_number(a) == normalize_number(b)
-    if x.denominator == 1 and y.denominator == 1:
-        return x == y  # integers: exact, or 1234568 would pass for 1234567 (tolerance 1.23)
+    if y.denominator == 1:
+        return x == y  # an integer gold: exact, or 1234568 (or 999999.5 for 1000000) would pass
     return abs(x - y) <= REL_TOL * max(1, abs(y))
 
 
