@@ -114,6 +114,21 @@ def test_gsm8k_chain_formats() -> None:
         build_task("gsm8k", chain_format="latex").chain_text(ex)
 
 
+def test_gsm8k_natural_steps_are_the_solution_lines(tmp_path) -> None:
+    """Coconut's curriculum replaces steps: 46% of GSM8K's lines end without a full stop, and
+    sentence splitting merged them (one row in three collapsed to a single step)."""
+    row = {"question": "How many pages?", "answer": "He writes 3*2=<<3*2=6>>6 pages a week\nSo 6*2=<<6*2=12>>12 pages."
+                                                    " Mr. Smith agrees\n#### 12"}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    task = build_task("gsm8k", path=str(path), holdout=str(tmp_path / "none.txt"))
+    (tmp_path / "none.txt").write_text("")
+    ex = task.load("train")[0]
+    assert ex.chain == "He writes 3*2=6 pages a week So 6*2=12 pages. Mr. Smith agrees"  # the text is unchanged
+    assert task.chain_steps(ex) == ["He writes 3*2=6 pages a week", "So 6*2=12 pages. Mr. Smith agrees"]
+    assert build_task("gsm8k", chain_format="equations").chain_steps(ex) == ["<<3*2=6>>", "<<6*2=12>>"]
+
+
 @needs_data
 def test_instructions_name_the_answer_format() -> None:
     for name in ("gsm8k", "gsm8k-aug", "aqua", "prosqa"):
