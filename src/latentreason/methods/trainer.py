@@ -726,7 +726,8 @@ class Trainer:
             # the same command again: nothing to train, and best/, final/ and the log stay as they were
             summary = json.loads(done.read_text())
             logger.info("%s: already trained to step %d (train_summary.json); nothing to do", self.out, self.step)
-            return TrainResult(self.out, self.step, summary.get("final_loss", float("nan")),
+            loss = summary.get("final_loss")  # None where it was NaN (strict JSON)
+            return TrainResult(self.out, self.step, float("nan") if loss is None else loss,
                                summary.get("best_valid_metric"), 0.0)
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
