@@ -234,6 +234,17 @@ def test_missing_local_path_is_a_clear_error(tmp_path) -> None:
         build_task("aqua", path=str(tmp_path)).load("valid")
 
 
+def test_a_byte_order_mark_is_read_and_other_bytes_are_named(tmp_path) -> None:
+    """A Windows tool's UTF-8 BOM was refused as bad JSON; bytes that are not UTF-8 raised a bare
+    UnicodeDecodeError that named no file."""
+    row = json.dumps({"question": "q?", "options": ["A)1", "B)2"], "rationale": "r", "correct": "A"})
+    (tmp_path / "dev.json").write_bytes(b"\xef\xbb\xbf" + f"{row}\n".encode())  # one object per line
+    assert len(build_task("aqua", path=str(tmp_path)).load("valid")) == 1
+    (tmp_path / "dev.json").write_bytes(f"{row}\n".encode() + b"\xff\n")
+    with pytest.raises(DataError, match=r"dev.json:2: not UTF-8 text"):
+        build_task("aqua", path=str(tmp_path)).load("valid")
+
+
 def test_hub_names_load_through_datasets(tmp_path, monkeypatch) -> None:
     calls = []
     holdout = _write(tmp_path, "valid.txt", ["Another question?||<<1+1=2>> #### 2"])

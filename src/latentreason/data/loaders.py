@@ -72,9 +72,19 @@ def source_key(source: Path | str) -> tuple:
     return ("file", str(source.resolve()), source.stat().st_mtime_ns)
 
 
+def _text(file: Path) -> str:
+    """The file as text: UTF-8, with a byte-order mark (Windows tools write one) accepted; other
+    bytes are an error naming the file and where, not a bare UnicodeDecodeError."""
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = file.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{file}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def _read_jsonl(file: Path) -> list[Row]:
     rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_text(file).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -89,7 +99,7 @@ def _read_jsonl(file: Path) -> list[Row]:
 
 def _read_json(file: Path) -> list[Row]:
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(_text(file))
     except json.JSONDecodeError as exc:
         raise DataError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, list):
@@ -112,7 +122,7 @@ def split_pipes(where: str, line: str) -> dict[str, str]:
 
 
 def _read_pipes(file: Path) -> list[Row]:
-    lines = file.read_text(encoding="utf-8").splitlines()
+    lines = _text(file).splitlines()
     return [(f"{file}:{n}", split_pipes(f"{file}:{n}", line)) for n, line in enumerate(lines, 1) if line.strip()]
 
 
