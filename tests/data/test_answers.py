@@ -85,6 +85,8 @@ def test_extract_choice() -> None:
     assert extract_strict("#### Answer: D", "choice") == "D"  # "Answer" is a word, not a letter
     assert extract_strict("#### 21", "choice") == "21"  # a value, matched later by check()
     assert extract_strict("Answer: A", "choice") is None
+    assert extract_strict("#### C or D", "choice") == "C or D"  # a hedge names no single option
+    assert not check(extract_strict("#### C or D", "choice"), "C", "choice", AQUA_OPTIONS)
     assert extract_flexible("A train ... so the answer is D.", "choice") == "D"
     assert extract_flexible("a cat and an apple", "choice") is None  # lower-case never counts
     assert extract_flexible("it costs 21 dollars", "choice") == "21"
@@ -145,11 +147,20 @@ AQUA_OPTIONS = ("A)21", "B)22 m", "C)1/2", "D)0.5", "E)none of these")
         ("22 m", "B", True),
         ("23", "B", False),
         ("None of these", "E", True),
-        ("0.5", "D", False),  # matches C (1/2) and D (0.5): ambiguous, so no option
+        ("0.5", "D", True),  # D's exact text wins, though C (1/2) holds the same value
+        ("0.50", "D", False),  # the value of C (1/2) and D (0.5), the text of neither: ambiguous, no option
     ],
 )
 def test_check_choice_letter_or_value(prediction: str, gold: str, correct: bool) -> None:
     assert check(prediction, gold, "choice", AQUA_OPTIONS) is correct
+
+
+def test_an_options_exact_text_wins_over_a_shared_number() -> None:
+    """AQuA valid 23: "once every 15 years" is option B's text; D ("15 times a year") shares its number.
+    The number match made the answer ambiguous, so the right option could not be named."""
+    options = ("A)every 10 years", "B)once every 15 years", "C)twice a year", "D)15 times a year")
+    assert check("once every 15 years", "B", "choice", options)
+    assert not check("15", "B", "choice", options)  # a bare 15 is ambiguous: B and D both hold it
 
 
 def test_check_text_with_and_without_options() -> None:

@@ -104,9 +104,9 @@ def extract_strict(text: str, kind: str) -> str | None:
     if kind == "number":
         found = _numbers(rest)
         return found[0] if found else None
-    if kind == "choice":
-        letter = _LETTER.search(rest)
-        return letter.group(1) if letter else rest
+    if kind == "choice":  # one letter named: it; two ("C or D": a hedge) or none: the line, matched by value
+        letters = set(_LETTER.findall(rest))
+        return letters.pop() if len(letters) == 1 else rest
     return rest
 
 
@@ -163,15 +163,17 @@ def _choice_letter(prediction: str, options: Sequence[str]) -> str | None:
     m = re.fullmatch(r"\(?([A-Ea-e])\)?[.:]?", p) or re.match(r"\(?([A-E])\s*\)", p)
     if m:
         return m.group(1).upper()
-    hits = set()
+    exact, hits = set(), set()
     for letter, value in map(split_option, options):
         if normalize_text(p) == normalize_text(value):
-            hits.add(letter)
+            exact.add(letter)
             continue
         value_numbers, p_numbers = _numbers(value), _numbers(p)
         if len(value_numbers) == 1 and len(p_numbers) == 1 and _same_number(p_numbers[0], value_numbers[0]):
             hits.add(letter)
-    return hits.pop() if len(hits) == 1 else None  # ambiguous values name no option
+    if len(exact) == 1:  # an option's exact text wins over options that merely share its number
+        return exact.pop()
+    return hits.pop() if len(hits) == 1 and not exact else None  # ambiguous values name no option
 
 
 def _named_option(text: str, options: Sequence[str]) -> str | None:
