@@ -101,6 +101,15 @@ def test_mix_task_interleaves_parts_and_scores_each_by_its_own_rules() -> None:
         build_task("mix", parts="arith:num_steps;arith")
 
 
+def test_mix_train_holds_no_question_of_any_parts_held_out_splits() -> None:
+    """Two parts of one format (3-step arith mod 10 and mod 7) share questions: each part kept only its
+    own valid questions out of its train, so the other part's leaked in (74 of 1,000 here)."""
+    mix = build_task("mix", parts="arith:num_steps=3:train_size=4000;arith:num_steps=3:modulus=7:seed=1:train_size=4000")
+    held = {ex.question for s in ("valid", "test") for ex in mix.load(s)}
+    train = mix.load("train")
+    assert len(train) > 7000 and not held & {ex.question for ex in train}
+
+
 def test_decoder_body_keeps_the_first_layers_of_the_deep_model() -> None:
     from latentreason.models.loading import decoder_body
     from latentreason.models.tiny import tiny_model

@@ -505,6 +505,9 @@ class Mix(Task):
         self.check_split(split)
         loaded = [[dataclasses.replace(ex, id=f"mix-{split}-{i}:{ex.id}", meta={**ex.meta, "part": i}) for ex in p.load(split)]
                   for i, p in enumerate(self.parts)]
+        if split == "train":  # each part keeps its own held-out questions out; parts of one format must keep each other's out too
+            held = {ex.question for p in self.parts for s in p.splits if s != "train" for ex in p.load(s)}
+            loaded = [[ex for ex in part if ex.question not in held] for part in loaded]
         mixed = [ex for row in itertools.zip_longest(*loaded) for ex in row if ex is not None]
         return mixed if limit is None else mixed[:limit]
 
