@@ -130,6 +130,12 @@ def read_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> list[dict[s
 
 
 def iter_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> Iterator[dict[str, Any]]:
+    for _, row in numbered_jsonl(path, drop_torn_tail=drop_torn_tail):
+        yield row
+
+
+def numbered_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(physical line number, row) for each row: what a caller's own checks name (blank lines count)."""
     path = Path(path)
     with open(path) as fh:
         lines = fh.read().split("\n")
@@ -145,7 +151,7 @@ def iter_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> Iterator[di
             raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(row).__name__}")
-        yield row
+        yield i + 1, row
 
 
 def git_commit(package_dir: Path) -> str | None:

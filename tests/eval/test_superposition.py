@@ -75,6 +75,6 @@ def test_solutions_from_predictions_and_attach(tmp_path):
     assert Task().solutions(attached[0]) == ["<<2*3=6>> <<6+1=7>>", "<<3*2=6>>"]  # the gold chain once
     assert Task().solutions(attached[1]) == ["<<5=5>>"]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "q1", "solutions": ["a"]}) + "\n" + json.dumps({"id": "q2", "solutions": "a"}) + "\n")
-    with pytest.raises(DataError, match="bad.jsonl: line 2: field 'solutions'"):
+    bad.write_text(json.dumps({"id": "q1", "solutions": ["a"]}) + "\n\n" + json.dumps({"id": "q2", "solutions": "a"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl: line 3: field 'solutions'"):  # the file's line, blank lines counted
         attach_solutions(examples, bad)

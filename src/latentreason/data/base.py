@@ -172,10 +172,10 @@ def attach_solutions(examples: list[Example], path: str | Path) -> list[Example]
     per line) appended to their ``alt_chains``; ids absent from the file keep their own."""
     from dataclasses import replace
 
-    from latentreason.io import iter_jsonl
+    from latentreason.io import numbered_jsonl
 
     extra: dict[str, list[str]] = {}
-    for line, row in enumerate(iter_jsonl(path), 1):
+    for line, row in numbered_jsonl(path):
         if not isinstance(row.get("id"), str):
             raise DataError(f"{path}: line {line}: field 'id' must be a string (the question's id)")
         sols = row.get("solutions")
