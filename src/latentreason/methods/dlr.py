@@ -44,7 +44,7 @@ from latentreason.methods.rl import (
 )
 from latentreason.models.latent_forward import latent_forward
 from latentreason.models.loading import decoder_body, load_model
-from latentreason.models.rollout import RolloutConfig, left_pad, max_positions, rollout
+from latentreason.models.rollout import RolloutConfig, left_pad, mask_positions, max_positions, rollout
 from latentreason.models.steps import ExternalStep, LatentStep
 
 
@@ -99,7 +99,7 @@ class LatentPolicy(nn.Module):
         so a row's latents do not depend on its batch)."""
         device = self.head.weight.device
         ids, mask = left_pad(prompts, pad_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = mask_positions(mask)
         hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
                            use_cache=False).last_hidden_state[:, -n:]
         mu = self.head(hidden.to(self.head.weight.dtype))

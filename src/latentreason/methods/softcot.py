@@ -26,7 +26,7 @@ from latentreason.data.collate import encode_prompts, encode_targets
 from latentreason.methods.base import METHODS, Method, task_model_config
 from latentreason.models.latent_forward import latent_forward
 from latentreason.models.loading import LoadedModel, load_model
-from latentreason.models.rollout import RolloutConfig, left_pad, max_positions
+from latentreason.models.rollout import RolloutConfig, left_pad, mask_positions, max_positions
 from latentreason.models.steps import ExternalStep, LatentStep
 
 
@@ -63,8 +63,8 @@ class Assistant(nn.Module):
         """[B, n, D_main] soft thoughts for prompts that end with their n placeholder tokens."""
         lm = self.lm[0]
         ids, mask = left_pad(prompts, lm.pad_id, lm.model.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # from the mask: absolute-position models (GPT-2) would
-        with torch.no_grad():                           # otherwise see a row's thoughts move with its batch's padding
+        positions = mask_positions(mask)  # GPT-2's thoughts would otherwise move with the batch's padding
+        with torch.no_grad():
             hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
                               use_cache=False).hidden_states[-1][:, -n:]
         return self.projection(hidden.to(self.projection.weight.dtype))

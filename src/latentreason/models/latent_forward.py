@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from latentreason.models.rollout import RolloutConfig, _Runner, check_context, latent_phase, left_pad
+from latentreason.models.rollout import RolloutConfig, _Runner, check_context, latent_phase, left_pad, mask_positions
 from latentreason.models.steps import LatentStep, StepContext, StepResult, input_embedding_table
 
 IGNORE = -100
@@ -155,7 +155,7 @@ def latent_forward(
                                                                                               device=device))
         embeds = torch.cat([embed(ids), lat, embed(eot), embed(feed_t)], dim=1)
         mask2d = torch.cat([pmask, lmask, ones, feed_tmask], dim=1)
-        positions = position_ids if position_ids is not None else (mask2d.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids if position_ids is not None else mask_positions(mask2d)
         if attention_mask is not None:
             length = embeds.shape[1]
             if tuple(attention_mask.shape) != (batch, 1, length, length):
@@ -183,13 +183,13 @@ def latent_forward(
     cfg = RolloutConfig(num_latent_steps=k, max_new_tokens=0, cache="dynamic")
     runner = _Runner(model, cfg, step.needs_hidden, batch, max_len=width + k + 1 + feed_t.shape[1],
                      probe=embed(ids[:1, -4:]))
-    positions = (pmask.cumsum(-1) - 1).clamp(min=0)
+    positions = mask_positions(pmask)
     logits, hidden = runner(embed(ids), pmask, positions)
     # One host check (all rows may have zero latents); the counts stop rows without further syncs.
     phase = latent_phase(runner, _Counted(step, counts), k, logits, hidden, pmask.sum(-1), input_embedding_table(model),
                          sync_every=max(k, 1))
     tail_mask = torch.cat([ones, feed_tmask], dim=1)
-    tail_pos = phase.lengths[:, None] + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+    tail_pos = phase.lengths[:, None] + mask_positions(tail_mask)
     logits, last_hidden = runner.forward_all(torch.cat([embed(eot), embed(feed_t)], dim=1), tail_mask, tail_pos,
                                              need_hidden=return_hidden)
     return LatentForwardOutput(logits, labels, phase.latents, counts, last_hidden)

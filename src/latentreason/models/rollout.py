@@ -172,6 +172,12 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids, mask
 
 
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: each row's real tokens count from 0, so no row's
+    positions (and, for absolute-position models such as GPT-2, its states) depend on its batch."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 # ---- one forward over new input columns -------------------------------------------------------
 
 
@@ -631,7 +637,7 @@ class References:
         self.runners: list[_Runner] = []
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # committed, not yet fed
         self.forwards = 0
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = mask_positions(mask)
         batch = ids.shape[0]
         for i, ref in enumerate(models):
             width = ref.get_input_embeddings().weight.shape[1]
@@ -963,7 +969,7 @@ def rollout(
     ones = torch.ones(batch, 1, dtype=torch.long, device=device)
 
     t0 = time.perf_counter()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = mask_positions(mask)
     lengths = mask.sum(-1)  # [B] real tokens so far: the next real token's position id
     logits, hidden = runner(embed(ids), mask, positions)
     if shared:  # one prefill, G rows per prompt from here on
