@@ -175,6 +175,8 @@ MALFORMED = [  # (task, file name, lines, expected line/row marker, field)
     ("prosqa", "valid.json", [json.dumps([PROSQA_OK, {k: v for k, v in PROSQA_OK.items() if k != "steps"}])],
      "[1]", "'steps'"),
     ("prosqa", "valid.json", [json.dumps([{**PROSQA_OK, "target": 9}])], "[0]", "'target'"),
+    ("prosqa", "valid.json", [json.dumps([{**PROSQA_OK, "idx_to_symbol": ["Rex", "Tom", 2, "lempus", "jompus"]}])],
+     "[0]", "'idx_to_symbol'"),
     ("prosqa", "valid.json", [json.dumps([{**PROSQA_OK, "answer": "Tom is a jompus."}])], "[0]", "'answer'"),
     ("multiplication-4x4", "valid.txt", ["1 2 3 4 * 1 2 3 4||x #### 1 4 0 1 7 6 8 1", "1 2 3 * 1 2 3 4||x #### 1"],
      ":2:", "'question'"),

@@ -19,7 +19,8 @@ from latentreason.config import ConfigError, RunConfig, load_run_config
 from latentreason.data.base import Example
 from latentreason.methods.base import Method, Stage, stage_index_at, stage_problems
 from latentreason.methods.sft import CoTSFT, SFTConfig
-from latentreason.methods.trainer import Trainer
+from latentreason.methods.coconut import CoconutConfig, coconut_stages
+from latentreason.methods.trainer import Trainer, epoch_begins
 from latentreason.recipes import build_method
 from tests.conftest import cli_args, subprocess_env, tiny_run
 
@@ -34,13 +35,15 @@ class StagedConfig(SFTConfig):
     select_from: int = field(default=0, metadata={"help": "first stage whose checkpoints best/ may pick"})
     frozen_stages: str = field(default="", metadata={"help": "comma-separated stages in which the LM gets no update"})
     restore_best: bool = field(default=False, metadata={"help": "every stage keeps its best checkpoint on validation"})
+    reset_each_epoch: bool = field(default=False, metadata={"help": "every stage clears AdamW's state at each epoch"})
 
 
 def plan(cfg: StagedConfig) -> list[Stage]:
     steps = [int(x) for x in cfg.stage_steps.split(",")]
     frozen = {int(x) for x in cfg.frozen_stages.split(",") if x}
     return [Stage(f"stage-{i}", n, reset_optimizer=cfg.reset_optimizer and i > 0, select=i >= cfg.select_from,
-                  frozen=("lm",) if i in frozen else (), restore_best=cfg.restore_best)
+                  frozen=("lm",) if i in frozen else (), restore_best=cfg.restore_best,
+                  reset_each_epoch=cfg.reset_each_epoch)
             for i, n in enumerate(steps)]
 
 
@@ -140,6 +143,34 @@ def test_optimizer_state_is_cleared_when_a_resetting_stage_begins(tmp_path, rese
     steps = {s["step"].item() for s in final["optimizer"]["state"].values()}
     assert steps == ({2} if reset else {6}), "AdamW step counts should restart at each reset"
     assert final["scheduler"]["last_epoch"] == 6, "the LR schedule stays global across stages"
+
+
+def test_epoch_begins_in_the_step_that_holds_its_first_example():
+    # 10 examples, batches of 4 run across epoch ends: epochs begin at examples 10, 20, 30, 40
+    assert [s for s in range(12) if epoch_begins(s, 4, 10)] == [2, 5, 7, 10]
+    assert [s for s in range(6) if epoch_begins(s, 16, 32)] == [2, 4]
+
+
+def test_optimizer_state_is_cleared_at_each_epoch_when_asked(tmp_path):
+    # 64 examples in batches of 16: an epoch begins at steps 4 and 8; one stage, no switch resets
+    cfg = _cfg(tmp_path, stage_steps="10", reset_optimizer=False, reset_each_epoch=True)
+    cfg["train"]["max_steps"] = 10
+    trainer = _trainer(cfg)
+    seen: list[int] = []
+    original = trainer._enter_stage
+
+    def enter() -> None:
+        original()
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        seen.append(max((int(s["step"]) for s in opt.state.values()), default=0))
+
+    trainer._enter_stage = enter
+    trainer.train()
+    # AdamW's step count just before each update: it restarts where an epoch begins
+    assert seen == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    coconut = coconut_stages(CoconutConfig(max_stage=2, reset_every_epoch=True), 6)
+    assert all(s.reset_each_epoch for s in coconut) and not any(
+        s.reset_each_epoch for s in coconut_stages(CoconutConfig(max_stage=2), 6))
 
 
 def _interrupt_after_checkpoint(trainer: Trainer, at_step: int) -> None:

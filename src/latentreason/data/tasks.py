@@ -265,6 +265,8 @@ def parse_prosqa(index: int, row: Row, split: str = "valid") -> Example:
     where = row[0]
     question, answer, steps = field(row, "question"), field(row, "answer"), field(row, "steps", list)
     symbols, edges = field(row, "idx_to_symbol", list), field(row, "edges", list)
+    if not all(isinstance(s, str) and s.strip() for s in symbols):
+        raise DataError(f"{where}: field 'idx_to_symbol' must be a list of non-empty strings")
     nodes = {key: field(row, key, int) for key in ("root", "target", "neg_target")}
     for key, value in nodes.items():
         if not 0 <= value < len(symbols):

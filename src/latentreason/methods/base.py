@@ -46,6 +46,9 @@ class Stage:
     name: str  # folder-safe, e.g. "stage-0"
     steps: int  # optimizer steps in this stage (>= 1)
     reset_optimizer: bool = False  # clear AdamW state when this stage begins (not for the first stage)
+    #: Also clear it at each step of this stage in which a new epoch of the training examples begins
+    #: (Coconut's official code resets at every epoch; its README says at stage switches).
+    reset_each_epoch: bool = False
     select: bool = True  # whether validation-based selection of best/ may pick checkpoints from this stage
     #: Parts that get no update in this stage ("lm", or an extra module's name): their gradients are
     #: dropped before the optimizer step (Latent-SFT trains its encoder, then its decoder, then both).

@@ -41,7 +41,8 @@ class CoconutConfig(MethodConfig):
     first_stage: int = field(default=0, metadata={"help": "first curriculum stage trained (0 = a CoT stage with <bot><eot> and no thoughts)"})
     steps_per_stage: int = field(default=0, metadata={"help": "optimizer steps in each curriculum stage first_stage..max_stage; 0 = train.max_steps split evenly over every stage"})
     final_stage_steps: int = field(default=-1, metadata={"help": "optimizer steps in the final stage (every text step dropped); 0 = no final stage; -1 = as many as a curriculum stage"})
-    reset_optimizer: bool = field(default=True, metadata={"help": "clear AdamW's state at each stage switch (the official code resets it every epoch)"})
+    reset_optimizer: bool = field(default=True, metadata={"help": "clear AdamW's state at each stage switch (what the official README says)"})
+    reset_every_epoch: bool = field(default=False, metadata={"help": "also clear it whenever a new epoch of the training set begins (what the official code does)"})
     pad_thoughts: bool = field(default=True, metadata={"help": "final stage: max_stage·c thoughts for every question, even with fewer steps"})
     eval_thoughts: int | None = field(default=None, metadata={"help": "thoughts at evaluation; None = the trained stage's (saved with each stage's model)"})
     max_length: int = field(default=1024, metadata={"help": "training sequences longer than this (or than the model's context) are dropped"})
@@ -71,7 +72,8 @@ def coconut_stages(c: CoconutConfig, max_steps: int) -> list[Stage]:
     if not c.steps_per_stage:
         lengths[-1] += max(0, max_steps - sum(lengths))
     names = [f"stage-{k}" for k in ks] + (["stage-final"] if final else [])
-    return [Stage(name, n, reset_optimizer=c.reset_optimizer, select=i == count - 1)
+    return [Stage(name, n, reset_optimizer=c.reset_optimizer, reset_each_epoch=c.reset_every_epoch,
+                  select=i == count - 1)
             for i, (name, n) in enumerate(zip(names, lengths))]
 
 

@@ -157,6 +157,13 @@ def batch_indices(n_examples: int, step: int, global_batch: int, seed: int) -> l
     return out
 
 
+def epoch_begins(step: int, global_batch: int, n_examples: int) -> bool:
+    """Whether a new epoch's first example is in step ``step``'s batch (never at step 0: the first
+    epoch needs no reset). Batches run across epoch ends (see :func:`batch_indices`)."""
+    first, last = step * global_batch, (step + 1) * global_batch - 1
+    return step > 0 and last // n_examples > (first - 1) // n_examples
+
+
 def _resumable_state(module: _LossModule) -> dict[str, torch.Tensor]:
     """Trainable parameters, plus every buffer of the extra modules (running statistics, etc.).
 
@@ -646,7 +653,10 @@ class Trainer:
         assert self.stages is not None
         i = stage_index_at(self.stages, self.step)
         stage = self.stages[i]
-        if i > 0 and stage.reset_optimizer and self.step == stage_start(self.stages, i):
+        switch = i > 0 and stage.reset_optimizer and self.step == stage_start(self.stages, i)
+        epoch = stage.reset_each_epoch and epoch_begins(self.step, self.run.train.global_batch_size,
+                                                         len(self.examples))
+        if switch or epoch:
             # AdamW moments and step counts go; the LR schedule stays global. Idempotent: a resume
             # at this step (its checkpoint holds the previous stage's state) clears it again.
             getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
