@@ -107,10 +107,19 @@ class EvalConfig:
         "JSONL of further explicit solutions, one object per line {\"id\": question id, \"solutions\": [chain, ...]}, "
         "added to the task's own for N_eff and Top-2 (tasks with one gold chain per question, such as GSM8K: "
         "sample chains from a CoT-SFT model, see eval/superposition.py solutions_from_predictions)")})
+    n_eff_alignment: str = field(default="position", metadata={"help": (
+        "how N_eff aligns latent steps to a solution's segments: position (step t to segment t, the spec's version 1) "
+        "or encoder (each step, in order, takes the unused segment whose stage-1 encoder latent is closest to the "
+        "latent fed, by cosine distance: the Latent-SFT authors' metric code; needs the stage-1 encoder, eval.encoder)")})
+    encoder: str | None = field(default=None, metadata={"help": (
+        "stage-1 Latent-SFT folder whose encoder embeds each solution for eval.n_eff_alignment=encoder (default: the "
+        "folder the evaluated stage-2 model was trained from, its train.init_from)")})
 
     def __post_init__(self) -> None:
         if self.probe not in ("none", "zero", "noise", "shuffle"):
             raise ValueError(f"eval.probe={self.probe!r}, must be none, zero, noise or shuffle")
+        if self.n_eff_alignment not in ("position", "encoder"):
+            raise ValueError(f"eval.n_eff_alignment={self.n_eff_alignment!r}, must be position or encoder")
 
 
 @dataclass

@@ -6,7 +6,16 @@ import math
 import pytest
 import torch
 
-from latentreason.eval.superposition import ecr, n_eff, n_eff_naive, path_scores, question_metrics, split_even, top2
+from latentreason.eval.superposition import (
+    ecr,
+    encoder_alignment,
+    n_eff,
+    n_eff_naive,
+    path_scores,
+    question_metrics,
+    split_even,
+    top2,
+)
 
 PROBS = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]])
 IDS = torch.tensor([[5, 6, 7], [8, 5, 9]])
@@ -53,6 +62,39 @@ def test_naive_alignment_and_one_solution():
     assert one["n_eff"] is None and one["solutions"] == 1 and one["ecr@1"] == 1.0
     two = question_metrics(PROBS, IDS, A, [A, B], 2)
     assert two["n_eff"] == pytest.approx(aligned) and two["solutions"] == 2
+
+
+def test_encoder_alignment_takes_the_closest_unused_segment_in_step_order():
+    refs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # step 0 takes segment 1, step 1 segment 0: the result is, per segment, its step
+    assert encoder_alignment(torch.tensor([[0.0, 2.0], [3.0, 0.0]]), refs) == [1, 0]
+    # both steps are closest to segment 0: the first takes it, the second gets what is left
+    assert encoder_alignment(torch.tensor([[1.0, 0.0], [1.0, 0.2]]), refs) == [0, 1]
+    assert encoder_alignment(torch.tensor([[1.0, 0.2], [1.0, 0.0]]), refs) == [0, 1]
+    # more steps than segments: only the first len(refs) steps are matched (cosine: scale-free)
+    assert encoder_alignment(torch.tensor([[0.0, 5.0], [0.1, 0.0], [1.0, 0.0]]), refs) == [1, 0]
+
+
+def test_encoder_alignment_recovers_a_solution_whose_segments_the_steps_carry_out_of_order():
+    c = [8, 9, 5, 6]  # A with its two segments swapped: step 1 carries [8, 9], step 0 carries [5, 6]
+    fed = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    refs_c = torch.tensor([[0.0, 1.0], [1.0, 0.1]])  # the encoder's latent of c's segment 0 is near step 1's
+    refs_b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    sa = (math.log(0.8) + math.log(0.7)) / 2
+    sb = (math.log(0.4) + math.log(0.6)) / 2
+    by_position = question_metrics(PROBS, IDS, A, [c, B], 2)
+    by_encoder = question_metrics(PROBS, IDS, A, [c, B], 2, fed=fed, references=[refs_c, refs_b])
+    assert by_position["n_eff"] == pytest.approx(1.0, abs=1e-4)  # c's step-0 segment gets no mass
+    assert by_encoder["n_eff"] == pytest.approx(n_eff([sa, sb]), abs=1e-9)
+    assert by_encoder["top2"] == pytest.approx(math.exp(sb - sa), abs=1e-6)
+    combos = [n_eff(path_scores(PROBS, IDS, [c, B], 2, alignments=[a, b]))
+              for a in ([0, 1], [1, 0]) for b in ([0, 1], [1, 0])]
+    naive = by_encoder["n_eff"] / by_encoder["n_eff_over_naive"]
+    assert min(combos) < naive < max(combos)
+    with pytest.raises(ValueError, match="one reference per distinct solution"):
+        question_metrics(PROBS, IDS, A, [c, B], 2, fed=fed, references=[refs_c])
+    with pytest.raises(ValueError, match="aligned steps"):  # an encoder that cut the solution otherwise
+        question_metrics(PROBS, IDS, A, [c, B], 2, fed=fed, references=[refs_c[:1], refs_b])
 
 
 def test_solutions_from_predictions_and_attach(tmp_path):

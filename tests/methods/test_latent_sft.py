@@ -333,6 +333,62 @@ def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage
             main(["inspect", "latents", f"model.name_or_path={out / 'best'}", "-n", n])
 
 
+def test_n_eff_encoder_alignment_reads_the_stage_one_encoders_latents(stage1, tmp_path, monkeypatch):
+    import latentreason
+    from latentreason.methods.base import Method
+    from latentreason.models.loading import CheckpointError
+    from latentreason.models.steps import input_embedding_table
+    from latentreason.recipes import run_eval, run_train
+
+    cfg = tiny_run(tmp_path, "latent-sft", train={"init_from": str(stage1 / "best"), "max_steps": 2, "eval_limit": 8},
+                   data={"train_limit": 32}, rollout={"max_new_tokens": 8})
+    cfg["method"].update(stage=2, compression=4, max_latent_steps=6)
+    run_train(load_run_config(base=cfg))
+    out = tmp_path / "run"
+    method = latentreason.load(out / "best")
+    # a solution's reference latents are what the stage-1 encoder exported for it as a soft label
+    ex = method.task.load("train", limit=32)[3]
+    gold = method.loaded.tokenizer(method.task.chain_text(ex), add_special_tokens=False)["input_ids"]
+    (got,) = method.solution_latents(ex, [gold])
+    probs, ids = SoftLabels(out / "soft_labels").get(ex.id)
+    stage_one = Method.from_pretrained(stage1 / "best")
+    want = LatentSFT.mix(probs, ids, input_embedding_table(stage_one.loaded.model)).float()
+    assert got.shape == (len(segment(gold, 4)), want.shape[-1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    def evaluate(name: str, *more: str) -> dict:
+        return run_eval(load_run_config(overrides=[f"model.name_or_path={out / 'best'}", "eval.limit=8",
+                                                   f"eval.solutions={sols}", f"eval.output_dir={tmp_path / name}", *more],
+                                        saved_base=True))
+
+    sols = tmp_path / "solutions.jsonl"
+    rows = method.task.load("valid", limit=5)
+    sols.write_text("".join(json.dumps({"id": r.id, "solutions": ["1+1=2 2*2=4", "3*3=9 9-1=8"]}) + "\n" for r in rows))
+    asked: list[int] = []
+    original = LatentSFT.solution_latents
+
+    def counted(self, ex, solutions):
+        asked.append(len(solutions))
+        return original(self, ex, solutions)
+
+    monkeypatch.setattr(LatentSFT, "solution_latents", counted)
+    by_encoder = evaluate("ev-enc", "eval.n_eff_alignment=encoder")  # the encoder found from train.init_from
+    assert asked == [3] * 5, "each question with solutions: the gold chain and the two given, embedded once"
+    by_position = evaluate("ev-pos")
+    assert by_encoder["n_eff_questions"] == by_position["n_eff_questions"] == 5
+    assert by_encoder["accuracy"] == by_position["accuracy"] and by_encoder["ecr@1"] == by_position["ecr@1"]
+    with pytest.raises(ValueError, match="other settings"):  # rows of one alignment never resume into the other
+        evaluate("ev-enc")
+    with pytest.raises(CheckpointError, match="stage-1 latent-sft folder"):
+        evaluate("ev-bad", "eval.n_eff_alignment=encoder", f"eval.encoder={out / 'best'}")
+    # a method without an encoder refuses before generating anything
+    cot = build_method(load_run_config(base=tiny_run(tmp_path / "cot", "cot-sft", eval={"n_eff_alignment": "encoder"})))
+    from latentreason.eval.harness import predict
+
+    with pytest.raises(ValueError, match="no encoder latents"):
+        predict(cot, cot.task.load("valid", limit=2), 2)
+
+
 def test_warmup_targets_are_what_the_decoder_writes_after_each_latent():
     segments = [[1, 2, 3, 4], [5, 6, 6, 7], [8]]
     assert latent_bags(segments, [20, 21]) == [[5, 6, 6, 7], [8], [20, 21]]

@@ -87,6 +87,9 @@ def predict(
     """
     task, tok = method.task, method.loaded.tokenizer
     rate = method.superposition_rate()
+    if method.run.eval.n_eff_alignment == "encoder" and type(method).solution_latents is Method.solution_latents:
+        raise ValueError(f"eval.n_eff_alignment=encoder: method {method.name!r} has no encoder latents to align "
+                         "with (Latent-SFT stage 2 has); use position")
     preds: dict[int, Prediction] = {}
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, dynamic_ncols=True)
     for done in generate_batches(method, examples, batch_size, probe=probe, probe_seed=probe_seed):
@@ -100,10 +103,12 @@ def predict(
         measured = rate is not False and out.dist_probs is not None and out.dist_ids is not None and probe == "none"
         # one copy to the host per batch, not one device wait per row
         dists = (out.dist_probs.float().cpu(), out.dist_ids.cpu()) if measured else None
+        fed = out.latents.float().cpu() if measured and method.run.eval.n_eff_alignment == "encoder" else None
         for j, (i, text) in enumerate(zip(idx, texts)):
             ex = examples[i]
             score = task.score(text, ex)
-            extra = _superposition(method, ex, dists[0][j, :latent[j]], dists[1][j, :latent[j]], rate) if dists else None
+            extra = _superposition(method, ex, dists[0][j, :latent[j]], dists[1][j, :latent[j]], rate,
+                                   None if fed is None else fed[j, :latent[j]]) if dists else None
             preds[i] = Prediction(
                 id=ex.id, question=ex.question, gold=ex.answer, output=text, prediction=score.prediction,
                 prediction_flexible=score.prediction_flexible, correct=score.correct,
@@ -120,16 +125,22 @@ def predict(
     return [preds[i] for i in range(len(examples))]
 
 
-def _superposition(method: Method, ex: Example, probs: torch.Tensor, ids: torch.Tensor, rate: int | None) -> dict[str, Any]:
-    """One row's superposition metrics from the latent distributions the rollout kept."""
-    from latentreason.eval.superposition import question_metrics
+def _superposition(method: Method, ex: Example, probs: torch.Tensor, ids: torch.Tensor, rate: int | None,
+                   fed: torch.Tensor | None = None) -> dict[str, Any]:
+    """One row's superposition metrics from the latent distributions the rollout kept (and, for
+    N_eff's encoder alignment, the latents fed: ``fed``)."""
+    from latentreason.eval.superposition import distinct_solutions, question_metrics
 
     tok, task = method.loaded.tokenizer, method.task
     gold = tok(task.chain_text(ex), add_special_tokens=False)["input_ids"]
     solutions = tok(task.solutions(ex), add_special_tokens=False)["input_ids"]
     steps = probs.shape[0]
     r = rate if rate else max(1, -(-len(gold) // max(steps, 1)))  # no rate: the gold chain cut in #L parts
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in question_metrics(probs, ids, gold, solutions, r).items()}
+    references = None
+    if fed is not None and steps and len(distinct := distinct_solutions(solutions)) >= 2:
+        references = method.solution_latents(ex, distinct)
+    metrics = question_metrics(probs, ids, gold, solutions, r, fed=fed, references=references)
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
 def accuracy(method: Method, examples: list[Example], batch_size: int) -> float:
@@ -366,7 +377,7 @@ def _rank_files(out: Path) -> list[Path]:
 #: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
 ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition",
                                  "refine.exact_references": True, "method.stop_at_answer": False,
-                                 "eval.solutions": None}
+                                 "eval.solutions": None, "eval.n_eff_alignment": "position", "eval.encoder": None}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:

@@ -13,10 +13,11 @@ explicit solutions of a question (token ids), these say how much of them the lat
   segment t; ``score_m`` = mean over steps of log(mass of p_t on the segment's tokens within its
   top-100); π = softmax(score); N_eff = exp(entropy of π) (1 = one path, M = all paths equally).
   ``n_eff_naive`` averages it over random one-to-one alignments of steps to segments; the ratio
-  says how much the real alignment beats chance. The alignment is the spec's version 1; version 2
-  (each latent greedily takes the closest unused segment by cosine distance to that solution's
-  encoder latents, the authors' metric code) needs the stage-1 encoder at evaluation and is not
-  implemented.
+  says how much the real alignment beats chance. Two alignments (``eval.n_eff_alignment``):
+  ``position`` (the spec's version 1: step t to segment t; the naive draws any T_m of the T steps)
+  and ``encoder`` (version 2, the authors' metric code: step t, in order, takes the unused segment
+  whose stage-1 encoder latent is closest by cosine distance to the latent fed at step t; the
+  naive permutes the same T_m steps' segments at random).
 * **Top-2**: π(2)/π(1) (our decision: the paper gives no formula).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 def split_even(tokens: Sequence[int], parts: int) -> list[list[int]]:
@@ -62,6 +64,8 @@ def path_scores(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequ
         parts = min(steps, max(1, math.ceil(len(sol) / rate)))
         segs = split_even(sol, parts)
         order = list(range(parts)) if alignments is None else list(alignments[m])
+        if len(order) != parts:
+            raise ValueError(f"solution {m}: {len(order)} aligned steps for its {parts} segments")
         logs = [math.log(_mass(probs[t], ids[t], seg, top) + 1e-12) for t, seg in zip(order, segs)]
         scores.append(sum(logs) / parts)
     return scores
@@ -101,6 +105,35 @@ def n_eff_naive(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequ
     return sum(values) / len(values)
 
 
+def encoder_alignment(fed: torch.Tensor, references: torch.Tensor) -> list[int]:
+    """For each segment of a solution, the latent step aligned to it: steps 0..P-1 in order each
+    take the closest unused segment (cosine distance between ``fed[t]`` and ``references[s]``, the
+    encoder's latent of segment s), P = min(len(fed), len(references))."""
+    parts = min(fed.shape[0], references.shape[0])
+    a = F.normalize(fed[:parts].double(), dim=-1)
+    b = F.normalize(references[:parts].double(), dim=-1)
+    distance = (1 - a @ b.T).tolist()
+    step_of = [0] * parts
+    free = list(range(parts))
+    for t in range(parts):
+        s = min(free, key=lambda j: distance[t][j])  # ties: the earlier segment
+        free.remove(s)
+        step_of[s] = t
+    return step_of
+
+
+def _permuted_naive(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequence[int]], parts: Sequence[int],
+                    rate: int, trials: int, seed: int, top: int = 100) -> float:
+    """N_eff averaged over random one-to-one matchings of each solution's segments to the same
+    steps the encoder alignment uses (its first ``parts[m]`` steps)."""
+    rng = random.Random(seed)
+    values = []
+    for _ in range(trials):
+        align = [rng.sample(range(p), p) for p in parts]
+        values.append(n_eff(path_scores(probs, ids, solutions, rate, align, top)))
+    return sum(values) / len(values)
+
+
 def ecr(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int], rate: int, k: int, offset: int = 0) -> float:
     """Distinct tokens of gold segment t + ``offset`` found in the top-``k`` of step t, summed, per
     latent step (a step without such a segment finds none)."""
@@ -115,16 +148,36 @@ def ecr(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int], rate: int, 
     return found / steps
 
 
+def distinct_solutions(solutions: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Non-empty solutions, each once, in first-seen order (the M of N_eff)."""
+    return list({tuple(s): list(s) for s in solutions if s}.values())
+
+
 def question_metrics(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int],
-                     solutions: Sequence[Sequence[int]], rate: int, seed: int = 0) -> dict[str, float | None]:
-    """Every metric for one question (``probs``/``ids``: its fed latent steps only, [T, k])."""
+                     solutions: Sequence[Sequence[int]], rate: int, seed: int = 0,
+                     fed: torch.Tensor | None = None,
+                     references: Sequence[torch.Tensor] | None = None) -> dict[str, float | None]:
+    """Every metric for one question (``probs``/``ids``: its fed latent steps only, [T, k]).
+
+    ``references`` (one [T'_m, d] tensor per distinct solution, in :func:`distinct_solutions`
+    order) with ``fed`` ([T, d], the latents fed) switch N_eff to the encoder alignment.
+    """
     out: dict[str, float | None] = {f"ecr@{k}": ecr(probs, ids, gold, rate, k) for k in (1, 5, 10)}
     out.update({f"ecr_next@{k}": ecr(probs, ids, gold, rate, k, offset=1) for k in (1, 5, 10)})
-    distinct = list({tuple(s): list(s) for s in solutions if s}.values())
+    distinct = distinct_solutions(solutions)
     if len(distinct) >= 2 and probs.shape[0] > 0:
-        scores = path_scores(probs, ids, distinct, rate)
-        value = n_eff(scores)
-        naive = n_eff_naive(probs, ids, distinct, rate, seed=seed)
+        if references is not None:
+            if fed is None or len(references) != len(distinct):
+                raise ValueError(f"encoder alignment needs the fed latents and one reference per distinct solution "
+                                 f"({len(distinct)}), got {None if references is None else len(references)}")
+            align = [encoder_alignment(fed, ref) for ref in references]
+            scores = path_scores(probs, ids, distinct, rate, align)
+            value = n_eff(scores)
+            naive = _permuted_naive(probs, ids, distinct, [len(a) for a in align], rate, 64, seed)
+        else:
+            scores = path_scores(probs, ids, distinct, rate)
+            value = n_eff(scores)
+            naive = n_eff_naive(probs, ids, distinct, rate, seed=seed)
         out.update({"n_eff": value, "n_eff_over_naive": value / naive, "top2": top2(scores), "solutions": len(distinct)})
     else:
         out.update({"n_eff": None, "n_eff_over_naive": None, "top2": None, "solutions": len(distinct)})

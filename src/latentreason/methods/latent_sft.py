@@ -298,6 +298,7 @@ class LatentSFT(Method):
         if self.encoder is not None:
             self.encoder.requires_grad_(any(p.requires_grad for p in lm.model.parameters()))
         self._labels: SoftLabels | None = None
+        self._reference: LatentSFT | None = None  # stage-1 method for N_eff's encoder alignment, loaded on first use
         self._export_from: Path | None = None
         stages = self.stages()
         self.stage_index = len(stages) - 1 if stages else 0
@@ -623,6 +624,40 @@ class LatentSFT(Method):
 
     def superposition_rate(self) -> int | None | bool:
         return self.cfg.compression if self.cfg.stage == 2 and self.cfg.latent == "superposition" else False
+
+    def solution_latents(self, ex: Example, solutions: list[list[int]]) -> list[torch.Tensor]:
+        """The stage-1 encoder's latents z = αᵀE for each solution, read after this model's prompt
+        for ``ex`` (the authors precompute them per solution segment for N_eff's matching)."""
+        ref = self._stage1()
+        prompt = self.bot_prompt_ids([ex])[0]
+        batch = ref.encode_batch([prompt] * len(solutions), [segment(s, ref.cfg.compression) for s in solutions])
+        device = ref.loaded.model.device
+        with torch.no_grad():
+            z, _, _, valid = ref.stage1_latents(ref.encoder, ref.loaded.model, {k: v.to(device) for k, v in batch.items()})
+        return [z[m, :int(valid[m].sum())].float().cpu() for m in range(len(solutions))]
+
+    def _stage1(self) -> LatentSFT:
+        """The stage-1 method (encoder and LLM) named by eval.encoder, else by this model's train.init_from."""
+        if self._reference is not None:
+            return self._reference
+        folder = self.run.eval.encoder
+        if not folder:
+            saved = Path(self.run.model.name_or_path) / RUN_CONFIG_FILE
+            data = yaml.safe_load(saved.read_text()) if saved.exists() else None
+            folder = ((data or {}).get("train") or {}).get("init_from")
+            if not folder:
+                raise CheckpointError(f"eval.n_eff_alignment=encoder needs the stage-1 encoder, and {saved} names no "
+                                      "train.init_from: set eval.encoder=<the stage-1 folder>")
+        ref = Method.from_pretrained(folder, [f"model.device={self.loaded.model.device}"])
+        if not isinstance(ref, LatentSFT) or ref.cfg.stage != 1 or ref.encoder is None:
+            raise CheckpointError(f"{folder}: eval.encoder must be a stage-1 latent-sft folder (it holds "
+                                  f"{ref.name!r}{' stage 2' if isinstance(ref, LatentSFT) else ''})")
+        if ref.cfg.compression != self.cfg.compression:
+            raise CheckpointError(f"{folder}: stage 1 cut chains at method.compression={ref.cfg.compression}, this model "
+                                  f"at {self.cfg.compression}: N_eff needs one latent per segment of the same size")
+        ref.encoder.eval()
+        self._reference = ref
+        return ref
 
 
 # -- soft labels: the stage-1 encoder's latents over the training chains -------------------------
