@@ -24,7 +24,9 @@ main variant's evaluation against CoT-SFT's side by side (``speedup_vs_cot``). W
 ``benchmarks/results/latent_sft_<task>.json`` (all compression rates and variants on disk);
 ``--collect`` rebuilds it from the runs on disk. Rows ``-stage1`` / ``latent_top1_weight`` and
 ``latent_distinct_top1`` say whether the encoder collapsed (every latent one token with weight ~1:
-latents that carry nothing).
+latents that carry nothing). ``--encoder-alignment`` also evaluates each superposition stage-2 model
+on disk with N_eff's encoder alignment (``eval.n_eff_alignment=encoder``, the authors' metric code):
+rows ``n_eff_encoder_aligned``, ``n_eff_over_naive_encoder_aligned``, ``top2_encoder_aligned``.
 """
 from __future__ import annotations
 
@@ -168,6 +170,13 @@ def collect(root: Path, task: str, model: str, report: str, seeds: list[int]) ->
                         few = key in ("n_eff", "n_eff_over_naive", "top2")
                         add(name, seed, key, s.get(key), s.get("n_eff_questions", s["n"]) if few else s["n"],
                             compression=rate, **code)
+            s = summary(run / "stage2" / f"eval-{report}-encoder-aligned" / "summary.json")
+            if s:
+                code = code_of(run / "stage2" / f"eval-{report}-encoder-aligned" / "summary.json")
+                for key in ("n_eff", "n_eff_over_naive", "top2"):
+                    add(method, seed, f"{key}_encoder_aligned", s.get(key), s.get("n_eff_questions", 0), compression=rate,
+                        **code, note="N_eff with eval.n_eff_alignment=encoder: each latent step takes the closest unused "
+                                     "segment by the stage-1 encoder's latent of it (the authors' metric code)")
             log = run / "stage1" / "log.jsonl"
             if log.exists():  # the encoder's latents at the end of stage 1: has it collapsed to one token?
                 last = [r for r in map(json.loads, log.read_text().splitlines()) if "latent_top1_weight" in r][-1:]
@@ -214,6 +223,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-baselines"), help="the runs of bench_baselines.py")
     ap.add_argument("--collect", action="store_true", help="only rebuild the result file from the runs on disk")
     ap.add_argument("--speed", action="store_true", help="also time r's main variant against CoT-SFT side by side")
+    ap.add_argument("--encoder-alignment", action="store_true",
+                    help="also evaluate each superposition stage-2 model on disk with N_eff's encoder alignment")
     ap.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = ap.parse_args()
     spec, report = TASKS[args.task], TASKS[args.task]["report"]
@@ -242,7 +253,18 @@ def main() -> None:
     if args.collect:  # the file holds every run on disk: name the runs that made them
         command = "; ".join(f"python benchmarks/bench_latent_sft.py --task {args.task} {a}" for a in RUNS[args.task]) + \
             f"; then --collect --seeds {' '.join(map(str, args.seeds))}" + \
+            (" --encoder-alignment" if args.encoder_alignment else "") + \
             (" --speed" if args.speed else " (speedup_vs_cot rows kept from the last --speed run)")
+    if args.encoder_alignment:
+        for seed in args.seeds:
+            for run in sorted((Path(args.out) / args.task / f"seed{seed}").glob("latent-sft-r*")):
+                best = run / "stage2" / "best"
+                if run.name.endswith(("-pause", "-hidden")) or not best.exists() or not (run / "stage1" / "best").exists():
+                    continue
+                run_eval(load_run_config(overrides=[f"model.name_or_path={best}", f"eval.split={report}",
+                                                    "eval.n_eff_alignment=encoder", "eval.batch_size=250",
+                                                    f"eval.output_dir={run / 'stage2' / f'eval-{report}-encoder-aligned'}"],
+                                         saved_base=True))
     rows = collect(Path(args.out), args.task, model, report, args.seeds)
     timed = speed_rows(Path(args.out), args.task, model, report, args.seeds,
                        method_name(args.compression, "main")) if args.speed else []

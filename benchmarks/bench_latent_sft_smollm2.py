@@ -20,6 +20,8 @@ positions (#L for Latent-SFT), seconds per question, and for Latent-SFT ECR@1/5/
 N_eff / N_eff_naive and Top-2. GSM8K has one gold chain per question, so N_eff's further solutions
 are ``--samples`` chains sampled (T = 0.6, top-p 0.95) from the continued CoT-SFT model on the same
 questions (right or wrong, as the paper's authors do), given to the evaluation as ``eval.solutions``.
+``*_encoder_aligned`` rows: N_eff, its ratio and Top-2 with the authors' alignment (each latent step
+takes the closest unused segment by the stage-1 encoder's latent of it; ``eval.n_eff_alignment``).
 ``latent-sft-r<r>-stage1`` rows: has the encoder collapsed (its latents' top-1 weight and share of
 distinct top-1 tokens at the end of stage 1, and the same over the soft labels stage 2 trained on)?
 ``speedup_vs_cot``: the r = 4 model's evaluation against the continued CoT-SFT model's, alternating
@@ -182,6 +184,13 @@ def main() -> None:
         mode = {"training": "lora", "lr": [1e-4, 3e-4]} if args.lora else {"training": "full", "lr": 1e-4}
         rows += rows_for(summary, name, compression=rate, train_steps=budget,
                          stage1_steps=3 * args.stage1_steps, stage2_steps=args.stage2_steps, **mode)
+        # N_eff again with the authors' alignment: each latent step takes the closest unused segment by
+        # the stage-1 encoder's latent of it (eval.n_eff_alignment=encoder)
+        aligned = evaluate(latent_paths[rate], folder / "stage2" / "eval-valid-encoder-aligned", args.limit,
+                           [f"eval.solutions={solutions}", "eval.n_eff_alignment=encoder"])
+        rows += [{"task": "gsm8k-aug", "model": MODEL, "method": name, "split": "valid", "metric": f"{key}_encoder_aligned",
+                  "value": round(aligned[key], 4), "n": aligned["n_eff_questions"], "compression": rate,
+                  "train_steps": budget, **mode} for key in ("n_eff", "n_eff_over_naive", "top2") if aligned.get(key) is not None]
         from transformers import AutoTokenizer
 
         rows += encoder_rows(folder, rate, AutoTokenizer.from_pretrained(str(latent_paths[rate])), name)

@@ -349,12 +349,22 @@ def test_n_eff_encoder_alignment_reads_the_stage_one_encoders_latents(stage1, tm
     # a solution's reference latents are what the stage-1 encoder exported for it as a soft label
     ex = method.task.load("train", limit=32)[3]
     gold = method.loaded.tokenizer(method.task.chain_text(ex), add_special_tokens=False)["input_ids"]
-    (got,) = method.solution_latents(ex, [gold])
+    ((got,),) = method.solution_latents([ex], [[gold]])
     probs, ids = SoftLabels(out / "soft_labels").get(ex.id)
     stage_one = Method.from_pretrained(stage1 / "best")
     want = LatentSFT.mix(probs, ids, input_embedding_table(stage_one.loaded.model)).float()
     assert got.shape == (len(segment(gold, 4)), want.shape[-1])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # batched in chunks across examples, each solution read after its own example's prompt
+    other = method.task.load("train", limit=32)[7]
+    short = gold[:5]
+    whole = method.solution_latents([other, ex], [[short, gold], [gold, short]])
+    chunked = method.solution_latents([other, ex], [[short, gold], [gold, short]], chunk=3)
+    assert [len(x) for x in whole] == [2, 2] and len(whole[1][1]) == 2  # 5 tokens at r = 4: two latents
+    for a, b in zip(sum(whole, []), sum(chunked, [])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole[1][0], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(whole[0][1], want, atol=1e-4), "the latents ignored the question they were read after"
 
     def evaluate(name: str, *more: str) -> dict:
         return run_eval(load_run_config(overrides=[f"model.name_or_path={out / 'best'}", "eval.limit=8",
@@ -367,13 +377,13 @@ def test_n_eff_encoder_alignment_reads_the_stage_one_encoders_latents(stage1, tm
     asked: list[int] = []
     original = LatentSFT.solution_latents
 
-    def counted(self, ex, solutions):
-        asked.append(len(solutions))
-        return original(self, ex, solutions)
+    def counted(self, examples, solutions):
+        asked.append([len(s) for s in solutions])
+        return original(self, examples, solutions)
 
     monkeypatch.setattr(LatentSFT, "solution_latents", counted)
     by_encoder = evaluate("ev-enc", "eval.n_eff_alignment=encoder")  # the encoder found from train.init_from
-    assert asked == [3] * 5, "each question with solutions: the gold chain and the two given, embedded once"
+    assert asked == [[3] * 5], "one encoder call per batch: each question's gold chain and the two given, once"
     by_position = evaluate("ev-pos")
     assert by_encoder["n_eff_questions"] == by_position["n_eff_questions"] == 5
     assert by_encoder["accuracy"] == by_position["accuracy"] and by_encoder["ecr@1"] == by_position["ecr@1"]

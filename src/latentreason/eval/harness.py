@@ -104,11 +104,12 @@ def predict(
         # one copy to the host per batch, not one device wait per row
         dists = (out.dist_probs.float().cpu(), out.dist_ids.cpu()) if measured else None
         fed = out.latents.float().cpu() if measured and method.run.eval.n_eff_alignment == "encoder" else None
+        refs = _references(method, [examples[i] for i in idx], latent) if fed is not None else {}
         for j, (i, text) in enumerate(zip(idx, texts)):
             ex = examples[i]
             score = task.score(text, ex)
             extra = _superposition(method, ex, dists[0][j, :latent[j]], dists[1][j, :latent[j]], rate,
-                                   None if fed is None else fed[j, :latent[j]]) if dists else None
+                                   None if fed is None else fed[j, :latent[j]], refs.get(j)) if dists else None
             preds[i] = Prediction(
                 id=ex.id, question=ex.question, gold=ex.answer, output=text, prediction=score.prediction,
                 prediction_flexible=score.prediction_flexible, correct=score.correct,
@@ -125,20 +126,33 @@ def predict(
     return [preds[i] for i in range(len(examples))]
 
 
-def _superposition(method: Method, ex: Example, probs: torch.Tensor, ids: torch.Tensor, rate: int | None,
-                   fed: torch.Tensor | None = None) -> dict[str, Any]:
-    """One row's superposition metrics from the latent distributions the rollout kept (and, for
-    N_eff's encoder alignment, the latents fed: ``fed``)."""
-    from latentreason.eval.superposition import distinct_solutions, question_metrics
+def _solution_ids(method: Method, ex: Example) -> list[list[int]]:
+    return method.loaded.tokenizer(method.task.solutions(ex), add_special_tokens=False)["input_ids"]
 
-    tok, task = method.loaded.tokenizer, method.task
-    gold = tok(task.chain_text(ex), add_special_tokens=False)["input_ids"]
-    solutions = tok(task.solutions(ex), add_special_tokens=False)["input_ids"]
+
+def _references(method: Method, batch: list[Example], latent: list[int]) -> dict[int, list[torch.Tensor]]:
+    """For N_eff's encoder alignment: each row (of those with latents and >= 2 distinct solutions)
+    -> the encoder's latents of its distinct solutions, one encoder pass per evaluation batch."""
+    from latentreason.eval.superposition import distinct_solutions
+
+    rows = {j: distinct_solutions(_solution_ids(method, ex)) for j, ex in enumerate(batch) if latent[j]}
+    rows = {j: sols for j, sols in rows.items() if len(sols) >= 2}
+    if not rows:
+        return {}
+    found = method.solution_latents([batch[j] for j in rows], list(rows.values()))
+    return dict(zip(rows, found))
+
+
+def _superposition(method: Method, ex: Example, probs: torch.Tensor, ids: torch.Tensor, rate: int | None,
+                   fed: torch.Tensor | None = None, references: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """One row's superposition metrics from the latent distributions the rollout kept (and, for
+    N_eff's encoder alignment, the latents fed and the encoder's latents of each distinct solution)."""
+    from latentreason.eval.superposition import question_metrics
+
+    gold = method.loaded.tokenizer(method.task.chain_text(ex), add_special_tokens=False)["input_ids"]
+    solutions = _solution_ids(method, ex)
     steps = probs.shape[0]
     r = rate if rate else max(1, -(-len(gold) // max(steps, 1)))  # no rate: the gold chain cut in #L parts
-    references = None
-    if fed is not None and steps and len(distinct := distinct_solutions(solutions)) >= 2:
-        references = method.solution_latents(ex, distinct)
     metrics = question_metrics(probs, ids, gold, solutions, r, fed=fed, references=references)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 

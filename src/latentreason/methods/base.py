@@ -195,8 +195,8 @@ class Method:
         parts); the rollout must keep top-k distributions (top-100 for N_eff)."""
         return False
 
-    def solution_latents(self, ex: Example, solutions: list[list[int]]) -> list[torch.Tensor]:
-        """The latents an encoder gives each explicit solution (token ids) of ``ex``, [T'_m, d]
+    def solution_latents(self, examples: list[Example], solutions: list[list[list[int]]]) -> list[list[torch.Tensor]]:
+        """The latents an encoder gives each explicit solution (token ids) of each example, [T'_m, d]
         each: what N_eff's encoder alignment (``eval.n_eff_alignment=encoder``) compares the fed
         latents with. Only methods trained with such an encoder have them."""
         raise ValueError(f"eval.n_eff_alignment=encoder: method {self.name!r} has no encoder latents; use position")

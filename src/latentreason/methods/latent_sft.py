@@ -625,16 +625,28 @@ class LatentSFT(Method):
     def superposition_rate(self) -> int | None | bool:
         return self.cfg.compression if self.cfg.stage == 2 and self.cfg.latent == "superposition" else False
 
-    def solution_latents(self, ex: Example, solutions: list[list[int]]) -> list[torch.Tensor]:
-        """The stage-1 encoder's latents z = αᵀE for each solution, read after this model's prompt
-        for ``ex`` (the authors precompute them per solution segment for N_eff's matching)."""
+    def solution_latents(self, examples: list[Example], solutions: list[list[list[int]]],
+                         chunk: int = 64) -> list[list[torch.Tensor]]:
+        """The stage-1 encoder's latents z = αᵀE of each solution, read after this model's prompt for
+        its example (the authors precompute them per solution segment for N_eff's matching); the
+        encoder runs over ``chunk`` solutions at a time."""
         ref = self._stage1()
-        prompt = self.bot_prompt_ids([ex])[0]
-        batch = ref.encode_batch([prompt] * len(solutions), [segment(s, ref.cfg.compression) for s in solutions])
+        prompts = self.bot_prompt_ids(examples)
+        flat = [(p, segment(s, ref.cfg.compression)) for p, sols in zip(prompts, solutions) for s in sols]
         device = ref.loaded.model.device
-        with torch.no_grad():
-            z, _, _, valid = ref.stage1_latents(ref.encoder, ref.loaded.model, {k: v.to(device) for k, v in batch.items()})
-        return [z[m, :int(valid[m].sum())].float().cpu() for m in range(len(solutions))]
+        found: list[torch.Tensor] = []
+        for start in range(0, len(flat), chunk):
+            part = flat[start: start + chunk]
+            batch = ref.encode_batch([p for p, _ in part], [s for _, s in part])
+            with torch.no_grad():
+                z, _, _, valid = ref.stage1_latents(ref.encoder, ref.loaded.model,
+                                                    {k: v.to(device) for k, v in batch.items()})
+            found += [z[m, :int(valid[m].sum())].float().cpu() for m in range(len(part))]
+        out, at = [], 0
+        for sols in solutions:
+            out.append(found[at: at + len(sols)])
+            at += len(sols)
+        return out
 
     def _stage1(self) -> LatentSFT:
         """The stage-1 method (encoder and LLM) named by eval.encoder, else by this model's train.init_from."""
