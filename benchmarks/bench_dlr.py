@@ -66,7 +66,8 @@ NOTE = ("Tiny Llama (4 layers, d = 128) on generated arith, CPU. Main model: CoT
         "validation (200 questions of A) every 25 updates picks best/. DLR: assistant = copy of the main "
         f"model, L = 6, warm start (sigma 0.3) {WARM_STEPS} steps (batch 64, lr 1e-3), keep the "
         "top 18% of each group, contrastive weight 0.1. Accuracy on the generated test splits (500). Seeds: the RL "
-        "runs' seeds (one main model).")
+        "runs' seeds (one main model); seed 0's runs are the sweep's runs of the chosen settings, so seed 0 is the "
+        "sweep's winner on validation, not an independent draw: seeds 1 and 2 are.")
 
 
 def base(**sections: Any) -> dict[str, Any]:
