@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,22 @@ def subprocess_env() -> dict[str, str]:
     if env.get("LATENTREASON_DEVICE", "cpu") == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def train_on_one_and_two_processes(cfg: Callable[[Path], dict], root: Path) -> tuple[Path, Path]:
+    """``latentreason train`` of ``cfg(root / "one")`` in one process and of ``cfg(root / "two")`` under
+    ``accelerate launch`` with two DDP processes; returns both output folders."""
+    import subprocess
+
+    one = subprocess.run([sys.executable, "-m", "latentreason.cli", "train", *cli_args(cfg(root / "one"))],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "-m", "latentreason.cli",
+              "train", *cli_args(cfg(root / "two"))]
+    two = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return root / "one" / "run", root / "two" / "run"
 
 # Tests on the real data in ../shared/data skip on a machine without it, but never in CI (CI=true),
 # where a missing folder must fail loudly instead of passing with the checks skipped.

@@ -52,6 +52,20 @@ def test_inspect(capsys):
     assert len(rows) == 2 and rows[0]["answer"].startswith("####")
 
 
+def test_inspect_resolves_a_saved_run_as_eval_does(tmp_path, capsys):
+    import yaml
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    saved = tiny_run(tmp_path, data={"task": "arith", "options": {"num_steps": 2}})
+    (folder / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["inspect", "config", f"model.name_or_path={folder}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["options"] == {"num_steps": 2}
+    assert main(["inspect", "example", f"model.name_or_path={folder}", "-n", "1"]) == 0
+    chain = json.loads(capsys.readouterr().out)["chain"]
+    assert len(chain.split(" ")) == 2, chain  # two steps, as the saved run's task writes them
+
+
 def test_inspect_lists_in_a_fresh_process():
     """In a fresh interpreter nothing has registered the tasks yet (in-process tests hide that)."""
     import sys

@@ -66,6 +66,8 @@ def test_cross_field_validation():
     ("eval.limit=0", "eval.limit=0, must be >= 1"), ("eval.limit=-5", "eval.limit=-5"),
     ("data.train_limit=0", "data.train_limit=0"), ("optim.lr=-1", "optim.lr=-1"),
     ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0"),
+    ("optim.betas=[0.9,1.5]", r"optim.betas=\[0.9, 1.5\]"), ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1"),
+    ("train.seed=-1", r"train.seed=-1, must be in \[0, 2\*\*32\)"),
 ])
 def test_out_of_range_values_are_refused_before_any_weights_load(override, message):
     """Each once failed after the model loaded (or after training: eval_limit=0), or never."""

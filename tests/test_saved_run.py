@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import latentreason
 from latentreason.cli import main
@@ -58,6 +59,12 @@ def test_eval_of_saved_folders_without_an_output_dir_writes_beside_each(tmp_path
     assert (tmp_path / "run" / "eval-valid" / "summary.json").exists()
     assert (tmp_path / "run" / "eval-valid-final" / "summary.json").exists()
     assert not (tmp_path / "runs").exists()
+    # a refinement sweep's folder too (it went to runs/default/refine for every model)
+    from latentreason.recipes import default_eval_dir
+
+    for name, kind in (("best", "refine"), ("final", "refine-final")):
+        run = load_run_config(overrides=[f"model.name_or_path=run/{name}"], saved_base=True)
+        assert Path(default_eval_dir(run, "refine")) == (tmp_path / "run" / kind).resolve()
 
 
 def test_naming_another_method_or_task_drops_the_saved_section(tmp_path):

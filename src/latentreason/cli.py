@@ -96,7 +96,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     elif what == "config":
         import yaml
 
-        print(yaml.safe_dump(to_dict(_config(args)), sort_keys=False), end="")
+        print(yaml.safe_dump(to_dict(_config(args, saved_base=True)), sort_keys=False), end="")  # what eval runs
     elif what == "latents":
         from latentreason.eval.report import inspect_latents
         from latentreason.recipes import build_method
@@ -122,7 +122,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if figure is not None:
                 print(f"wrote {figure}")
     elif what == "example":
-        run = _config(args)
+        run = _config(args, saved_base=True)  # a saved run's task and options, as eval reads them
         task = build_task(run.data.task, path=run.data.path, chain_format=run.data.chain_format, **run.data.options)
         for ex in task.load(run.eval.split, limit=args.n):
             print(json.dumps({"id": ex.id, "prompt": task.prompt(ex), "chain": task.chain_text(ex),
@@ -140,13 +140,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_curves(args: argparse.Namespace) -> int:
-    from latentreason.eval.report import plot_curves
+    from latentreason.eval.report import _parse_spec, plot_curves
 
-    logs = {}
+    logs, groups = {}, {}
     for spec in args.runs:
-        folder, _, label = spec.partition("=")
-        logs[label or folder] = folder
-    print(f"wrote {plot_curves(logs, args.out, key=args.key, smooth=args.smooth)}")
+        folder, label = _parse_spec(spec)
+        name = label or str(folder)
+        if name in logs:
+            raise ValueError(f"curves: two runs labelled {name!r} ({logs[name]}, {folder}); give each its own")
+        logs[name] = folder
+        groups[name] = name.split("/")[0] if label else name  # an unlabelled run is its own line
+    print(f"wrote {plot_curves(logs, args.out, key=args.key, smooth=args.smooth, groups=groups)}")
     return 0
 
 
@@ -185,9 +189,10 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="where models, predictions and the plot go")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
     demo.add_argument("--latent-sft", action=argparse.BooleanOptionalAction, default=True,
-                      help="Latent-SFT r = 4 from the CoT model, at a demo budget (about 4 of the demo's 8 minutes on 2 "
+                      help="Latent-SFT r = 4 from the CoT model, at a demo budget (about 4 of the demo's 9 minutes on 2 "
                            "cores; the full recipe: benchmarks/bench_latent_sft.py); --no-latent-sft leaves it out")
-    insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples; "
+    insp = add("inspect", cmd_inspect, "list tasks, methods or latent steps; print a resolved config or task examples "
+               "(as eval resolves them: a saved run folder in model.name_or_path brings its settings); "
                "'latents': each latent step's top-5 tokens and entropy for one question of a model "
                "(model.name_or_path=<saved run folder>), as text and a figure",
                first={"name": "what", "choices": ["tasks", "methods", "steps", "config", "example", "latents"]})

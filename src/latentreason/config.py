@@ -367,6 +367,12 @@ def validate(run: RunConfig) -> list[str]:
             problems.append(f"{name}={value}, must be >= 1 (or null: all)")
     if run.optim.lr <= 0:
         problems.append(f"optim.lr={run.optim.lr}, must be > 0")
+    if len(run.optim.betas) != 2 or not all(0 <= b < 1 for b in run.optim.betas):
+        problems.append(f"optim.betas={list(run.optim.betas)}, must be two values in [0, 1)")
+    if run.optim.weight_decay < 0:
+        problems.append(f"optim.weight_decay={run.optim.weight_decay}, must be >= 0")
+    if not 0 <= t.seed < 2 ** 32:
+        problems.append(f"train.seed={t.seed}, must be in [0, 2**32)")
     if run.lora.enabled and (run.lora.r < 1 or run.lora.alpha <= 0 or not 0 <= run.lora.dropout < 1):
         problems.append(f"lora.r={run.lora.r}, lora.alpha={run.lora.alpha}, lora.dropout={run.lora.dropout}: need r >= 1, "
                         "alpha > 0 and dropout in [0, 1)")

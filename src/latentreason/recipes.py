@@ -48,6 +48,10 @@ def run_train(run: RunConfig) -> Path:
         apply_lora(method, run)
     train_examples = method.task.load(run.data.train_split, limit=run.data.train_limit)
     valid = method.task.load(run.data.valid_split, limit=run.train.eval_limit) if run.train.select_on_valid else []
+    if run.train.select_on_valid and not valid:  # else validation crashes after training, and no resume can fix data.*
+        raise ConfigError([f"data.valid_split={run.data.valid_split!r} of task {run.data.task!r} holds no examples "
+                           f"(data.path={run.data.path!r}, data.options={run.data.options!r}); train.select_on_valid "
+                           "needs some, or set train.select_on_valid=false"])
     select = (lambda m: accuracy(m, valid, run.eval.batch_size)) if run.train.select_on_valid else None
     trainer = Trainer(run, method, train_examples, select=select)
     result = trainer.train()
@@ -71,17 +75,18 @@ def invocation(argv: list[str] | None = None) -> str:
     return " ".join([head, *argv[1:]])
 
 
-def default_eval_dir(run: RunConfig) -> str:
-    """Where an evaluation goes without ``eval.output_dir``: ``<train.output_dir>/eval-<split>``; but a
-    saved model folder evaluated with no ``train.output_dir`` given goes beside itself (its run's
-    ``eval-<split>`` for ``best/``, ``eval-<split>-<folder>`` for another), not into one shared
-    ``runs/default/eval-<split>`` where the second model evaluated would be refused."""
+def default_eval_dir(run: RunConfig, kind: str | None = None) -> str:
+    """Where an evaluation goes without ``eval.output_dir``: ``<train.output_dir>/<kind>`` (``kind``
+    default ``eval-<split>``; ``refine`` for a refinement sweep); but a saved model folder evaluated
+    with no ``train.output_dir`` given goes beside itself (its run's ``<kind>`` for ``best/``,
+    ``<kind>-<folder>`` for another), not into one shared ``runs/default/<kind>`` where the second
+    model evaluated would be refused."""
+    kind = kind or f"eval-{run.eval.split}"
     model = Path(os.path.expanduser(run.model.name_or_path))
     if run.train.output_dir == TrainConfig.output_dir and (model / RUN_CONFIG_FILE).is_file():
         model = model.resolve()
-        name = f"eval-{run.eval.split}" if model.name == "best" else f"eval-{run.eval.split}-{model.name}"
-        return str(model.parent / name)
-    return str(Path(run.train.output_dir) / f"eval-{run.eval.split}")
+        return str(model.parent / (kind if model.name == "best" else f"{kind}-{model.name}"))
+    return str(Path(run.train.output_dir) / kind)
 
 
 def run_eval(run: RunConfig, method: Method | None = None) -> dict:

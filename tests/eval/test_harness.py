@@ -30,6 +30,12 @@ def test_wilson_interval():
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)
+    # the interval holds the proportion exactly (10/10 once rounded to 0.9999999999999999, so a
+    # plot's error bar got a negative length and the demo's figure raised)
+    for n in range(1, 1001):
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
+        lo, hi = wilson_interval(n // 3, n)
+        assert lo <= (n // 3) / n <= hi
 
 
 def _options(**extra) -> dict:
@@ -186,6 +192,31 @@ def test_scoring_of_a_perfect_output(tmp_path):
     text = method.task.chain_text(ex) + " " + method.task.answer_text(ex)
     score = method.task.score(text, ex)
     assert score.correct and score.correct_flexible
+
+
+def test_an_evaluation_in_progress_has_no_summary(tmp_path, trained_arith_model, monkeypatch):
+    from latentreason.eval import harness
+    from latentreason.recipes import run_eval
+
+    out = tmp_path / "ev"
+    run = load_run_config(base=tiny_run(tmp_path, model={"name_or_path": str(trained_arith_model)},
+                                        eval={"batch_size": 4, "limit": 8, "output_dir": str(out)}))
+    assert run_eval(run)["n"] == 8 and (out / "summary.json").exists()
+    whole = harness.predict
+
+    def killed(method, examples, batch_size, on_batch=None, **kw):
+        whole(method, examples[:4], batch_size, on_batch=on_batch, **kw)
+        raise KeyboardInterrupt  # killed after its first batch
+
+    monkeypatch.setattr(harness, "predict", killed)
+    for change in ({"overwrite": True}, {"overwrite": False, "limit": 16}):  # redone from scratch; extended
+        for key, value in change.items():
+            setattr(run.eval, key, value)
+        with pytest.raises(KeyboardInterrupt):
+            run_eval(run)
+        assert not (out / "summary.json").exists(), f"{change}: the old summary stayed beside unfinished rows"
+    monkeypatch.setattr(harness, "predict", whole)
+    assert run_eval(run)["n"] == 16
 
 
 def test_eval_killed_and_restarted_loses_and_redoes_nothing(tmp_path, trained_arith_model):

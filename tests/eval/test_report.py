@@ -10,7 +10,8 @@ from latentreason.eval.report import compare
 
 
 def _fake_eval(folder, method: str, correct: int, n: int, positions: float, qps: float, task: str = "arith",
-               split: str = "valid", probe: str | None = None, phases: dict | None = None) -> str:
+               split: str = "valid", probe: str | None = None, phases: dict | None = None,
+               settings: dict | None = None) -> str:
     """A folder as ``latentreason eval`` leaves it, with known numbers."""
     from latentreason.eval.metrics import wilson_interval
 
@@ -27,6 +28,8 @@ def _fake_eval(folder, method: str, correct: int, n: int, positions: float, qps:
     if phases is not None:
         summary["seconds_by_phase"] = phases
     (folder / "summary.json").write_text(json.dumps(summary))
+    if settings is not None:  # the evaluation's fingerprint, as eval writes it
+        (folder / "eval_config.json").write_text(json.dumps(settings))
     return str(folder)
 
 
@@ -80,6 +83,23 @@ def test_compare_refuses_mixed_tasks_or_splits_naming_the_folders(tmp_path, caps
     assert "different tasks or splits" in capsys.readouterr().err
 
 
+def test_compare_refuses_other_questions_of_one_task_and_labels_refinement(tmp_path):
+    same = {"data.path": None, "data.options": {"num_steps": 6}}
+    a = _fake_eval(tmp_path / "a", "coconut", 30, 40, 10, 4.0, settings=same)
+    b = _fake_eval(tmp_path / "b", "coconut", 20, 40, 10, 4.0, settings={**same, "data.options": {"num_steps": 6, "seed": 7}})
+    with pytest.raises(ValueError, match="different questions of the task") as err:
+        compare([a, b], tmp_path / "cmp")
+    assert "'seed': 7" in str(err.value)
+    c = _fake_eval(tmp_path / "c", "coconut", 33, 40, 10, 2.0,
+                   settings={**same, "refine.residual": True, "refine.alpha": 0.5, "refine.contrastive": True, "refine.eta": 8})
+    rows = compare([a, c], tmp_path / "cmp").rows
+    assert [(r["label"], r["refine"]) for r in rows] == [
+        ("coconut", None), ("coconut + residual (alpha 0.5) + contrastive (eta 8)", "residual (alpha 0.5) + contrastive (eta 8)")]
+    (tmp_path / "c" / "summary.json").write_text('{"task": ')
+    with pytest.raises(ValueError, match=r"c/summary.json: not valid JSON"):
+        compare([c], tmp_path / "cmp")
+
+
 def test_compare_names_an_unfinished_folder(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="half/summary.json: missing"):
@@ -101,6 +121,35 @@ def test_curves_plot_the_logged_key_per_run_and_name_a_log_without_it(tmp_path, 
     assert main(["curves", f"{tmp_path / 'a'}=dlr/seed0", f"{tmp_path / 'b' / 'log.jsonl'}=grpo/seed0",
                  "--out", str(out), "--smooth", "2"]) == 0
     assert out.stat().st_size > 1000 and str(out) in capsys.readouterr().out
+    # the format follows the name; a new folder is made; a folder named with '=' is read whole; every
+    # unlabelled run is its own line; two runs under one label are refused, not one of them dropped
+    odd = tmp_path / "lr=1e-3"
+    odd.mkdir()
+    (odd / "log.jsonl").write_text((tmp_path / "a" / "log.jsonl").read_text())
+    for name, magic in (("fig.pdf", b"%PDF"), ("fig.svg", b"<?xm")):
+        target = tmp_path / "new" / name
+        assert main(["curves", str(tmp_path / "a"), str(odd), str(tmp_path / "b"), "--out", str(target)]) == 0
+        assert target.read_bytes()[:4] == magic
+    import matplotlib.pyplot as plt
+
+    from latentreason.eval import report
+
+    seen = {}
+    real = plt.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        seen[kwargs.get("label") or len(seen)] = kwargs.get("color")
+        return real(self, *args, **kwargs)
+
+    try:
+        plt.Axes.plot = spy
+        report.plot_curves({str(tmp_path / "a"): tmp_path / "a", str(odd): odd}, tmp_path / "g.png",
+                           groups={str(tmp_path / "a"): str(tmp_path / "a"), str(odd): str(odd)})
+    finally:
+        plt.Axes.plot = real
+    assert len(set(seen.values())) == 2 and str(odd) in seen
+    assert main(["curves", f"{tmp_path / 'a'}=x", f"{tmp_path / 'b'}=x", "--out", str(out)]) == 2
+    assert "two runs labelled 'x'" in capsys.readouterr().err
     assert main(["curves", str(tmp_path / "a"), "--key", "kl", "--out", str(out)]) == 2
     assert "no rows with 'kl'" in capsys.readouterr().err
     assert main(["curves", str(tmp_path / "missing"), "--out", str(out)]) == 2

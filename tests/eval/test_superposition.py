@@ -35,6 +35,14 @@ def test_ecr_by_hand():
     assert ecr(PROBS, IDS, A, 2, 3, offset=1) == 0.0
     assert ecr(PROBS, IDS, [1, 2, 5, 7], 2, 3, offset=1) == 1.0  # {5, 7} both in step 0's top-3, over 2 steps
     assert question_metrics(PROBS, IDS, [1, 2, 5, 7], [[1]], 2)["ecr_next@5"] == 1.0
+    # a question without latent steps has no ECR (tokens per latent step): None, left out of the mean
+    none = question_metrics(PROBS[:0], IDS[:0], A, [A], 2)
+    assert none["ecr@1"] is None and none["ecr_next@10"] is None
+    from latentreason.eval.harness import _superposition_summary
+
+    rows = [{"superposition": question_metrics(p, i, A, [A], 2), "latent_steps": len(p), "correct": True}
+            for p, i in ((PROBS, IDS), (PROBS[:0], IDS[:0]))]
+    assert _superposition_summary(rows)["ecr@1"] == 1.0  # not (1.0 + 0) / 2
 
 
 def test_path_scores_n_eff_and_top2_by_hand():

@@ -54,6 +54,33 @@ def test_resume_with_a_changed_learning_rate_is_refused_naming_the_field(tmp_pat
     assert saved["optim"]["lr"] == 3e-3, "run_config.yaml must hold the config in force, not the refused one"
 
 
+def test_what_a_resume_may_change_leaves_the_trajectory_and_the_selection_alone(tmp_path):
+    from dataclasses import replace
+
+    from latentreason.methods.trainer import resume_safe
+
+    run = load_run_config(base=tiny_run(tmp_path, optim={"scheduler": "constant"}, train={"select_on_valid": False}))
+    assert {"train.max_steps", "train.eval_every", "refine."} <= set(resume_safe(run))
+    for scheduler in ("cosine", "linear"):  # the rate's curve spans max_steps: more steps would re-shape it
+        assert "train.max_steps" not in resume_safe(replace(run, optim=replace(run.optim, scheduler=scheduler)))
+    picked = resume_safe(replace(run, train=replace(run.train, select_on_valid=True)))
+    assert "train.eval_every" not in picked and "refine." not in picked and "train.max_steps" in picked
+    # refused, naming the field, before any training
+    run_train(load_run_config(base=tiny_run(tmp_path, train={"max_steps": 3, "save_every": 3, "select_on_valid": False})))
+    with pytest.raises(CheckpointError, match=r"train\.max_steps: 3 -> 6"):
+        run_train(load_run_config(base=tiny_run(tmp_path, train={"max_steps": 6, "save_every": 3, "select_on_valid": False})))
+
+
+def test_an_empty_validation_split_is_refused_before_training(tmp_path):
+    from latentreason.config import ConfigError
+
+    cfg = tiny_run(tmp_path, data={"task": "arith", "options": {"num_steps": 2, "valid_size": 0, "train_size": 64}},
+                   train={"max_steps": 2, "select_on_valid": True})
+    with pytest.raises(ConfigError, match="data.valid_split='valid' of task 'arith' holds no examples"):
+        run_train(load_run_config(base=cfg))
+    assert not (tmp_path / "run" / "checkpoint").exists(), "it trained before refusing"
+
+
 def test_resume_with_more_steps_continues_and_records_the_new_config(tmp_path):
     base = {"optim": {"scheduler": "constant"}}
     run_train(load_run_config(base=tiny_run(tmp_path, **base, train={"max_steps": 3, "save_every": 3, "select_on_valid": False})))
@@ -64,6 +91,30 @@ def test_resume_with_more_steps_continues_and_records_the_new_config(tmp_path):
     ref = tmp_path / "ref"
     run_train(load_run_config(base=tiny_run(ref, **base, train={"max_steps": 6, "save_every": 3, "select_on_valid": False})))
     a, b = _weights(tmp_path / "run" / "final"), _weights(ref / "run" / "final")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_an_extended_run_killed_before_its_final_save_still_writes_its_end(tmp_path, monkeypatch):
+    base = {"optim": {"scheduler": "constant"}}
+    run = lambda steps, root=tmp_path: run_train(load_run_config(base=tiny_run(  # noqa: E731
+        root, **base, train={"max_steps": steps, "save_every": 3, "select_on_valid": False})))
+    run(3)
+    save = Trainer.save_model
+
+    def killed(self, name, *args, **kwargs):
+        if name == "final":
+            raise KeyboardInterrupt  # after the step-6 checkpoint, before final/
+        return save(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(6)
+    monkeypatch.setattr(Trainer, "save_model", save)
+    run(6)  # was "already trained": final/ and train_summary.json stayed the 3-step run's
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 6
+    run(6, tmp_path / "ref")
+    a, b = _weights(tmp_path / "run" / "final"), _weights(tmp_path / "ref" / "run" / "final")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
@@ -131,12 +182,13 @@ def test_a_fresh_start_sets_the_previous_run_aside_whole(tmp_path):
 # -- 11: truncated files are named ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["trainable.safetensors", "trainer_state.pt"])
 def test_a_truncated_checkpoint_file_is_named(tmp_path, name):
-    cfg = tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "select_on_valid": False})
+    constant = {"scheduler": "constant"}  # so that more steps may resume the run
+    cfg = tiny_run(tmp_path, optim=constant, train={"max_steps": 2, "save_every": 2, "select_on_valid": False})
     run_train(load_run_config(base=cfg))
     path = tmp_path / "run" / "checkpoint" / name
     with open(path, "r+b") as fh:
         fh.truncate(path.stat().st_size // 2)
-    more = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 2, "select_on_valid": False})
+    more = tiny_run(tmp_path, optim=constant, train={"max_steps": 4, "save_every": 2, "select_on_valid": False})
     with pytest.raises(CheckpointError, match=rf"{name}: unreadable.*train\.resume=false"):
         run_train(load_run_config(base=more))
 
@@ -246,6 +298,24 @@ def test_a_saved_method_reloads_whole_through_from_pretrained(tmp_path):
     (tmp_path / "run" / "final" / "extra_modules.safetensors").unlink()
     with pytest.raises(CheckpointError, match="extra_modules.safetensors: missing"):
         Method.from_pretrained(tmp_path / "run" / "final")
+
+
+def test_a_save_killed_before_its_config_is_written_leaves_the_old_folder_whole(tmp_path, monkeypatch):
+    trained = _train(tiny_run(tmp_path, ADAPTED, train={"max_steps": 2, "save_every": 2, "select_on_valid": False}))
+    folder = tmp_path / "run" / "final"
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    with torch.no_grad():
+        trained.adapter.proj.weight.add_(1.0)  # what a later save would write
+
+    def killed() -> dict:
+        raise KeyboardInterrupt  # a kill while the folder's config is being written
+
+    monkeypatch.setattr(trained, "saved_config", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trained.save_pretrained(folder)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before, "the folder changed without its config"
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".final")) == [], "temp folder left"
+    assert isinstance(Method.from_pretrained(folder), AdaptedSFT)
 
 
 # -- 6: training respects the model's context ---------------------------------------------------------

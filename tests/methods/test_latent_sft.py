@@ -166,6 +166,26 @@ def stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _stage1_run(tmp_path_factory.mktemp("lsft-stage1"))
 
 
+@pytest.mark.slow
+def test_stage_one_with_its_warm_up_on_two_processes_matches_one_process(tmp_path):
+    """The warm-up leaves every LM layer out of the loss: DDP waited for their gradients and failed."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import train_on_one_and_two_processes
+
+    def cfg(folder: Path) -> dict:
+        c = tiny_run(folder, "latent-sft", train={"select_on_valid": True, "eval_limit": 8, "max_steps": 2, "save_every": 2},
+                     rollout={"max_new_tokens": 8})
+        c["method"].update(compression=4, steps="warmup,both", steps_per_step=1, max_latent_steps=8)
+        return c
+
+    runs = train_on_one_and_two_processes(cfg, tmp_path)
+    for name in ("model.safetensors", "extra_modules.safetensors"):
+        a, b = (load_file(str(run / "final" / name)) for run in runs)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_stage_one_trains_encoder_then_decoder_then_both_each_from_the_best(stage1):
     from safetensors.torch import load_file
 
@@ -349,7 +369,7 @@ def test_n_eff_encoder_alignment_reads_the_stage_one_encoders_latents(stage1, tm
     # a solution's reference latents are what the stage-1 encoder exported for it as a soft label
     ex = method.task.load("train", limit=32)[3]
     gold = method.loaded.tokenizer(method.task.chain_text(ex), add_special_tokens=False)["input_ids"]
-    ((got,),) = method.solution_latents([ex], [[gold]])
+    ((got,),) = method.solution_latents([ex], [[segment(gold, 4)]])
     probs, ids = SoftLabels(out / "soft_labels").get(ex.id)
     stage_one = Method.from_pretrained(stage1 / "best")
     want = LatentSFT.mix(probs, ids, input_embedding_table(stage_one.loaded.model)).float()
@@ -357,9 +377,9 @@ def test_n_eff_encoder_alignment_reads_the_stage_one_encoders_latents(stage1, tm
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # batched in chunks across examples, each solution read after its own example's prompt
     other = method.task.load("train", limit=32)[7]
-    short = gold[:5]
-    whole = method.solution_latents([other, ex], [[short, gold], [gold, short]])
-    chunked = method.solution_latents([other, ex], [[short, gold], [gold, short]], chunk=3)
+    short, full = segment(gold[:5], 4), segment(gold, 4)
+    whole = method.solution_latents([other, ex], [[short, full], [full, short]])
+    chunked = method.solution_latents([other, ex], [[short, full], [full, short]], chunk=3)
     assert [len(x) for x in whole] == [2, 2] and len(whole[1][1]) == 2  # 5 tokens at r = 4: two latents
     for a, b in zip(sum(whole, []), sum(chunked, [])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -379,6 +399,10 @@ def test_n_eff_encoder_alignment_reads_the_stage_one_encoders_latents(stage1, tm
 
     def counted(self, examples, solutions):
         asked.append([len(s) for s in solutions])
+        for sols in solutions:  # each cut as N_eff scores it: min(#L, ceil(len / r)) near-equal segments
+            for segs in sols:
+                sizes = [len(s) for s in segs]
+                assert max(sizes) - min(sizes) <= 1 and len(segs) <= 6, sizes
         return original(self, examples, solutions)
 
     monkeypatch.setattr(LatentSFT, "solution_latents", counted)
@@ -393,10 +417,11 @@ def test_n_eff_encoder_alignment_reads_the_stage_one_encoders_latents(stage1, tm
         evaluate("ev-bad", "eval.n_eff_alignment=encoder", f"eval.encoder={out / 'best'}")
     # a method without an encoder refuses before generating anything
     cot = build_method(load_run_config(base=tiny_run(tmp_path / "cot", "cot-sft", eval={"n_eff_alignment": "encoder"})))
-    from latentreason.eval.harness import predict
+    from latentreason.eval.harness import accuracy, predict
 
     with pytest.raises(ValueError, match="no encoder latents"):
         predict(cot, cot.task.load("valid", limit=2), 2)
+    accuracy(cot, cot.task.load("valid", limit=2), 2)  # does not raise: selection while training needs no N_eff
 
 
 def test_warmup_targets_are_what_the_decoder_writes_after_each_latent():

@@ -329,6 +329,10 @@ def test_same_reference_twice_changes_nothing(trio) -> None:
     v = _vectors(main)
     out = _run(main, RefineStep(ExternalStep(v), RefineConfig(contrastive=True, eta=100.0)), [strong, strong])
     assert torch.equal(out.latents, v)
+    # compiled, one object twice would share one compiled step and cache (the second reset the first's)
+    for refs in ([strong, strong], [main, strong]):
+        with pytest.raises(ValueError, match="one object twice"):
+            _run(main, RefineStep(ExternalStep(v), RefineConfig(contrastive=True, eta=100.0)), refs, compile=True)
 
 
 def test_contrastive_without_references_is_a_clear_error(trio) -> None:

@@ -309,26 +309,17 @@ def test_on_policy_runs_resume_exactly(tmp_path, trained_arith_model, monkeypatc
 def test_grpo_on_two_processes_matches_one_process(tmp_path, trained_arith_model) -> None:
     """The normaliser (sampled tokens) is summed over processes after sampling: one global batch."""
     import json
-    import subprocess
-    import sys
 
-    from tests.conftest import ROOT, cli_args, subprocess_env
+    from tests.conftest import train_on_one_and_two_processes
 
     def cfg(folder: Path) -> dict:
         c = _cfg(folder, "grpo", trained_arith_model, steps=2, group_size=4)
         c["train"].update(save_every=2)
         return c
 
-    one = subprocess.run([sys.executable, "-m", "latentreason.cli", "train", *cli_args(cfg(tmp_path / "one"))],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "-m", "latentreason.cli",
-              "train", *cli_args(cfg(tmp_path / "two"))]
-    two = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / "run" / "train_summary.json").read_text())["processes"] == 2
-    a, b = _weights(tmp_path / "one" / "run" / "final"), _weights(tmp_path / "two" / "run" / "final")
+    one, two = train_on_one_and_two_processes(cfg, tmp_path)
+    assert json.loads((two / "train_summary.json").read_text())["processes"] == 2
+    a, b = _weights(one / "final"), _weights(two / "final")
     start = _weights(trained_arith_model)
     assert any(not torch.equal(a[k], start[k]) for k in a)
     for key in a:

@@ -159,7 +159,8 @@ def test_the_same_command_again_changes_nothing_and_a_shorter_run_is_refused(tmp
     Asked for fewer steps than its checkpoint holds: refused, not silently trained further."""
     from latentreason.models.loading import CheckpointError
 
-    cfg = tiny_run(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 2})
+    # a constant rate: under a decaying one another max_steps is refused as another run anyway
+    cfg = tiny_run(tmp_path, optim={"scheduler": "constant"}, train={"max_steps": 4, "save_every": 2, "eval_every": 2})
 
     def train(**over):
         run = load_run_config(base={**cfg, "train": {**cfg["train"], **over}})

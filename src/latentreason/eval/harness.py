@@ -78,16 +78,18 @@ def predict(
     on_batch: Callable[[list[Prediction]], None] | None = None,
     probe: str = "none",
     probe_seed: int = 0,
+    metrics: bool = True,
 ) -> list[Prediction]:
     """Generate (:func:`~latentreason.methods.base.generate_batches`, the loop ``Method.generate``
     shares) and score ``examples``.
 
     ``on_batch`` receives each finished batch's predictions (the harness appends them to disk).
     ``probe`` (``eval.probe``) wraps the method's latent step: see :func:`probed_step`.
+    ``metrics=False`` skips the superposition metrics (selection during training needs the answers only).
     """
     task, tok = method.task, method.loaded.tokenizer
-    rate = method.superposition_rate()
-    if method.run.eval.n_eff_alignment == "encoder" and type(method).solution_latents is Method.solution_latents:
+    rate = method.superposition_rate() if metrics else False
+    if metrics and method.run.eval.n_eff_alignment == "encoder" and type(method).solution_latents is Method.solution_latents:
         raise ValueError(f"eval.n_eff_alignment=encoder: method {method.name!r} has no encoder latents to align "
                          "with (Latent-SFT stage 2 has); use position")
     preds: dict[int, Prediction] = {}
@@ -104,7 +106,7 @@ def predict(
         # one copy to the host per batch, not one device wait per row
         dists = (out.dist_probs.float().cpu(), out.dist_ids.cpu()) if measured else None
         fed = out.latents.float().cpu() if measured and method.run.eval.n_eff_alignment == "encoder" else None
-        refs = _references(method, [examples[i] for i in idx], latent) if fed is not None else {}
+        refs = _references(method, [examples[i] for i in idx], latent, rate) if fed is not None else {}
         for j, (i, text) in enumerate(zip(idx, texts)):
             ex = examples[i]
             score = task.score(text, ex)
@@ -130,13 +132,14 @@ def _solution_ids(method: Method, ex: Example) -> list[list[int]]:
     return method.loaded.tokenizer(method.task.solutions(ex), add_special_tokens=False)["input_ids"]
 
 
-def _references(method: Method, batch: list[Example], latent: list[int]) -> dict[int, list[torch.Tensor]]:
+def _references(method: Method, batch: list[Example], latent: list[int], rate: int) -> dict[int, list[torch.Tensor]]:
     """For N_eff's encoder alignment: each row (of those with latents and >= 2 distinct solutions)
-    -> the encoder's latents of its distinct solutions, one encoder pass per evaluation batch."""
-    from latentreason.eval.superposition import distinct_solutions
+    -> the encoder's latents of its distinct solutions, each cut into the segments N_eff scores
+    (:func:`~latentreason.eval.superposition.solution_segments`); one encoder pass per batch."""
+    from latentreason.eval.superposition import distinct_solutions, solution_segments
 
     rows = {j: distinct_solutions(_solution_ids(method, ex)) for j, ex in enumerate(batch) if latent[j]}
-    rows = {j: sols for j, sols in rows.items() if len(sols) >= 2}
+    rows = {j: [solution_segments(s, latent[j], rate) for s in sols] for j, sols in rows.items() if len(sols) >= 2}
     if not rows:
         return {}
     found = method.solution_latents([batch[j] for j in rows], list(rows.values()))
@@ -159,7 +162,7 @@ def _superposition(method: Method, ex: Example, probs: torch.Tensor, ids: torch.
 
 def accuracy(method: Method, examples: list[Example], batch_size: int) -> float:
     """Strict accuracy, for model selection during training."""
-    preds = predict(method, examples, batch_size)
+    preds = predict(method, examples, batch_size, metrics=False)
     return mean([float(p.correct) for p in preds])
 
 
@@ -350,10 +353,12 @@ def evaluate(
         _check_fingerprint(out, fingerprint)  # every process, before any waits: all refuse alike
     if main:
         if overwrite:
-            for path in [rows_path, meta_path, *_rank_files(out)]:
+            for path in [rows_path, meta_path, out / "summary.json", *_rank_files(out)]:
                 path.unlink(missing_ok=True)
         atomic_write_json(meta_path, fingerprint)
-        _merge_rows(out, examples)  # rows of an earlier run, including a killed multi-process one
+        have = {r["id"] for r in _merge_rows(out, examples)}  # rows of an earlier run, a killed multi-process one too
+        if any(ex.id not in have for ex in examples):  # in progress: no summary (compare reads it) until it ends
+            (out / "summary.json").unlink(missing_ok=True)
     state.wait_for_everyone()
     done = {r["id"]: r for r in read_jsonl(rows_path)} if rows_path.exists() else {}
     todo = [ex for ex in examples if ex.id not in done]

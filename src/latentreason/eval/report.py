@@ -39,7 +39,7 @@ def plot_accuracy_vs_positions(summaries: list[dict[str, Any]], path: str | Path
     for s in summaries:
         lo, hi = s["accuracy_ci95"]
         x, y = s["mean_reasoning_positions"], s["accuracy"]
-        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=4, label=s["method"])
+        ax.errorbar([x], [y], yerr=[[max(y - lo, 0.0)], [max(hi - y, 0.0)]], fmt="o", capsize=4, label=s["method"])
         ax.annotate(f"{s['method']} {y:.0%}", (x, y), textcoords="offset points", xytext=(6, -12))
     ax.set_xlabel("mean reasoning positions per question (latent steps + chain tokens)")
     ax.set_ylabel("accuracy (strict)")
@@ -79,11 +79,29 @@ def _read_eval(folder: Path) -> dict[str, Any]:
     for path in (summary_path, rows_path):
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; {folder} is not a finished evaluation (run latentreason eval)")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{summary_path}: not valid JSON ({exc}); run latentreason eval again") from exc
     missing = [k for k in ("task", "split", "method", "n", "accuracy", "accuracy_ci95") if k not in summary]
     if missing:
         raise ValueError(f"{summary_path}: lacks {', '.join(missing)}; not a summary written by latentreason eval")
+    config = folder / "eval_config.json"
+    try:
+        summary["_settings"] = json.loads(config.read_text()) if config.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config}: not valid JSON ({exc}); run latentreason eval again") from exc
     return summary
+
+
+def _refine_label(settings: dict[str, Any]) -> str:
+    """' + residual (alpha 0.5) + contrastive (eta 8)' where the evaluation refined its latents."""
+    parts = []
+    if settings.get("refine.residual"):
+        parts.append(f"residual (alpha {settings.get('refine.alpha')})")
+    if settings.get("refine.contrastive"):
+        parts.append(f"contrastive (eta {settings.get('refine.eta')})")
+    return "".join(f" + {p}" for p in parts)
 
 
 def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> Comparison:
@@ -108,8 +126,9 @@ def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> 
         lo, hi = s["accuracy_ci95"]
         phases = s.get("seconds_by_phase") or {}
         total = sum(phases.values())
+        refine = _refine_label(s["_settings"])
         rows.append({
-            "label": label or (s["method"] if probe == "none" else f"{s['method']} ({probe} probe)"),
+            "label": label or (s["method"] + refine if probe == "none" else f"{s['method']}{refine} ({probe} probe)"),
             "folder": str(folder), "method": s["method"], "model": s.get("model", ""),
             "task": s["task"], "task_version": s.get("task_version"), "split": s["split"],
             "accuracy": s["accuracy"], "accuracy_ci95": [lo, hi], "n": s["n"],
@@ -117,13 +136,20 @@ def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> 
             "mean_latent_steps": s.get("mean_latent_steps", 0.0),
             "seconds_per_question": 1.0 / qps if qps > 0 else None,
             "prefill_share": (phases.get("prefill", 0.0) + phases.get("reference_prefill", 0.0)) / total if total > 0 else None,
-            "probe": probe, "device": s.get("device"),
+            "probe": probe, "device": s.get("device"), "refine": refine.lstrip(" +") or None,
+            "questions": {k: s["_settings"].get(k) for k in ("data.path", "data.options")},
         })
     kinds = {(r["task"], r["task_version"], r["split"]) for r in rows}
     if len(kinds) > 1:
         listing = "; ".join(f"{r['folder']} ({r['task']} v{r['task_version']}, split {r['split']})" for r in rows)
         raise ValueError(f"compare: the folders evaluate different tasks or splits: {listing}. "
                          "Compare one task and split at a time")
+    sources = {json.dumps(r["questions"], sort_keys=True) for r in rows}
+    if len(sources) > 1:  # the same task and split, other questions (a generator's seed, another file)
+        listing = "; ".join(f"{r['folder']} ({', '.join(f'{k}={v!r}' for k, v in r['questions'].items())})" for r in rows)
+        raise ValueError(f"compare: the folders evaluate different questions of the task: {listing}")
+    for r in rows:
+        del r["questions"]
     task, split = rows[0]["task"], rows[0]["split"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +219,8 @@ def _save(fig: Any, path: Path) -> Path:
     """Write the figure beside its target and rename it into place: a killed run leaves no half PNG."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix or '.png'}")  # the format follows the name (pdf, svg)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
@@ -276,9 +303,10 @@ def read_curve(log: str | Path, key: str) -> list[tuple[int, float]]:
 
 
 def plot_curves(logs: dict[str, str | Path], path: str | Path, key: str = "reward", smooth: int = 1,
-                title: str = "") -> Path:
+                title: str = "", groups: dict[str, str] | None = None) -> Path:
     """One line per run of ``key`` against the training step (a trailing mean over ``smooth`` logged
-    rows); runs whose labels share the text before '/' share a colour (seeds of one method)."""
+    rows); runs of one group share a colour and a legend entry (``groups``: label -> group; by
+    default the label's text before '/', e.g. the seeds ``coconut/0``, ``coconut/1`` of one method)."""
     if smooth < 1:  # checked first: a window of 0 rows would divide by zero, after reading every log
         raise ValueError(f"smooth must be at least 1 (the number of logged rows each point averages; "
                          f"1 = no smoothing), got {smooth}")
@@ -294,7 +322,7 @@ def plot_curves(logs: dict[str, str | Path], path: str | Path, key: str = "rewar
         steps, values = zip(*read_curve(log, key))
         smoothed = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
                     for i in range(len(values))]
-        group = label.split("/")[0]
+        group = (groups or {}).get(label, label.split("/")[0])
         first = group not in colours
         colour = colours.setdefault(group, f"C{len(colours) % 10}")
         ax.plot(steps, smoothed, color=colour, alpha=0.85, lw=1.2, label=group if first else None)

@@ -17,7 +17,8 @@ explicit solutions of a question (token ids), these say how much of them the lat
   ``position`` (the spec's version 1: step t to segment t; the naive draws any T_m of the T steps)
   and ``encoder`` (version 2, the authors' metric code: step t, in order, takes the unused segment
   whose stage-1 encoder latent is closest by cosine distance to the latent fed at step t; the
-  naive permutes the same T_m steps' segments at random).
+  encoder reads the solution cut into those very T_m segments, as the authors' code requires of
+  its precomputed latents; the naive permutes the same T_m steps' segments at random).
 * **Top-2**: π(2)/π(1) (our decision: the paper gives no formula).
 """
 from __future__ import annotations
@@ -51,6 +52,12 @@ def _mass(probs: torch.Tensor, ids: torch.Tensor, segment: Sequence[int], top: i
     return sum(p.get(v, 0.0) for v in segment)
 
 
+def solution_segments(solution: Sequence[int], steps: int, rate: int) -> list[list[int]]:
+    """Solution m cut into T_m = min(T, ceil(len / rate)) near-equal segments: the segments N_eff
+    scores, and (encoder alignment) the ones whose encoder latents the steps are matched to."""
+    return split_even(solution, min(steps, max(1, math.ceil(len(solution) / rate))))
+
+
 def path_scores(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequence[int]], rate: int,
                 alignments: Sequence[Sequence[int]] | None = None, top: int = 100) -> list[float]:
     """``score_m`` for each solution. ``probs``/``ids`` are [T, k] sorted by probability.
@@ -61,8 +68,8 @@ def path_scores(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequ
     steps = probs.shape[0]
     scores = []
     for m, sol in enumerate(solutions):
-        parts = min(steps, max(1, math.ceil(len(sol) / rate)))
-        segs = split_even(sol, parts)
+        segs = solution_segments(sol, steps, rate)
+        parts = len(segs)
         order = list(range(parts)) if alignments is None else list(alignments[m])
         if len(order) != parts:
             raise ValueError(f"solution {m}: {len(order)} aligned steps for its {parts} segments")
@@ -134,12 +141,14 @@ def _permuted_naive(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[
     return sum(values) / len(values)
 
 
-def ecr(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int], rate: int, k: int, offset: int = 0) -> float:
+def ecr(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int], rate: int, k: int,
+        offset: int = 0) -> float | None:
     """Distinct tokens of gold segment t + ``offset`` found in the top-``k`` of step t, summed, per
-    latent step (a step without such a segment finds none)."""
+    latent step (a step without such a segment finds none); None for a question without latent
+    steps (tokens per latent step is undefined there: counting it 0 would pull the mean down)."""
     steps = probs.shape[0]
     if steps == 0:
-        return 0.0
+        return None
     segs = [list(gold[i: i + rate]) for i in range(0, len(gold), rate)]
     found = 0
     for t in range(steps):
@@ -159,10 +168,11 @@ def question_metrics(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int]
                      references: Sequence[torch.Tensor] | None = None) -> dict[str, float | None]:
     """Every metric for one question (``probs``/``ids``: its fed latent steps only, [T, k]).
 
-    ``references`` (one [T'_m, d] tensor per distinct solution, in :func:`distinct_solutions`
-    order) with ``fed`` ([T, d], the latents fed) switch N_eff to the encoder alignment.
+    ``references`` (per distinct solution, in :func:`distinct_solutions` order, the encoder's
+    latents of its :func:`solution_segments`, [T_m, d]) with ``fed`` ([T, d], the latents fed)
+    switch N_eff to the encoder alignment.
     """
-    out: dict[str, float | None] = {f"ecr@{k}": ecr(probs, ids, gold, rate, k) for k in (1, 5, 10)}
+    out: dict[str, float | None] = {f"ecr@{k}": ecr(probs, ids, gold, rate, k) for k in (1, 5, 10)}  # None: no step
     out.update({f"ecr_next@{k}": ecr(probs, ids, gold, rate, k, offset=1) for k in (1, 5, 10)})
     distinct = distinct_solutions(solutions)
     if len(distinct) >= 2 and probs.shape[0] > 0:

@@ -23,7 +23,6 @@ from torch import nn
 from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example, Task
 from latentreason.data.collate import encode_prompts
-from latentreason.io import atomic_write_text, set_default_file_mode
 from latentreason.models.loading import CheckpointError, LoadedModel, ModelConfig, save_checkpoint
 from latentreason.models.rollout import RolloutConfig, RolloutOutput, derive_seed, rollout
 from latentreason.models.steps import LatentStep, ProbeStep
@@ -195,10 +194,12 @@ class Method:
         parts); the rollout must keep top-k distributions (top-100 for N_eff)."""
         return False
 
-    def solution_latents(self, examples: list[Example], solutions: list[list[list[int]]]) -> list[list[torch.Tensor]]:
-        """The latents an encoder gives each explicit solution (token ids) of each example, [T'_m, d]
-        each: what N_eff's encoder alignment (``eval.n_eff_alignment=encoder``) compares the fed
-        latents with. Only methods trained with such an encoder have them."""
+    def solution_latents(self, examples: list[Example],
+                         solutions: list[list[list[list[int]]]]) -> list[list[torch.Tensor]]:
+        """The latents an encoder gives each explicit solution of each example, given as its segments
+        (token id lists), one latent per segment, [T_m, d] each: what N_eff's encoder alignment
+        (``eval.n_eff_alignment=encoder``) compares the fed latents with. Only methods trained with
+        such an encoder have them."""
         raise ValueError(f"eval.n_eff_alignment=encoder: method {self.name!r} has no encoder latents; use position")
 
     def generate(self, questions: list[str] | list[Example], batch_size: int = 32) -> list[str]:
@@ -222,16 +223,17 @@ class Method:
         ``states``: whole weights per part (``"lm"`` and each extra module's name) to write in
         place of the modules' own, which under FSDP hold only this process's shards.
         """
-        path = Path(path)
         states = states or {}
-        save_checkpoint(self.loaded, path, state_dict=states.get("lm"))
-        extras = self.extra_modules()
-        if extras:
-            state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items()
-                     for n, t in (states[k] if k in states else merged_state_dict(m)).items()}
-            save_file(state, str(path / EXTRA_MODULES_FILE))
-            set_default_file_mode(path / EXTRA_MODULES_FILE)
-        atomic_write_text(path / RUN_CONFIG_FILE, yaml.safe_dump(self.saved_config(), sort_keys=False))
+
+        def rest(folder: Path) -> None:  # into the temporary folder, before it replaces ``path``
+            extras = self.extra_modules()
+            if extras:
+                state = {f"{k}.{n}": t.detach().contiguous() for k, m in extras.items()
+                         for n, t in (states[k] if k in states else merged_state_dict(m)).items()}
+                save_file(state, str(folder / EXTRA_MODULES_FILE))
+            (folder / RUN_CONFIG_FILE).write_text(yaml.safe_dump(self.saved_config(), sort_keys=False))
+
+        save_checkpoint(self.loaded, Path(path), state_dict=states.get("lm"), also=rest)
 
     def saved_config(self) -> dict[str, Any]:
         """The run config written beside saved weights; a method records what the folder needs to

@@ -625,14 +625,14 @@ class LatentSFT(Method):
     def superposition_rate(self) -> int | None | bool:
         return self.cfg.compression if self.cfg.stage == 2 and self.cfg.latent == "superposition" else False
 
-    def solution_latents(self, examples: list[Example], solutions: list[list[list[int]]],
+    def solution_latents(self, examples: list[Example], solutions: list[list[list[list[int]]]],
                          chunk: int = 64) -> list[list[torch.Tensor]]:
-        """The stage-1 encoder's latents z = αᵀE of each solution, read after this model's prompt for
-        its example (the authors precompute them per solution segment for N_eff's matching); the
-        encoder runs over ``chunk`` solutions at a time."""
+        """The stage-1 encoder's latents z = αᵀE of each solution's segments, read after this model's
+        prompt for its example (the authors precompute them per solution segment for N_eff's
+        matching); the encoder runs over ``chunk`` solutions at a time."""
         ref = self._stage1()
         prompts = self.bot_prompt_ids(examples)
-        flat = [(p, segment(s, ref.cfg.compression)) for p, sols in zip(prompts, solutions) for s in sols]
+        flat = [(p, segs) for p, sols in zip(prompts, solutions) for segs in sols]
         device = ref.loaded.model.device
         found: list[torch.Tensor] = []
         for start in range(0, len(flat), chunk):

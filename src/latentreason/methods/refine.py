@@ -294,16 +294,17 @@ def run_refine(run: RunConfig) -> dict[str, Any]:
     then evaluate on ``eval.split``, once each: the unrefined model, the best residual-only,
     contrastive-only and combined cells, and the best cell overall (``refined``); ties go to the
     earlier cell (less refinement). Writes ``sweep.json``, the heat map ``sweep.png`` and
-    ``refine_summary.json`` under ``eval.output_dir`` (default ``<train.output_dir>/refine``).
+    ``refine_summary.json`` under ``eval.output_dir`` (default ``<train.output_dir>/refine``, or beside a
+    saved model folder as for ``eval``: ``<run>/refine`` for ``best/``, ``<run>/refine-<folder>``).
 
     The run's other ``refine.*`` settings (momentum, order, direction, search steps, references)
     hold for every cell.
     """
     from latentreason.io import atomic_write_json
-    from latentreason.recipes import build_method, run_eval
+    from latentreason.recipes import build_method, default_eval_dir, run_eval
 
     r = run.refine
-    out = Path(run.eval.output_dir or Path(run.train.output_dir) / "refine")
+    out = Path(run.eval.output_dir or default_eval_dir(run, "refine"))  # beside a saved model, as eval
     if run.eval.split == run.data.valid_split:
         logger.warning("eval.split=%s is the split the sweep selects on: the report is not an independent estimate",
                        run.eval.split)

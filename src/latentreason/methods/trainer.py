@@ -238,12 +238,21 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], safe: tuple[s
 
 
 def resume_safe(run: RunConfig) -> tuple[str, ...]:
-    """RESUME_SAFE, less ``train.max_steps`` for a method whose stage lengths derive from it."""
+    """RESUME_SAFE, less what shapes this run: ``train.max_steps`` for a method whose stage lengths
+    derive from it or under a decaying learning rate (cosine, linear: its curve spans max_steps, so
+    a longer run would jump back up mid-way); ``train.eval_every`` and ``refine.*`` when validation
+    picks best/ (they decide which steps compete and how they are scored; Latent-SFT's stage 1 also
+    restarts each of its steps from that pick)."""
     from latentreason.methods.base import METHODS
 
+    unsafe = set()
     if run.method.name in METHODS and METHODS.get(run.method.name).schedule_uses_max_steps(run):
-        return tuple(s for s in RESUME_SAFE if s != "train.max_steps")
-    return RESUME_SAFE
+        unsafe.add("train.max_steps")
+    if run.optim.scheduler != "constant":
+        unsafe.add("train.max_steps")
+    if run.train.select_on_valid:
+        unsafe |= {"train.eval_every", "refine."}
+    return tuple(s for s in RESUME_SAFE if s not in unsafe)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -334,7 +343,14 @@ class Trainer:
         if not examples:
             raise ValueError(f"no training examples for task {run.data.task!r} split {run.data.train_split!r}")
         self.run, self.method, self.examples, self.select = run, method, examples, select
-        self.acc = accelerator or Accelerator(**accelerator_options(run))
+        options = accelerator_options(run)
+        if any(stage.frozen for stage in method.stages() or []):
+            # a stage may leave a part out of the loss (Latent-SFT's warm-up: no LM layer): DDP must not
+            # wait for its gradients (DeepSpeed refuses such stages; FSDP2 does not wait)
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            options["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        self.acc = accelerator or Accelerator(**options)
         fallback = sharding_fallback(str(self.acc.distributed_type))
         if fallback and self.acc.is_main_process:
             logger.warning(fallback)
@@ -732,9 +748,10 @@ class Trainer:
             self._start_fresh_log()
         first_step = self.step
         done = self.out / "train_summary.json"
-        if resumed and self.step >= t.max_steps and done.exists() and (self.out / "final").exists():
+        summary = json.loads(done.read_text()) if resumed and done.exists() else {}
+        if resumed and self.step >= t.max_steps and summary.get("steps") == self.step and (self.out / "final").exists():
             # the same command again: nothing to train, and best/, final/ and the log stay as they were
-            summary = json.loads(done.read_text())
+            # (a summary of fewer steps is an earlier, shorter run's: this one's end is still to write)
             logger.info("%s: already trained to step %d (train_summary.json); nothing to do", self.out, self.step)
             loss = summary.get("final_loss")  # None where it was NaN (strict JSON)
             return TrainResult(self.out, self.step, float("nan") if loss is None else loss,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -340,11 +342,14 @@ def load_model(cfg: ModelConfig | str, training: bool = False) -> LoadedModel:
     )
 
 
-def save_checkpoint(loaded: LoadedModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(loaded: LoadedModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                    also: Callable[[Path], None] | None = None) -> None:
     """Write model + tokenizer with ``save_pretrained`` (safetensors) atomically into ``path``.
 
     ``state_dict``: the weights to write instead of the model's own (whole tensors gathered from
-    a sharded model, whose own ``state_dict()`` holds shards)."""
+    a sharded model, whose own ``state_dict()`` holds shards). ``also(folder)`` writes the rest of
+    the folder (a method's modules and config) before it replaces ``path``: a kill leaves the old
+    folder or the whole new one, never a new one without its config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(path.parent, prefix=f".{path.name}-")  # readable by others, unlike mkdtemp
@@ -354,8 +359,14 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path, state_dict: dict[str,
 
         model = copy.deepcopy(model).merge_and_unload()
     extra = {} if state_dict is None else {"state_dict": state_dict}
-    model.save_pretrained(tmp, safe_serialization=True, **extra)
-    loaded.tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
+        loaded.tokenizer.save_pretrained(tmp)
+        if also is not None:
+            also(tmp)
+    except BaseException:  # an error or Ctrl-C: no half-written folder left beside the model
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     set_default_file_mode(*tmp.glob("*.safetensors"))  # safetensors writes 0o600, unreadable by others
     atomic_replace_dir(tmp, path)
 

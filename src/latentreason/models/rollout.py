@@ -952,6 +952,10 @@ def rollout(
     check_context(model, [len(p) for p in prompts], extra)
     if group_size < 1:
         raise ValueError(f"rollout: group_size={group_size}, must be >= 1")
+    if cfg.compile and references and len({id(m) for m in (model, *references)}) < 1 + len(references):
+        # one compiled step and static cache per model object: a second runner on it would reset the first's
+        raise ValueError("rollout.compile: a reference is the main model or another reference (one object twice); "
+                         "pass distinct models (copy.deepcopy), or rollout.compile=false")
     ids, mask = left_pad(prompts, pad_id, device)
     shared = group_size > 1 and not (cfg.compile and not torch.is_grad_enabled())  # compiled: fixed shapes
     if group_size > 1 and not shared:  # the compiled step: G prefills, the same outputs
