@@ -11,13 +11,13 @@ from latentreason.eval.report import compare
 
 def _fake_eval(folder, method: str, correct: int, n: int, positions: float, qps: float, task: str = "arith",
                split: str = "valid", probe: str | None = None, phases: dict | None = None,
-               settings: dict | None = None) -> str:
+               settings: dict | None = None, question: str = "q") -> str:
     """A folder as ``latentreason eval`` leaves it, with known numbers."""
     from latentreason.eval.metrics import wilson_interval
 
     folder.mkdir(parents=True)
-    rows = [{"id": str(i), "correct": i < correct, "reasoning_positions": positions, "latent_steps": 0}
-            for i in range(n)]
+    rows = [{"id": str(i), "question": f"{question}{i}", "correct": i < correct, "reasoning_positions": positions,
+             "latent_steps": 0} for i in range(n)]
     (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"model": f"runs/{method}/best", "task": task, "task_version": 1, "method": method, "split": split,
                "n": n, "accuracy": correct / n, "accuracy_ci95": list(wilson_interval(correct, n)),
@@ -86,10 +86,13 @@ def test_compare_refuses_mixed_tasks_or_splits_naming_the_folders(tmp_path, caps
 def test_compare_refuses_other_questions_of_one_task_and_labels_refinement(tmp_path):
     same = {"data.path": None, "data.options": {"num_steps": 6}}
     a = _fake_eval(tmp_path / "a", "coconut", 30, 40, 10, 4.0, settings=same)
-    b = _fake_eval(tmp_path / "b", "coconut", 20, 40, 10, 4.0, settings={**same, "data.options": {"num_steps": 6, "seed": 7}})
-    with pytest.raises(ValueError, match="different questions of the task") as err:
+    b = _fake_eval(tmp_path / "b", "coconut", 20, 40, 10, 4.0, settings={**same, "data.options": {"seed": 7}},
+                   question="other ")
+    with pytest.raises(ValueError, match="different questions") as err:
         compare([a, b], tmp_path / "cmp")
-    assert "'seed': 7" in str(err.value)
+    assert "'q0'" in str(err.value) and "'other 0'" in str(err.value)
+    fewer = _fake_eval(tmp_path / "few", "coconut", 5, 10, 10, 4.0, settings={})  # the first 10 of the same: fine
+    assert [r["n"] for r in compare([a, fewer], tmp_path / "cmp").rows] == [40, 10]
     c = _fake_eval(tmp_path / "c", "coconut", 33, 40, 10, 2.0,
                    settings={**same, "refine.residual": True, "refine.alpha": 0.5, "refine.contrastive": True, "refine.eta": 8})
     rows = compare([a, c], tmp_path / "cmp").rows

@@ -94,6 +94,13 @@ def _read_eval(folder: Path) -> dict[str, Any]:
     return summary
 
 
+def _questions(folder: Path) -> dict[str, str]:
+    """Question id -> question text of an evaluation's rows."""
+    from latentreason.io import read_jsonl
+
+    return {str(r["id"]): str(r.get("question", "")) for r in read_jsonl(folder / "predictions.jsonl", drop_torn_tail=True)}
+
+
 def _refine_label(settings: dict[str, Any]) -> str:
     """' + residual (alpha 0.5) + contrastive (eta 8)' where the evaluation refined its latents."""
     parts = []
@@ -137,19 +144,20 @@ def compare(eval_dirs: list[str], out: str | Path, title: str | None = None) -> 
             "seconds_per_question": 1.0 / qps if qps > 0 else None,
             "prefill_share": (phases.get("prefill", 0.0) + phases.get("reference_prefill", 0.0)) / total if total > 0 else None,
             "probe": probe, "device": s.get("device"), "refine": refine.lstrip(" +") or None,
-            "questions": {k: s["_settings"].get(k) for k in ("data.path", "data.options")},
+            "questions": _questions(folder),
         })
     kinds = {(r["task"], r["task_version"], r["split"]) for r in rows}
     if len(kinds) > 1:
         listing = "; ".join(f"{r['folder']} ({r['task']} v{r['task_version']}, split {r['split']})" for r in rows)
         raise ValueError(f"compare: the folders evaluate different tasks or splits: {listing}. "
                          "Compare one task and split at a time")
-    sources = {json.dumps(r["questions"], sort_keys=True) for r in rows}
-    if len(sources) > 1:  # the same task and split, other questions (a generator's seed, another file)
-        listing = "; ".join(f"{r['folder']} ({', '.join(f'{k}={v!r}' for k, v in r['questions'].items())})" for r in rows)
-        raise ValueError(f"compare: the folders evaluate different questions of the task: {listing}")
-    for r in rows:
-        del r["questions"]
+    seen: dict[str, tuple[str, str]] = {}  # question id -> (its text, the folder that had it first)
+    for r in rows:  # the same task and split, but other questions under the same ids (a generator's seed, a file)
+        for qid, text in r.pop("questions").items():
+            first = seen.setdefault(qid, (text, r["folder"]))
+            if first[0] != text:
+                raise ValueError(f"compare: question {qid!r} is {first[0]!r} in {first[1]} but {text!r} in {r['folder']}: "
+                                 "the folders evaluate different questions (other data.options or data.path)")
     task, split = rows[0]["task"], rows[0]["split"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -246,9 +246,8 @@ def resume_safe(run: RunConfig) -> tuple[str, ...]:
     from latentreason.methods.base import METHODS
 
     unsafe = set()
-    if run.method.name in METHODS and METHODS.get(run.method.name).schedule_uses_max_steps(run):
-        unsafe.add("train.max_steps")
-    if run.optim.scheduler != "constant":
+    stages = run.method.name in METHODS and METHODS.get(run.method.name).schedule_uses_max_steps(run)
+    if stages or run.optim.scheduler != "constant":
         unsafe.add("train.max_steps")
     if run.train.select_on_valid:
         unsafe |= {"train.eval_every", "refine."}
