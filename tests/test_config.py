@@ -68,6 +68,7 @@ def test_cross_field_validation():
     ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0"),
     ("optim.betas=[0.9,1.5]", r"optim.betas=\[0.9, 1.5\]"), ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1"),
     ("train.seed=-1", r"train.seed=-1, must be in \[0, 2\*\*32\)"),
+    ("data.train_split=test", "data.train_split='test': training on a test split"),
 ])
 def test_out_of_range_values_are_refused_before_any_weights_load(override, message):
     """Each once failed after the model loaded (or after training: eval_limit=0), or never."""

@@ -381,6 +381,9 @@ def validate(run: RunConfig) -> list[str]:
     if "test" in run.data.valid_split.lower():
         problems.append(f"data.valid_split={run.data.valid_split!r}: model selection must never use a test split; "
                         "use a validation split (e.g. valid)")
+    if "test" in run.data.train_split.lower():
+        problems.append(f"data.train_split={run.data.train_split!r}: training on a test split leaves nothing held out; "
+                        "use train")
     if run.eval.batch_size < 1:
         problems.append(f"eval.batch_size={run.eval.batch_size}, must be >= 1")
     elif run.eval.probe == "shuffle" and run.eval.batch_size < 2:

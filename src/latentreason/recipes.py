@@ -52,6 +52,10 @@ def run_train(run: RunConfig) -> Path:
         raise ConfigError([f"data.valid_split={run.data.valid_split!r} of task {run.data.task!r} holds no examples "
                            f"(data.path={run.data.path!r}, data.options={run.data.options!r}); train.select_on_valid "
                            "needs some, or set train.select_on_valid=false"])
+    if valid and run.refine.enabled:  # validation refines: a method without latents, or missing references,
+        from latentreason.methods.refine import refine_step  # is refused now, not at the first validation
+
+        refine_step(method, method.latent_step(valid[:1]))
     select = (lambda m: accuracy(m, valid, run.eval.batch_size)) if run.train.select_on_valid else None
     trainer = Trainer(run, method, train_examples, select=select)
     result = trainer.train()

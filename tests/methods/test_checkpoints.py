@@ -81,6 +81,13 @@ def test_an_empty_validation_split_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoint").exists(), "it trained before refusing"
 
 
+def test_refinement_during_validation_is_checked_before_training(tmp_path):
+    cfg = tiny_run(tmp_path, refine={"residual": True}, train={"max_steps": 2, "select_on_valid": True})
+    with pytest.raises(ValueError, match="runs no latent step"):  # cot-sft has no latents to refine
+        run_train(load_run_config(base=cfg))
+    assert not (tmp_path / "run" / "checkpoint").exists(), "it trained before refusing"
+
+
 def test_resume_with_more_steps_continues_and_records_the_new_config(tmp_path):
     base = {"optim": {"scheduler": "constant"}}
     run_train(load_run_config(base=tiny_run(tmp_path, **base, train={"max_steps": 3, "save_every": 3, "select_on_valid": False})))
