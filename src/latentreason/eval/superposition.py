@@ -98,16 +98,16 @@ def top2(scores: Sequence[float]) -> float | None:
 
 
 def n_eff_naive(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequence[int]], rate: int,
-                trials: int = 64, seed: int = 0, top: int = 100) -> float:
-    """N_eff averaged over random one-to-one alignments of latent steps to each solution's segments."""
+                trials: int = 64, seed: int = 0, top: int = 100, within: bool = False) -> float:
+    """N_eff averaged over random one-to-one alignments of latent steps to each solution's T_m
+    segments: any T_m of the T steps, or (``within``, the encoder alignment's baseline) a
+    permutation of the first T_m steps, the ones that alignment matches."""
     rng = random.Random(seed)
     steps = probs.shape[0]
+    parts = [len(solution_segments(sol, steps, rate)) for sol in solutions]
     values = []
     for _ in range(trials):
-        align = []
-        for sol in solutions:
-            parts = min(steps, max(1, math.ceil(len(sol) / rate)))
-            align.append(rng.sample(range(steps), parts))
+        align = [rng.sample(range(p if within else steps), p) for p in parts]
         values.append(n_eff(path_scores(probs, ids, solutions, rate, align, top)))
     return sum(values) / len(values)
 
@@ -127,18 +127,6 @@ def encoder_alignment(fed: torch.Tensor, references: torch.Tensor) -> list[int]:
         free.remove(s)
         step_of[s] = t
     return step_of
-
-
-def _permuted_naive(probs: torch.Tensor, ids: torch.Tensor, solutions: Sequence[Sequence[int]], parts: Sequence[int],
-                    rate: int, trials: int, seed: int, top: int = 100) -> float:
-    """N_eff averaged over random one-to-one matchings of each solution's segments to the same
-    steps the encoder alignment uses (its first ``parts[m]`` steps)."""
-    rng = random.Random(seed)
-    values = []
-    for _ in range(trials):
-        align = [rng.sample(range(p), p) for p in parts]
-        values.append(n_eff(path_scores(probs, ids, solutions, rate, align, top)))
-    return sum(values) / len(values)
 
 
 def ecr(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int], rate: int, k: int,
@@ -176,18 +164,15 @@ def question_metrics(probs: torch.Tensor, ids: torch.Tensor, gold: Sequence[int]
     out.update({f"ecr_next@{k}": ecr(probs, ids, gold, rate, k, offset=1) for k in (1, 5, 10)})
     distinct = distinct_solutions(solutions)
     if len(distinct) >= 2 and probs.shape[0] > 0:
+        align = None
         if references is not None:
             if fed is None or len(references) != len(distinct):
                 raise ValueError(f"encoder alignment needs the fed latents and one reference per distinct solution "
-                                 f"({len(distinct)}), got {None if references is None else len(references)}")
+                                 f"({len(distinct)}), got {len(references)}")
             align = [encoder_alignment(fed, ref) for ref in references]
-            scores = path_scores(probs, ids, distinct, rate, align)
-            value = n_eff(scores)
-            naive = _permuted_naive(probs, ids, distinct, [len(a) for a in align], rate, 64, seed)
-        else:
-            scores = path_scores(probs, ids, distinct, rate)
-            value = n_eff(scores)
-            naive = n_eff_naive(probs, ids, distinct, rate, seed=seed)
+        scores = path_scores(probs, ids, distinct, rate, align)
+        value = n_eff(scores)
+        naive = n_eff_naive(probs, ids, distinct, rate, seed=seed, within=align is not None)
         out.update({"n_eff": value, "n_eff_over_naive": value / naive, "top2": top2(scores), "solutions": len(distinct)})
     else:
         out.update({"n_eff": None, "n_eff_over_naive": None, "top2": None, "solutions": len(distinct)})
