@@ -1,9 +1,11 @@
 """Shared fixtures: small run configs on tiny models built in code (no downloads)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,8 +71,6 @@ def subprocess_env() -> dict[str, str]:
 def train_on_one_and_two_processes(cfg: Callable[[Path], dict], root: Path) -> tuple[Path, Path]:
     """``latentreason train`` of ``cfg(root / "one")`` in one process and of ``cfg(root / "two")`` under
     ``accelerate launch`` with two DDP processes; returns both output folders."""
-    import subprocess
-
     one = subprocess.run([sys.executable, "-m", "latentreason.cli", "train", *cli_args(cfg(root / "one"))],
                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -80,6 +80,22 @@ def train_on_one_and_two_processes(cfg: Callable[[Path], dict], root: Path) -> t
     two = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     return root / "one" / "run", root / "two" / "run"
+
+@contextlib.contextmanager
+def folder_held_by_another_process(folder: Path) -> Iterator[subprocess.Popen]:
+    """A second Python process holding ``folder`` through ``one_writer`` while the block runs (a lock
+    taken in this process would be this process's own, which ``one_writer`` lets nested code share)."""
+    code = ("import sys, time; from latentreason.io import one_writer\n"
+            "with one_writer(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
 
 # Tests on the real data in ../shared/data skip on a machine without it, but never in CI (CI=true),
 # where a missing folder must fail loudly instead of passing with the checks skipped.

@@ -7,12 +7,17 @@ from collections.abc import Iterator
 import pytest
 
 from latentreason.io import (
+    PARTIAL_PREFIX,
+    FolderBusyError,
     atomic_replace_dir,
     atomic_write_json,
     atomic_write_text,
     make_temp_dir,
+    one_writer,
+    remove_partial,
     set_default_file_mode,
 )
+from tests.conftest import folder_held_by_another_process
 
 
 @pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
@@ -38,8 +43,8 @@ def test_atomic_write_gives_umask_file_mode(tmp_path, umask: int) -> None:
 
 
 def test_make_temp_dir_gives_umask_dir_mode(tmp_path, umask: int) -> None:
-    tmp = make_temp_dir(tmp_path, prefix=".model-")
-    assert tmp.parent == tmp_path and tmp.name.startswith(".model-") and not any(tmp.iterdir())
+    tmp = make_temp_dir(tmp_path, "model")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".latentreason-partial-model-") and not any(tmp.iterdir())
     assert _mode(tmp) == 0o777 & ~umask  # not mkdtemp's 0o700
     atomic_replace_dir(tmp, tmp_path / "model")
     assert _mode(tmp_path / "model") == 0o777 & ~umask  # the mode survives the rename into place
@@ -62,3 +67,29 @@ def test_saved_model_folder_is_readable_by_others(tmp_path, umask: int) -> None:
     files = sorted((tmp_path / "ckpt").iterdir())
     assert any(f.suffix == ".safetensors" for f in files)
     assert {f.name: _mode(f) for f in files} == {f.name: 0o666 & ~umask for f in files}
+
+
+# -- one writer per output folder; what killed writes leave is recognised by name -------------------
+def test_a_folder_held_by_another_process_is_refused_until_that_process_dies(tmp_path) -> None:
+    """The holder is named; a kill -9 frees the folder (the system drops the lock with the process)."""
+    folder = tmp_path / "run"
+    with folder_held_by_another_process(folder) as holder:
+        with pytest.raises(FolderBusyError, match=rf"{folder}: another process is writing here \(pid {holder.pid} .*eval.output_dir"):
+            with one_writer(folder, "eval.output_dir"):
+                pass
+        holder.kill()
+        holder.wait()
+        with one_writer(folder, "eval.output_dir"):
+            with one_writer(folder / ".", "eval.output_dir"):  # nested in the same process: shared, not refused
+                pass
+
+
+def test_remove_partial_deletes_only_what_killed_writes_left(tmp_path) -> None:
+    tmp = make_temp_dir(tmp_path, "checkpoint")
+    (tmp / "trainable.safetensors").write_bytes(b"half")
+    (tmp_path / f"{PARTIAL_PREFIX}predictions.jsonl-abc").write_text("{")
+    for mine in (".git", ".checkpoint-old", "checkpoint.old"):  # a user's, or older names: never touched
+        (tmp_path / mine).mkdir()
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    assert remove_partial(tmp_path) == sorted([tmp.name, f"{PARTIAL_PREFIX}predictions.jsonl-abc"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint-old", ".git", "checkpoint.old", "log.jsonl"]

@@ -1,9 +1,13 @@
 """Atomic file writes and JSONL helpers: nothing the project writes is ever left half-written."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import socket
+import sys
+import time
 import shutil
 import subprocess
 import tempfile
@@ -31,14 +35,20 @@ def _umask() -> int:
     return mask
 
 
-def make_temp_dir(parent: str | Path, prefix: str = ".tmp-") -> Path:
+#: What every temporary file or folder the project writes (and then renames into place) is called: a
+#: process killed mid-write leaves it behind, and :func:`remove_partial` recognises it by this name
+#: alone, never touching anything else in a folder.
+PARTIAL_PREFIX = ".latentreason-partial-"
+
+
+def make_temp_dir(parent: str | Path, label: str = "dir") -> Path:
     """A new empty directory in ``parent`` with the permissions ``mkdir`` would give (0o777 less
     the umask), for writing a folder and then renaming it into place.
 
     Why not plain ``tempfile.mkdtemp``: its 0o700 survives the rename, so other users of a shared
     machine could not read the models or results written through it.
     """
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{PARTIAL_PREFIX}{label}-"))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
@@ -62,7 +72,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{PARTIAL_PREFIX}{path.name}-")
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as fh:
@@ -87,6 +97,7 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
     """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
+    _sync_tree(tmp_dir)  # on disk before the rename: a power cut leaves the old folder, not empty files
     recover_dir(final_dir)
     if old.exists():
         shutil.rmtree(old)
@@ -95,6 +106,96 @@ def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files first, then the folders holding them
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on some systems: its files are synced all the same
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_partial(folder: str | Path) -> list[str]:
+    """Delete what killed writes left in ``folder`` (named :data:`PARTIAL_PREFIX`, at its top level
+    only); returns their names. Only safe while this process is the folder's one writer
+    (:func:`one_writer`): another writer's temporary folder would go from under it."""
+    folder, gone = Path(folder), []
+    if not folder.is_dir():
+        return gone
+    for path in folder.glob(f"{PARTIAL_PREFIX}*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        gone.append(path.name)
+    return sorted(gone)
+
+
+class FolderBusyError(RuntimeError):
+    """Another process is writing the output folder: two runs would mix their rows or checkpoints."""
+
+
+LOCK_FILE = ".latentreason.lock"
+_HELD: set[str] = set()  # the folders this process holds, resolved
+
+
+@contextlib.contextmanager
+def one_writer(folder: str | Path, field: str) -> Iterator[None]:
+    """Hold ``folder`` for this process alone while the block runs; another process is refused.
+
+    Two runs writing one folder (the same command started twice, a benchmark and a hand-run
+    evaluation sharing a default folder) would interleave rows and overwrite each other's
+    checkpoints. An advisory ``flock`` on ``<folder>/.latentreason.lock``: the system releases
+    it when the process ends however it ends (a ``kill -9`` leaves no stale lock). The file stays
+    (deleting it would race a process opening it); it names the holder, for the error message.
+    ``field``: the setting to change, named in the error. Without ``fcntl`` (Windows): no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD:  # this process holds it already (run_train, then its Trainer): a nested block
+        yield
+        return
+    path = folder / LOCK_FILE
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "a process that has not written its name yet"
+            raise FolderBusyError(
+                f"{folder}: another process is writing here ({holder}); wait for it to end, or set another "
+                f"{field}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{' '.join(sys.argv)[:300]}\n")
+        fh.flush()
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        fh.close()  # closing the descriptor releases the lock
 
 
 def recover_dir(final_dir: str | Path) -> Path:

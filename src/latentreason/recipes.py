@@ -13,6 +13,7 @@ from pathlib import Path
 
 from latentreason.config import RUN_CONFIG_FILE, ConfigError, RunConfig, TrainConfig, to_dict
 from latentreason.data.base import attach_solutions
+from latentreason.io import one_writer
 from latentreason.methods.base import Method
 
 logger = logging.getLogger("latentreason")
@@ -31,15 +32,23 @@ def build_method(run: RunConfig, model_path: str | None = None, training: bool =
 
 def run_train(run: RunConfig) -> Path:
     """Train, selecting ``best/`` on the validation split; returns the output folder."""
-    from latentreason.eval.harness import accuracy
-    from latentreason.methods.trainer import Trainer, apply_lora, resumable_checkpoint
-
     from latentreason.methods.base import METHODS
+    from latentreason.models.loading import process_state
 
     problems = METHODS.get(run.method.name).train_problems(run)
     if problems:  # e.g. a curriculum that does not add up to train.max_steps: refused before any weights load
         source = getattr(run, "_source", None)
         raise ConfigError([f"{source}: {p}" if source else p for p in problems])
+    if not process_state().is_main_process:
+        return _train(run)
+    with one_writer(run.train.output_dir, "train.output_dir"):  # before anything reads the folder: another run
+        return _train(run)                                       # writing it is refused, not raced
+
+
+def _train(run: RunConfig) -> Path:
+    from latentreason.eval.harness import accuracy
+    from latentreason.methods.trainer import Trainer, apply_lora, resumable_checkpoint
+
     resumable_checkpoint(run)  # a checkpoint of other settings is refused before any weights load
     method = build_method(run, model_path=run.train.init_from, training=True)
     if not method.trainable:

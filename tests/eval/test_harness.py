@@ -16,9 +16,9 @@ from latentreason.recipes import build_method, run_eval
 from latentreason.config import load_run_config
 from latentreason.eval.harness import evaluate, predict, row_seeds
 from latentreason.eval.metrics import wilson_interval
-from latentreason.io import read_jsonl
+from latentreason.io import PARTIAL_PREFIX, FolderBusyError, read_jsonl
 from latentreason.models.rollout import RolloutConfig
-from tests.conftest import cli_args, tiny_run
+from tests.conftest import cli_args, folder_held_by_another_process, tiny_run
 from tests.methods.test_trainer import _env
 
 ROW_FIELDS = {"id", "question", "gold", "prediction", "prediction_flexible", "correct", "correct_flexible",
@@ -217,6 +217,22 @@ def test_an_evaluation_in_progress_has_no_summary(tmp_path, trained_arith_model,
         assert not (out / "summary.json").exists(), f"{change}: the old summary stayed beside unfinished rows"
     monkeypatch.setattr(harness, "predict", whole)
     assert run_eval(run)["n"] == 16
+
+
+def test_a_second_evaluation_into_a_folder_being_written_is_refused(tmp_path, trained_arith_model):
+    """Two evaluations appending to one predictions.jsonl (a merge rewriting it under the other's
+    appends) would lose or mix rows: the second is refused while the first runs, whole, after it;
+    what a killed write left (a temporary file of the merge) goes when the next one starts."""
+    out = tmp_path / "ev"
+    run = load_run_config(base=tiny_run(tmp_path, model={"name_or_path": str(trained_arith_model)},
+                                        eval={"batch_size": 4, "limit": 8, "output_dir": str(out)}))
+    with folder_held_by_another_process(out) as holder:
+        with pytest.raises(FolderBusyError, match=rf"pid {holder.pid} .*set another eval.output_dir"):
+            run_eval(run)
+        assert not (out / "predictions.jsonl").exists()
+    (out / f"{PARTIAL_PREFIX}predictions.jsonl-x1y2").write_text('{"id": "half')
+    assert run_eval(run)["n"] == 8
+    assert not list(out.glob(f"{PARTIAL_PREFIX}*"))
 
 
 def test_eval_killed_and_restarted_loses_and_redoes_nothing(tmp_path, trained_arith_model):

@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentreason.config import load_run_config
+from latentreason.io import PARTIAL_PREFIX, FolderBusyError
 from latentreason.data.base import Example
 from latentreason.methods.base import Method
 from latentreason.methods.sft import CoTSFT, SFTConfig
 from latentreason.methods.trainer import Trainer, apply_lora
 from latentreason.models.loading import CheckpointError, load_model
 from latentreason.recipes import build_method, run_train
-from tests.conftest import tiny_run
+from tests.conftest import folder_held_by_another_process, tiny_run
 
 
 def _train(run_dict: dict, examples_limit: int = 64) -> Method:
@@ -126,6 +127,59 @@ def test_an_extended_run_killed_before_its_final_save_still_writes_its_end(tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_a_run_killed_after_its_last_checkpoint_validates_once(tmp_path, monkeypatch):
+    """The closing validation runs before the last checkpoint: a kill before final/ neither loses it
+    nor logs it twice, and the rerun's log, best/ and summary are an uninterrupted run's."""
+    cfg = lambda root: load_run_config(base=tiny_run(  # noqa: E731
+        root, train={"max_steps": 4, "save_every": 2, "eval_every": 2, "log_every": 1}))
+    save = Trainer.save_model
+
+    def killed(self, name, *args, **kwargs):
+        if name == "final":
+            raise KeyboardInterrupt  # after the step-4 checkpoint
+        return save(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg(tmp_path))
+    monkeypatch.setattr(Trainer, "save_model", save)
+    run_train(cfg(tmp_path))
+    run_train(cfg(tmp_path / "ref"))
+    rows = lambda root: [{k: v for k, v in json.loads(x).items() if k not in ("elapsed_s", "targets_per_s")}  # noqa: E731
+                         for x in (root / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows(tmp_path) if "valid_metric" in r] == [2, 4]
+    assert rows(tmp_path) == rows(tmp_path / "ref")
+    summary = lambda root: json.loads((root / "run" / "train_summary.json").read_text())["best_valid_metric"]  # noqa: E731
+    assert summary(tmp_path) == summary(tmp_path / "ref")
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
+    """The same command started twice would interleave logs and overwrite checkpoints: the second is
+    refused, naming the holder, before it reads or writes anything there."""
+    cfg = load_run_config(base=tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "select_on_valid": False}))
+    out = tmp_path / "run"
+    with folder_held_by_another_process(out) as holder:
+        with pytest.raises(FolderBusyError, match=rf"pid {holder.pid} .*set another train.output_dir"):
+            run_train(cfg)
+        assert sorted(p.name for p in out.iterdir()) == [".latentreason.lock"]
+    run_train(cfg)
+    assert (out / "final").is_dir()
+
+
+def test_what_a_killed_save_left_is_removed_when_the_next_run_starts(tmp_path):
+    """A kill -9 during a save leaves a temporary folder as large as the model (no exception handler
+    runs): the next start in that folder deletes it, and nothing else."""
+    cfg = load_run_config(base=tiny_run(tmp_path, train={"max_steps": 2, "save_every": 2, "select_on_valid": False}))
+    out = tmp_path / "run"
+    out.mkdir()
+    left = out / f"{PARTIAL_PREFIX}checkpoint-k1ll3d"
+    left.mkdir()
+    (left / "trainable.safetensors").write_bytes(b"half a tensor")
+    (out / ".notes").mkdir()
+    run_train(cfg)
+    assert not left.exists() and (out / ".notes").is_dir()
+
+
 # -- 9: every random stream resumes: LoRA dropout gives the uninterrupted weights -----------------------
 def test_resume_restores_the_random_state_so_dropout_continues_exactly(tmp_path):
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}
@@ -184,6 +238,23 @@ def test_a_fresh_start_sets_the_previous_run_aside_whole(tmp_path):
     kept = list(out.glob("previous-*"))
     assert len(kept) == 1 and (kept[0] / "log.jsonl").read_text() == first
     assert {"keep-2", "keep-4", "best", "final", "checkpoint", "train_summary.json"} <= {p.name for p in kept[0].iterdir()}
+
+
+def test_a_fresh_start_sets_aside_a_checkpoint_old_too(tmp_path, monkeypatch):
+    """A kill between a save's two renames leaves only checkpoint.old; a fresh start there that is
+    killed before its first save must not let the next resume pick up the earlier run's state."""
+    cfg = lambda **t: load_run_config(base=tiny_run(tmp_path, train={  # noqa: E731
+        "max_steps": 4, "save_every": 4, "log_every": 1, "select_on_valid": False, **t}))
+    run_train(cfg())
+    out = tmp_path / "run"
+    os.replace(out / "checkpoint", out / "checkpoint.old")
+    monkeypatch.setattr(Trainer, "save_resumable", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg(resume=False))
+    monkeypatch.undo()
+    assert not (out / "checkpoint.old").exists() and len(list(out.glob("previous-*/checkpoint.old"))) == 1
+    run_train(cfg())  # nothing to resume: a fresh start, which sets the killed one's log aside too
+    assert len(list(out.glob("previous-*"))) == 2
 
 
 # -- 11: truncated files are named ---------------------------------------------------------------------
@@ -321,7 +392,7 @@ def test_a_save_killed_before_its_config_is_written_leaves_the_old_folder_whole(
     with pytest.raises(KeyboardInterrupt):
         trained.save_pretrained(folder)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before, "the folder changed without its config"
-    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".final")) == [], "temp folder left"
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(PARTIAL_PREFIX)) == [], "temp folder left"
     assert isinstance(Method.from_pretrained(folder), AdaptedSFT)
 
 
@@ -337,6 +408,9 @@ def test_training_drops_and_counts_sequences_past_the_model_context(tmp_path):
     assert batch["dropped"] == 4 and batch["input_ids"].shape[1] <= 40
     Trainer(run, method, short + long).train()  # a gpt2 indexed past its table raised IndexError here
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["dropped_examples"] > 0
+    from latentreason.methods.trainer import batch_indices
+
+    drawn = [batch_indices(64, step, 16, run.train.seed) for step in range(2)]
+    assert [r["dropped_examples"] for r in log] == [sum(i >= 32 for i in idx) for idx in drawn]  # each window's own
     with pytest.raises(ValueError, match="model context 40"):
         method.collate(long[:4])

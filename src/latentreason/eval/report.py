@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentreason.io import atomic_write_json, atomic_write_text
+from latentreason.io import PARTIAL_PREFIX, atomic_write_json, atomic_write_text
 
 
 def table(summaries: list[dict[str, Any]]) -> str:
@@ -228,7 +228,7 @@ def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix or '.png'}")  # the format follows the name (pdf, svg)
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.stem}{path.suffix or '.png'}")  # the format follows the name (pdf, svg)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from latentreason.config import RUN_CONFIG_FILE, MethodConfig
 from latentreason.data.base import Example
 from latentreason.data.collate import encode_targets
-from latentreason.io import atomic_write_json, set_default_file_mode
+from latentreason.io import PARTIAL_PREFIX, atomic_write_json, set_default_file_mode
 from latentreason.methods.base import EXTRA_MODULES_FILE, METHODS, Method, Stage, stage_problems
 from latentreason.models.loading import CheckpointError, process_state
 from latentreason.models.latent_forward import IGNORE, embed_with_slots, latent_forward
@@ -739,7 +739,7 @@ def export_soft_labels(method: LatentSFT, examples: list[Example], folder: Path,
                     counts.append(n)
             key = "vectors" if c.latent == "hidden" else "probs"
             tensors = {key: torch.cat(probs), "ids": torch.cat(ids), "counts": torch.tensor(counts)}
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{PARTIAL_PREFIX}shard-")
             os.close(fd)
             save_file(tensors, tmp, metadata={"ids": json.dumps([ex.id for ex in chunk])})
             set_default_file_mode(tmp)

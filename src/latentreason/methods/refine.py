@@ -251,6 +251,8 @@ def heat_map(cells: list[dict[str, Any]], alphas: list[float], etas: list[float]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from latentreason.io import PARTIAL_PREFIX
+
     grid = torch.full((len(alphas), len(etas)), float("nan"))
     for c in cells:
         grid[alphas.index(c["alpha"]), etas.index(c["eta"])] = c["accuracy"]
@@ -268,7 +270,7 @@ def heat_map(cells: list[dict[str, Any]], alphas: list[float], etas: list[float]
     fig.colorbar(im, ax=ax, label="validation accuracy")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.stem}.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)

@@ -51,9 +51,11 @@ from latentreason.io import (
     atomic_write_json,
     atomic_write_text,
     make_temp_dir,
+    one_writer,
     provenance,
     read_jsonl,
     recover_dir,
+    remove_partial,
     set_default_file_mode,
 )
 from latentreason.methods.base import Method, Stage, stage_index_at, stage_problems, stage_start
@@ -495,7 +497,7 @@ class Trainer:
         optimizer = self._optimizer_state()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = make_temp_dir(self.out, prefix=".checkpoint-")
+            tmp = make_temp_dir(self.out, "checkpoint")
             save_file(trainable, str(tmp / "trainable.safetensors"))
             set_default_file_mode(tmp / "trainable.safetensors")
             if self.stage_best_state is not None:
@@ -510,6 +512,7 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": rngs,
                     "sharded": self.sharded,  # the optimizer state's layout: FSDP's is keyed by name
+                    "selected_at": self._selected_at,  # a resume does not validate (and log) this step again
                 },
                 tmp / "trainer_state.pt",
             )
@@ -570,6 +573,7 @@ class Trainer:
             logger.warning("checkpoint written by %d processes, resumed on %d: random streams (dropout) restart "
                            "from the seed; the data order is unchanged", len(rngs), self.acc.num_processes)
         self.step, self.best = state["step"], state["best"]
+        self._selected_at = state.get("selected_at")
         if self.step > self.run.train.max_steps:
             raise CheckpointError(
                 f"{self.ckpt} is at step {self.step}, past train.max_steps={self.run.train.max_steps}: a run cannot "
@@ -595,7 +599,8 @@ class Trainer:
             return
         earlier = [p for p in self.out.iterdir()
                    if (p.is_file() and p.name in ("log.jsonl", "train_summary.json", RUN_CONFIG_FILE))
-                   or (p.is_dir() and (p.name == "checkpoint" or (p / RUN_CONFIG_FILE).exists()))]
+                   or (p.is_dir() and (p.name in ("checkpoint", "checkpoint.old")
+                                       or (p / RUN_CONFIG_FILE).exists() and not p.name.startswith("previous-")))]
         if all(p.name == RUN_CONFIG_FILE for p in earlier):  # a start that died before its first log line
             return
         kept = self.out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -740,6 +745,18 @@ class Trainer:
             fh.write(json.dumps(row) + "\n")
 
     def train(self) -> TrainResult:
+        """Train to ``train.max_steps``, resuming ``<output_dir>/checkpoint``; the main process holds
+        the output folder meanwhile (another run writing it is refused) and first deletes what a
+        killed save left there."""
+        if not self.acc.is_main_process:
+            return self._train()
+        with one_writer(self.out, "train.output_dir"):
+            gone = remove_partial(self.out)
+            if gone:
+                logger.info("%s: removed what killed saves left: %s", self.out, ", ".join(gone))
+            return self._train()
+
+    def _train(self) -> TrainResult:
         t = self.run.train
         start = time.perf_counter()
         resumed = self.try_resume()  # first: refuses a checkpoint of other settings before writing
@@ -804,15 +821,17 @@ class Trainer:
             bar.set_postfix(loss=f"{last_loss:.4f}")
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
+                if self.acc.num_processes > 1:  # every process's batches, not the main one's alone
+                    dropped = int(self.acc.reduce(torch.tensor(dropped, device=self.acc.device), reduction="sum"))
                 if self.acc.is_main_process:
                     self._log({"step": self.step, "loss": window_loss / max(1, window_steps),
                                "lr": self.scheduler.get_last_lr()[0], "targets_per_s": window_tokens / max(elapsed, 1e-9),
                                "dropped_examples": dropped, "elapsed_s": round(time.perf_counter() - start, 3),
                                **{k: float(torch.stack(v).mean()) for k, v in extras.items()}})
-                extras = {}
+                extras, dropped = {}, 0
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                self._maybe_select()
+            if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                self._maybe_select()  # the last step's too, before its checkpoint: a kill after it loses nothing
             stage_ended = self._end_of_stage()
             if t.keep_every and self.step % t.keep_every == 0:
                 self.save_model(f"{KEEP_PREFIX}{self.step}")  # early and late models of one run (references)

@@ -183,7 +183,7 @@ def materialise_smollm2(force: bool = False) -> Path:
     model.hf_quantizer = None
     model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target.parent, prefix=".smollm2-")  # not mkdtemp: its 0o700 would stay
+    tmp = make_temp_dir(target.parent, "smollm2")  # not mkdtemp: its 0o700 would stay
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     set_default_file_mode(*tmp.glob("*.safetensors"))  # safetensors writes 0o600
@@ -352,7 +352,7 @@ def save_checkpoint(loaded: LoadedModel, path: str | Path, state_dict: dict[str,
     folder or the whole new one, never a new one without its config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(path.parent, prefix=f".{path.name}-")  # readable by others, unlike mkdtemp
+    tmp = make_temp_dir(path.parent, path.name)  # readable by others, unlike mkdtemp
     model = loaded.model
     if state_dict is None and hasattr(model, "merge_and_unload"):  # peft: save merged weights, keep training intact
         import copy
