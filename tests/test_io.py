@@ -93,3 +93,20 @@ def test_remove_partial_deletes_only_what_killed_writes_left(tmp_path) -> None:
     (tmp_path / "log.jsonl").write_text("{}\n")
     assert remove_partial(tmp_path) == sorted([tmp.name, f"{PARTIAL_PREFIX}predictions.jsonl-abc"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint-old", ".git", "checkpoint.old", "log.jsonl"]
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog) -> None:
+    """Some network mounts refuse flock (ENOLCK): that is no other writer, so the run goes on."""
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = False
+    with caplog.at_level(logging.WARNING, logger="latentreason"):
+        with one_writer(tmp_path / "run", "eval.output_dir"):
+            ran = True
+    assert ran and "cannot lock" in caplog.text

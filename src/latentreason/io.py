@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import socket
 import sys
@@ -178,12 +179,15 @@ def one_writer(folder: str | Path, field: str) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "a process that has not written its name yet"
             raise FolderBusyError(
                 f"{folder}: another process is writing here ({holder}); wait for it to end, or set another "
                 f"{field}") from None
+        except OSError as exc:  # a file system without locks (some network mounts): run, unguarded, and say so
+            logging.getLogger("latentreason").warning("%s: cannot lock (%s); nothing stops a second run writing "
+                                                      "this folder meanwhile", folder, exc)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
