@@ -103,6 +103,24 @@ def test_on_policy_losses_run_without_dropout(name, tmp_path):
     assert seen and all(flag == (name == "cot-sft") for flag in seen), seen
 
 
+@pytest.mark.parametrize("global_batch,micro,world,hint", [
+    (64, 64, 3, "train.global_batch_size=66 and train.micro_batch_size=22"),  # 3 processes cannot share 64
+    (10, 4, 3, "train.global_batch_size=12"),  # the old hint (micro 3) was itself invalid
+    (2, 1, 3, "train.global_batch_size=3"),  # fewer examples than processes
+    (48, 5, 3, "train.micro_batch_size=4"),  # 16 each: the largest divisor up to 5
+    (48, 32, 2, "train.micro_batch_size=24"),
+])
+def test_an_uneven_batch_gets_settings_that_divide(global_batch, micro, world, hint):
+    from latentreason.methods.trainer import batch_hint
+
+    text = batch_hint(global_batch, micro, world)
+    assert text == f"e.g. set {hint}"
+    fields = dict(part.split("=") for part in text.removeprefix("e.g. set ").split(" and "))
+    g = int(fields.get("train.global_batch_size", global_batch))
+    m = int(fields.get("train.micro_batch_size", micro))
+    assert g % (world * m) == 0 and m <= micro  # what the trainer then accepts
+
+
 def test_batch_indices_are_a_pure_function_of_the_step():
     a = [batch_indices(10, s, 4, seed=3) for s in range(6)]
     assert a == [batch_indices(10, s, 4, seed=3) for s in range(6)]

@@ -159,6 +159,18 @@ def batch_indices(n_examples: int, step: int, global_batch: int, seed: int) -> l
     return out
 
 
+def batch_hint(global_batch: int, micro_batch: int, world: int) -> str:
+    """Settings that divide evenly: the largest micro-batch up to ``micro_batch`` that splits each
+    process's share; where the processes cannot share the batch equally, the next batch they can."""
+    per_rank, rest = divmod(global_batch, world)
+    fit = lambda share: max(d for d in range(1, min(share, micro_batch) + 1) if share % d == 0)  # noqa: E731
+    if rest or not per_rank:
+        micro = fit(per_rank + 1)
+        return (f"e.g. set train.global_batch_size={world * (per_rank + 1)}"
+                + ("" if micro == micro_batch else f" and train.micro_batch_size={micro}"))
+    return f"e.g. set train.micro_batch_size={fit(per_rank)}"
+
+
 def epoch_begins(step: int, global_batch: int, n_examples: int) -> bool:
     """Whether a new epoch's first example is in step ``step``'s batch (never at step 0: the first
     epoch needs no reset). Batches run across epoch ends (see :func:`batch_indices`)."""
@@ -360,8 +372,7 @@ class Trainer:
         if t.global_batch_size % (world * t.micro_batch_size):
             raise ValueError(
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of processes ({world}) x "
-                f"train.micro_batch_size ({t.micro_batch_size}); e.g. set train.micro_batch_size="
-                f"{max(1, t.global_batch_size // world)}"
+                f"train.micro_batch_size ({t.micro_batch_size}); {batch_hint(t.global_batch_size, t.micro_batch_size, world)}"
             )
         # Per-rank seed: dropout and sampled noise must differ between processes (and are
         # restored exactly on resume). Model initialisation has happened already, seeded apart.
