@@ -242,8 +242,11 @@ def iter_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> Iterator[di
 def numbered_jsonl(path: str | Path, *, drop_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """(physical line number, row) for each row: what a caller's own checks name (blank lines count)."""
     path = Path(path)
-    with open(path) as fh:
-        lines = fh.read().split("\n")
+    try:
+        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark (Windows tools write one) is no row
+            lines = fh.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():

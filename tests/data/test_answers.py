@@ -178,3 +178,21 @@ def test_check_text_with_and_without_options() -> None:
 
 def test_checkers_are_registered_by_kind() -> None:
     assert set(answers.KINDS) <= set(answers.ANSWER_CHECKERS.names())
+
+
+def test_flexible_choice_prefers_the_named_answer_to_a_later_article() -> None:
+    """"The answer is C.\\nA quick check confirms it." was scored as A."""
+    assert extract_flexible("The answer is C.\nA quick check confirms it.", "choice") == "C"
+    assert extract_flexible("Answer: (D). A cat agrees.", "choice") == "D"
+    assert extract_flexible("Between (B) and (E), I pick (E)", "choice") == "E"
+    assert extract_flexible("A train leaves... so B.", "choice") == "B"  # no cue: the last letter, not the article
+    assert extract_flexible("the answer is a bit unclear: C", "choice") == "C"  # lower-case "a" names nothing
+    assert extract_flexible("A", "choice") == "A"  # a bare letter is an answer
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("12,5", "12,5"), ("1,0000", "1,0000"), ("3 4", "3 4"),  # not numbers: left for the caller to refuse
+    ("$ 5", "5"), ("- 3", "-3"), ("1,000,000", "1000000"), ("-1,234.5", "-1234.5"),
+])
+def test_commas_and_spaces_count_only_where_a_number_allows_them(raw: str, expected: str) -> None:
+    assert normalize_number(raw) == expected

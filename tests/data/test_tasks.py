@@ -122,7 +122,7 @@ def test_gsm8k_natural_steps_are_the_solution_lines(tmp_path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(row) + "\n")
     task = build_task("gsm8k", path=str(path), holdout=str(tmp_path / "none.txt"))
-    (tmp_path / "none.txt").write_text("")
+    (tmp_path / "none.txt").write_text("Another question?||<<1+1=2>> #### 2\n")
     ex = task.load("train")[0]
     assert ex.chain == "He writes 3*2=6 pages a week So 6*2=12 pages. Mr. Smith agrees"  # the text is unchanged
     assert task.chain_steps(ex) == ["He writes 3*2=6 pages a week", "So 6*2=12 pages. Mr. Smith agrees"]
@@ -291,3 +291,63 @@ def test_prosqa_solutions_are_every_path_to_the_answer_shortest_first():
         "Tom is a yumpus. Every yumpus is a rempus. Every rempus is a lempus.",
     ]
     assert build_task("arith").solutions(Example("a", "1+2", "3", "1+2=3")) == ["1+2=3"]
+
+
+# -- inputs a review found mishandled (each failed before its fix) ----------------------------------
+def test_a_json_string_holding_a_unicode_line_separator_is_one_row(tmp_path) -> None:
+    """JSON allows U+2028/U+2029 unescaped (ensure_ascii=False writers emit them); splitting the file
+    with str.splitlines broke the row in two and lost the file."""
+    row = {"question": "Tom has 2 apples\u2028and 3 pears.\u0085 How many?", "answer": "<<2+3=5>>5\n#### 5"}
+    _write(tmp_path, "train.jsonl", [GSM_OK, json.dumps(row, ensure_ascii=False)])
+    holdout = _write(tmp_path, "valid.txt", ["Something else?||<<1+1=2>> #### 2"])
+    train = build_task("gsm8k", path=str(tmp_path), holdout=str(holdout)).load("train")
+    assert [ex.question for ex in train][1] == row["question"]
+    (tmp_path / "pipes").mkdir()
+    _write(tmp_path / "pipes", "valid.txt", ["a\x0cb? c||<<1+1=2>> #### 2"])  # a form feed inside the question
+    assert build_task("gsm8k-aug", path=str(tmp_path / "pipes")).load("valid")[0].question == "a\x0cb? c"
+
+
+@pytest.mark.parametrize(("name", "filename", "text"), [
+    ("gsm8k", "train.jsonl", ""), ("gsm8k-aug", "valid.txt", "\n\n"), ("prosqa", "valid.json", "[]"),
+])
+def test_an_empty_data_file_is_an_error_not_an_empty_split(tmp_path, name, filename, text) -> None:
+    (tmp_path / filename).write_text(text)
+    split = "train" if name == "gsm8k" else "valid"
+    with pytest.raises(DataError, match=rf"{filename}: no rows"):
+        build_task(name, path=str(tmp_path)).load(split)
+
+
+def test_option_values_are_checked_when_the_task_is_built() -> None:
+    for name, option in [("prosqa", {"train_size": -1}), ("prosqa", {"dev_size": -3}), ("arith", {"valid_size": -1}),
+                         ("multiplication-4x4", {"train_size": -1})]:
+        with pytest.raises(ValueError, match=rf"option {next(iter(option))}=-\d+ must be >= 0"):
+            build_task(name, **option)
+    for name, option in [("gsm8k", {"holdout": 5}), ("gsm8k", {"holdout": True}), ("gsm8k-aug", {"train_path": 5})]:
+        with pytest.raises(TypeError, match=rf"option {next(iter(option))}=.* expected a path"):
+            build_task(name, **option)
+    with pytest.raises(ValueError, match="limit=-1"):
+        build_task("mix").load("valid", limit=-1)  # returned 999 of 1000 rows
+
+
+def test_a_train_file_missing_held_out_questions_says_what_valid_keeps(tmp_path, caplog) -> None:
+    rows = [{"question": f"How many {i}?", "answer": f"<<{i}+0={i}>>{i}\n#### {i}"} for i in range(3)]
+    _write(tmp_path, "train.jsonl", [json.dumps(r) for r in rows])
+    holdout = _write(tmp_path, "valid.txt", ["How many 2?||<<2+0=2>> #### 2", "Not in train?||<<1+1=2>> #### 2"])
+    with caplog.at_level("WARNING"):
+        valid = build_task("gsm8k", path=str(tmp_path), holdout=str(holdout)).load("valid")
+    assert len(valid) == 1 and "1 of the 2 held-out questions" in caplog.text and "valid keeps 1" in caplog.text
+
+
+def test_a_mistyped_relative_file_is_a_missing_file_not_a_hub_dataset(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="g/trian.jsonl: no such file"):
+        build_task("gsm8k", path="g/trian.jsonl").load("train")
+
+
+def test_a_gold_number_with_misplaced_commas_is_an_error(tmp_path) -> None:
+    """"12,5" became 125 (a correct "12.5" scored wrong), "1,0000" 10000: a gold that is not a
+    number is refused, naming the row."""
+    for bad in ("12,5", "1,0000", "3 4"):
+        (tmp_path / "valid.txt").write_text(f"Q?||<<1+1=2>> #### {bad}\n")
+        with pytest.raises(DataError, match=rf"valid.txt:1: field 'answer'.*is not a number"):
+            build_task("gsm8k-aug", path=str(tmp_path)).load("valid")

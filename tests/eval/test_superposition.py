@@ -128,3 +128,16 @@ def test_solutions_from_predictions_and_attach(tmp_path):
     bad.write_text(json.dumps({"id": "q1", "solutions": ["a"]}) + "\n\n" + json.dumps({"id": "q2", "solutions": "a"}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl: line 3: field 'solutions'"):  # the file's line, blank lines counted
         attach_solutions(examples, bad)
+    bom = tmp_path / "bom.jsonl"  # a Windows tool's byte-order mark is no error; other bytes name the file
+    bom.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())
+    assert attach_solutions(examples, bom) == attached
+    bom.write_bytes(out.read_bytes() + b"\xff\n")
+    with pytest.raises(DataError, match="bom.jsonl: not UTF-8"):
+        attach_solutions(examples, bom)
+    other = tmp_path / "other.jsonl"  # ids of another scheme: N_eff would silently not be reported
+    other.write_text(json.dumps({"id": "gsm8k-valid-0", "solutions": ["x"]}) + "\n")
+    with pytest.raises(DataError, match="none of its 1 ids is a question evaluated here"):
+        attach_solutions(examples, other)
+    more = tmp_path / "more.jsonl"  # a file about more questions than evaluated (eval.limit): fine
+    more.write_text(out.read_text() + json.dumps({"id": "q9", "solutions": ["y"]}) + "\n")
+    assert attach_solutions(examples, more) == attached

@@ -68,6 +68,19 @@ def test_reward_is_correctness_plus_weighted_format() -> None:
     assert r.total.tolist() == [[1.25, 0.25, 1.0, 0.0]]
 
 
+def test_the_correctness_reward_can_check_what_accuracy_checks() -> None:
+    """flexible (default) takes the last number anywhere; strict the answer after ####, as accuracy does."""
+    task = build_task("arith", num_steps=2)
+    ex = Example(id="q", question="1+2*3", answer="9")
+    texts = ["#### 5 so 9", "1+2=3 3*3=9", "#### 9 then 3"]
+    assert score_samples(task, texts, [ex], 3, 0.2).correct.tolist() == [[1.0, 1.0, 0.0]]
+    assert score_samples(task, texts, [ex], 3, 0.2, "strict").correct.tolist() == [[0.0, 0.0, 1.0]]
+    cfg = tiny_run(Path("/tmp"), "grpo")
+    cfg["method"]["correct_extraction"] = "last"
+    with pytest.raises(ValueError, match="correct_extraction"):
+        load_run_config(base=cfg)
+
+
 def test_gaussian_log_density_is_exact() -> None:
     z, mu = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     expected = torch.distributions.Normal(mu, 0.7).log_prob(z).sum((-1, -2))
@@ -226,6 +239,38 @@ def test_dlr_update_moves_the_mean_toward_the_high_reward_chains(tmp_path, train
     assert (adv * change).sum() > 0 and change[adv > 0].mean() > change[adv < 0].mean()
 
 
+def test_evaluation_builds_the_assistants_latents_without_an_autograd_graph(tmp_path, trained_arith_model,
+                                                                            monkeypatch) -> None:
+    """The assistant's parameters require grad (it trains): its latents for a validation or eval batch
+    kept every activation of its body alive through the whole rollout."""
+    from latentreason.methods import base
+
+    m = _dlr(tmp_path, trained_arith_model)
+    fed = []
+    real = base.rollout
+
+    def spy(model, prompts, step, *args, **kwargs):
+        fed.append(step.vectors)
+        return real(model, prompts, step, *args, **kwargs)
+
+    monkeypatch.setattr(base, "rollout", spy)
+    list(base.generate_batches(m, m.task.load("valid", limit=4), 4))  # what predict, eval and validation run
+    assert fed and not fed[0].requires_grad and fed[0].grad_fn is None
+    assert any(p.requires_grad for p in m.policy.parameters())  # still trainable: only evaluation ran without
+
+
+def test_a_dlr_assistant_named_by_path_loads_at_training_precision(tmp_path, trained_arith_model, monkeypatch) -> None:
+    """model.dtype=auto loads bfloat16 weights on a GPU unless training: the trainable assistant then
+    started from rounded weights (cast back up to float32), unlike the main model and a copied assistant."""
+    from latentreason.methods import dlr
+
+    calls = []
+    real = dlr.load_model
+    monkeypatch.setattr(dlr, "load_model", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
+    _dlr(tmp_path, trained_arith_model, assistant=str(trained_arith_model))
+    assert calls == [{"training": True}]
+
+
 def test_dlr_evaluation_feeds_the_mean_latents_and_reloads(tmp_path, trained_arith_model) -> None:
     run = load_run_config(base=_cfg(tmp_path, "dlr", trained_arith_model, **DLR_SMALL))
     out = run_train(run)
@@ -265,6 +310,32 @@ def test_grpo_sampled_log_probabilities_match_the_training_forward(tmp_path, tra
     assert any(row[row != -100].tolist()[-1] == eos for row in labels)
     texts = m.loaded.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert len(set(texts)) > 3, "sampled chains should differ"
+
+
+def test_grpo_sequence_aggregation_is_the_mean_of_per_sample_means(tmp_path, trained_arith_model) -> None:
+    """token (default): every sampled token of the batch weighs alike; sequence (the GRPO paper): each
+    sample's mean over its tokens, then the mean over samples, what the trainer's division gives."""
+    losses = {}
+    for how in ("token", "sequence"):
+        run = load_run_config(base=_cfg(tmp_path, "grpo", trained_arith_model, group_size=4, loss_aggregation=how,
+                                        temperature=4.0))  # hot: samples of many lengths
+        m = build_method(run, model_path=str(trained_arith_model), training=True)
+        parts = torch.nn.ModuleDict({"lm": m.loaded.model})
+        with torch.no_grad():
+            batch = m.sample(parts, m.collate(m.task.load("train", limit=2)), step=0)
+            out = m.loss(parts, batch)
+        valid = batch["labels"][:, 1:] != -100
+        lengths = valid.sum(-1)
+        assert lengths.unique().numel() > 1, "samples of one length: the two aggregations would agree"
+        losses[how] = float(out["loss_sum"]) / batch["num_targets"]
+        if how == "sequence":
+            assert batch["num_targets"] == 8
+        else:
+            assert batch["num_targets"] == int(lengths.sum())
+    # ratio 1 at sampling: each token's surrogate is -advantage of its sample
+    adv = batch["advantages"]
+    assert losses["sequence"] == pytest.approx(float(-adv.mean()), abs=1e-5)
+    assert losses["token"] == pytest.approx(float(-(adv * lengths).sum() / lengths.sum()), abs=1e-5)
 
 
 def test_grpo_changes_the_model_and_its_kl_reference_does_not(tmp_path, trained_arith_model) -> None:

@@ -7,14 +7,15 @@ as a change here, with tests, rather than as an unexplained accuracy shift.
 Two extractors, reported side by side (as lm-eval's ``strict-match`` / ``flexible-extract``):
 
 * strict: only the text after the LAST ``####`` counts (the format every method is trained on);
-* flexible: a best guess from the whole text (last number / last option letter / last line).
+* flexible: a best guess from the whole text (last number / the last option letter named as the
+  answer, else the last standalone A-E that is not the article "A" / last line).
 
 Answer kinds: ``"number"`` (GSM8K, arithmetic), ``"choice"`` (AQuA letters A-E), ``"text"``
 (ProsQA sentences, multiplication digit strings). Checkers live in :data:`ANSWER_CHECKERS`, so a
 task or user code can register a new kind by name.
 
 Number normalisation (:func:`normalize_number`): surrounding whitespace, a leading ``+``, ``$``,
-thousands commas and a trailing ``%`` are dropped, and the decimal is written in its shortest form
+thousands commas (in groups of three only: ``"12,5"`` is no number) and a trailing ``%`` are dropped, and the decimal is written in its shortest form
 (``"1,000.50"`` -> ``"1000.5"``, ``"7.00"`` -> ``"7"``, ``"-0"`` -> ``"0"``); an integer is written as
 all its digits, never with an exponent or rounded. ``%`` is dropped
 rather than divided by 100 because GSM8K-style golds for "what percent" questions are the bare
@@ -41,14 +42,21 @@ _NUMBER = re.compile(
     r"(?:(?<![\w.])[-+\u2212])?(?:\$\s?)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)%?(?![\d])"
 )
 _LETTER = re.compile(r"(?<![A-Za-z0-9])([A-E])(?![A-Za-z0-9])")
+# An option named as the answer: "answer is (C)", "Answer: C", "option C", "(C)", "C)"; the last one wins.
+_CUED_LETTER = re.compile(r"(?i:answer|option|choice)\W{0,3}(?:is\W{0,3})?\(?([A-E])(?![A-Za-z0-9])"
+                          r"|\(([A-E])\)|(?<![A-Za-z0-9(])([A-E])\)")
 _OPTION = re.compile(r"^\s*\(?([A-Ea-e])\s*[\)\.:]\s*(.*)$", re.S)
 
 
 # -- numbers -------------------------------------------------------------------------------------
 def normalize_number(text: str) -> str:
     """Canonical text of a number; text that is not a number comes back stripped, unchanged."""
-    s = text.strip().replace("\u2212", "-").replace(",", "").replace("$", "").replace(" ", "")
+    s = re.sub(r"(?<=[$+\-\u2212])\s+", "", text.strip()).replace("\u2212", "-").replace("$", "")  # "$ 5", "- 3"
     s = s.removesuffix("%").removeprefix("+")
+    if "," in s:  # thousands commas only in groups of three: "12,5" or "1,0000" is no number to guess at
+        if not re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+            return text.strip()
+        s = s.replace(",", "")
     if re.fullmatch(r"-?\d+/\d+", s):
         return s
     try:
@@ -120,9 +128,9 @@ def extract_flexible(text: str, kind: str) -> str | None:
         found = _numbers(text)
         return found[-1] if found else None
     if kind == "choice":
-        letters = _LETTER.findall(text)
-        if letters:
-            return letters[-1]
+        letter = _flexible_letter(text)
+        if letter:
+            return letter
         found = _numbers(text)
         return found[-1] if found else None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -130,6 +138,17 @@ def extract_flexible(text: str, kind: str) -> str | None:
         return None
     last = lines[-1].rsplit(DELIMITER, 1)[-1].strip()
     return last or None
+
+
+def _flexible_letter(text: str) -> str | None:
+    """The last option letter named as an answer; else the last standalone capital A-E that is not
+    the article "A" ("A quick check confirms it" after "The answer is C" names no option)."""
+    cued = [g for m in _CUED_LETTER.finditer(text) for g in m.groups() if g]
+    if cued:
+        return cued[-1]
+    letters = [m.group(1) for m in _LETTER.finditer(text)
+               if not (m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end():]))]
+    return letters[-1] if letters else None
 
 
 # -- checking ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ turning text into token ids is :mod:`latentreason.data.collate`'s job.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,6 +84,11 @@ class Task:
                     f"task {self.name!r}: option {key}={value!r} is a {type(value).__name__}, "
                     f"expected {type(default).__name__} (default {default!r})"
                 )
+            if default is None and value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"task {self.name!r}: option {key}={value!r} is a {type(value).__name__}, "
+                                "expected a path (a file or folder)")
+            if isinstance(default, int) and not isinstance(default, bool) and value < 0:
+                raise ValueError(f"task {self.name!r}: option {key}={value} must be >= 0")
         self.path = path
         self.chain_format = chain_format
         self.options = {**self.option_defaults, **options}
@@ -175,12 +181,19 @@ def attach_solutions(examples: list[Example], path: str | Path) -> list[Example]
     from latentreason.io import numbered_jsonl
 
     extra: dict[str, list[str]] = {}
-    for line, row in numbered_jsonl(path):
+    try:
+        rows = list(numbered_jsonl(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"eval.solutions: {exc}") from None
+    for line, row in rows:
         if not isinstance(row.get("id"), str):
             raise DataError(f"{path}: line {line}: field 'id' must be a string (the question's id)")
         sols = row.get("solutions")
         if not isinstance(sols, list) or not all(isinstance(s, str) for s in sols):
             raise DataError(f"{path}: line {line}: field 'solutions' must be a list of strings")
         extra.setdefault(row["id"], []).extend(sols)
+    if extra and examples and not extra.keys() & {ex.id for ex in examples}:  # a wrong id scheme: N_eff would vanish unsaid
+        raise DataError(f"{path}: none of its {len(extra)} ids is a question evaluated here (its first: "
+                        f"{next(iter(extra))!r}; the questions': {examples[0].id!r} ...)")
     return [replace(ex, alt_chains=tuple(dict.fromkeys([*ex.alt_chains, *extra[ex.id]]))) if ex.id in extra else ex
             for ex in examples]

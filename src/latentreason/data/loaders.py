@@ -19,6 +19,7 @@ from latentreason.data.base import ANSWER_DELIMITER, DataError
 Row = tuple[str, dict[str, Any]]
 T = TypeVar("T")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+FILE_SUFFIX = re.compile(r"\.(?:jsonl?|txt|csv|tsv|parquet)$", re.I)  # "data/trian.jsonl" is a typo, not a hub dataset
 _MEMO: dict[tuple, Any] = {}
 
 
@@ -39,7 +40,7 @@ def locate(path: str | Path | None, default: Path, filename: str) -> Path | str:
         target = target / filename
     if target.is_file():
         return target
-    if path is not None and not Path(path).exists() and HUB_NAME.fullmatch(str(path)):
+    if path is not None and not Path(path).exists() and HUB_NAME.fullmatch(str(path)) and not FILE_SUFFIX.search(str(path)):
         return str(path)
     raise DataError(f"{target}: no such file (expected {filename}, a folder holding it, or a hub name owner/name)")
 
@@ -82,9 +83,19 @@ def _text(file: Path) -> str:
         raise DataError(f"{file}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _lines(file: Path) -> list[str]:
+    """The file's lines, split at newlines only: ``str.splitlines`` also splits at U+2028, U+2029,
+    U+0085 and form feeds, which JSON strings and questions may hold unescaped."""
+    return [line.removesuffix("\r") for line in _text(file).split("\n")]
+
+
+def _no_rows(file: Path) -> DataError:
+    return DataError(f"{file}: no rows (an empty or truncated file?)")
+
+
 def _read_jsonl(file: Path) -> list[Row]:
     rows = []
-    for n, line in enumerate(_text(file).splitlines(), start=1):
+    for n, line in enumerate(_lines(file), start=1):
         if not line.strip():
             continue
         try:
@@ -94,6 +105,8 @@ def _read_jsonl(file: Path) -> list[Row]:
         if not isinstance(data, dict):
             raise DataError(f"{file}:{n}: expected a JSON object, got {type(data).__name__}")
         rows.append((f"{file}:{n}", data))
+    if not rows:
+        raise _no_rows(file)
     return rows
 
 
@@ -107,6 +120,8 @@ def _read_json(file: Path) -> list[Row]:
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise DataError(f"{file}[{i}]: expected a JSON object, got {type(item).__name__}")
+    if not data:
+        raise _no_rows(file)
     return [(f"{file}[{i}]", item) for i, item in enumerate(data)]
 
 
@@ -122,8 +137,10 @@ def split_pipes(where: str, line: str) -> dict[str, str]:
 
 
 def _read_pipes(file: Path) -> list[Row]:
-    lines = _text(file).splitlines()
-    return [(f"{file}:{n}", split_pipes(f"{file}:{n}", line)) for n, line in enumerate(lines, 1) if line.strip()]
+    rows = [(f"{file}:{n}", split_pipes(f"{file}:{n}", line)) for n, line in enumerate(_lines(file), 1) if line.strip()]
+    if not rows:
+        raise _no_rows(file)
+    return rows
 
 
 _READERS: dict[str, Callable[[Path], list[Row]]] = {"jsonl": _read_jsonl, "json": _read_json, "pipes": _read_pipes}

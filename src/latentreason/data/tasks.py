@@ -170,6 +170,9 @@ class GSM8K(Task):
             if split == "valid":
                 by_question = {norm_question(r[1][0]): r for r in rows}
                 chosen = [by_question[q] for q in held if q in by_question]
+                if len(chosen) < len(held):  # valid = the held-out questions found in the train file
+                    log.warning("gsm8k: %d of the %d held-out questions of %s are not in %s: valid keeps %d",
+                                len(held) - len(chosen), len(held), held_file, source, len(chosen))
             else:
                 held_set = set(held)
                 chosen = [r for r in rows if norm_question(r[1][0]) not in held_set]
@@ -511,7 +514,7 @@ class Mix(Task):
             held = {ex.question for p in self.parts for s in p.splits if s != "train" for ex in p.load(s)}
             loaded = [[ex for ex in part if ex.question not in held] for part in loaded]
         mixed = [ex for row in itertools.zip_longest(*loaded) for ex in row if ex is not None]
-        return mixed if limit is None else mixed[:limit]
+        return _take(mixed, limit)
 
     def _part(self, ex: Example) -> Task:
         return self.parts[ex.meta["part"]]

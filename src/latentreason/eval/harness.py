@@ -419,7 +419,8 @@ def _rank_files(out: Path) -> list[Path]:
 #: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
 ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition",
                                  "refine.exact_references": True, "method.stop_at_answer": False,
-                                 "eval.solutions": None, "eval.n_eff_alignment": "position", "eval.encoder": None}
+                                 "eval.solutions": None, "eval.n_eff_alignment": "position", "eval.encoder": None,
+                                 "method.correct_extraction": "flexible", "method.loss_aggregation": "token"}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:

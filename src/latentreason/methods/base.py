@@ -383,7 +383,8 @@ def generate_batches(
     for idx in _batches(order, batch_size, probe):
         batch = [examples[i] for i in idx]
         t0 = time.perf_counter()
-        step, references = refine_step(method, probed_step(method, batch, probe, probe_seed))
+        with torch.no_grad():  # latents a method computes up front (DLR's, SoftCoT's) keep no autograd graph
+            step, references = refine_step(method, probed_step(method, batch, probe, probe_seed))
         with torch.inference_mode():
             out = rollout(
                 loaded.model, [prompt_ids[i] for i in idx], step, cfg,

@@ -155,7 +155,9 @@ class DLR(Method):
             lm, self.helper_tokenizer = copy.deepcopy(self.loaded.model), self.loaded.tokenizer
             self.helper_latent, self.helper_pad = self.loaded.latent_id, self.loaded.pad_id
         else:
-            helper = load_model(task_model_config(dataclasses.replace(self.run.model, name_or_path=c.assistant), self.task))
+            # training=True: full-precision weights (auto = bfloat16 on a GPU), cast below to the main model's dtype
+            helper = load_model(task_model_config(dataclasses.replace(self.run.model, name_or_path=c.assistant), self.task),
+                                training=True)
             lm, self.helper_tokenizer = helper.model, helper.tokenizer
             self.helper_latent, self.helper_pad = helper.latent_id, helper.pad_id
         if self.helper_latent is None:
@@ -246,7 +248,7 @@ class DLR(Method):
         out = rollout(lm, batch["prompts"], ExternalStep(self._vectors(policy, z)), cfg,
                       eos_ids=self.loaded.eos_ids, pad_id=self.loaded.pad_id, eot_id=self.loaded.eot_id, group_size=G)
         texts = self.loaded.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        rewards = score_samples(self.task, texts, examples, G, c.format_weight)
+        rewards = score_samples(self.task, texts, examples, G, c.format_weight, c.correct_extraction)
         kept = top_k_mask(rewards.total, c.keep_top)
         return {**batch, "z": z, "noise": c.sigma * noise, "old_logp": gaussian_logp(z, mu, c.sigma),
                 "advantages": group_advantages(rewards.total).flatten().to(mu.device),

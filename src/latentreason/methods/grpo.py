@@ -3,7 +3,8 @@ clipped surrogate on every sampled token. The baseline DLR claims to beat, on th
 
 Same reward, same G, same rollout and trainer as DLR (``methods/rl.py``), so cost and stability
 compare like with like. Choices: loss normalised by the sampled tokens of the global batch (the
-"token-level" normaliser of DAPO / Dr. GRPO rather than a mean of per-sequence means); one update
+"token-level" normaliser of DAPO / Dr. GRPO; ``method.loss_aggregation=sequence`` is the paper's mean
+of per-sequence means); one update
 per sampled batch; optional KL to the starting weights (k3 estimator, ``method.kl_coef``; 0 = off,
 as in DAPO). Evaluation decodes greedily, the chain then the answer, like CoT-SFT.
 """
@@ -33,6 +34,9 @@ class GRPOConfig(RLConfig):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the training samples (evaluation follows rollout.*)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "longest sampled chain + answer; None = rollout.max_new_tokens"})
     kl_coef: float = field(default=0.0, metadata={"help": "β of the KL to the starting weights (k3 estimator); 0 = no reference model"})
+    loss_aggregation: str = field(default="token", metadata={"help": (
+        "token: one mean over every sampled token of the global batch (DAPO / Dr. GRPO: a long sample weighs "
+        "more); sequence: each sample's mean over its tokens, then the mean over samples (the GRPO paper)")})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,6 +44,8 @@ class GRPOConfig(RLConfig):
             raise ValueError(f"method.temperature={self.temperature}, must be > 0 (GRPO samples)")
         if self.kl_coef < 0:
             raise ValueError(f"method.kl_coef={self.kl_coef}, must be >= 0")
+        if self.loss_aggregation not in ("token", "sequence"):
+            raise ValueError(f"method.loss_aggregation={self.loss_aggregation!r}, must be token or sequence")
 
 
 @METHODS.register("grpo")
@@ -72,7 +78,7 @@ class GRPO(Method):
         out = rollout(modules["lm"], prompts, None, cfg, eos_ids=self.loaded.eos_ids, pad_id=self.loaded.pad_id,
                       row_seeds=sample_seeds(c.sample_seed, step, examples, G), group_size=G, return_logprobs=True)
         texts = self.loaded.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        rewards = score_samples(self.task, texts, examples, G, c.format_weight)
+        rewards = score_samples(self.task, texts, examples, G, c.format_weight, c.correct_extraction)
         seqs, labels, spans = [], [], []
         for i, toks in enumerate(out.tokens):
             stop = out.stop_ids[i]  # the eos that ended a row was sampled too: score that one, not eos_ids[0]
@@ -89,7 +95,7 @@ class GRPO(Method):
         num = int((padded["labels"][:, 1:] != IGNORE).sum())
         return {**batch, **padded, "old_logp": old, "advantages": group_advantages(rewards.total).flatten(),
                 "metrics": {**reward_metrics(rewards), "sampled_tokens": torch.tensor(float(num) / len(seqs))},
-                "num_targets": num}
+                "num_targets": num if c.loss_aggregation == "token" else len(seqs)}
 
     def loss(self, modules: nn.ModuleDict, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -109,4 +115,7 @@ class GRPO(Method):
             per_token = per_token + c.kl_coef * kl
             metrics["kl"] = (kl * valid).sum().detach() / valid.sum().clamp(min=1)
         ratio_gap = ((logp - batch["old_logp"]).abs() * valid).amax().detach()
-        return {"loss_sum": (per_token * valid).sum(), "max_logratio_at_sampling": ratio_gap, **metrics}
+        per_row = (per_token * valid).sum(-1)
+        if c.loss_aggregation == "sequence":  # the trainer divides by the global batch's sample count
+            per_row = per_row / valid.sum(-1).clamp(min=1)
+        return {"loss_sum": per_row.sum(), "max_logratio_at_sampling": ratio_gap, **metrics}

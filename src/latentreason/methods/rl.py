@@ -22,8 +22,12 @@ class RLConfig(MethodConfig):
 
     group_size: int = field(default=8, metadata={"help": "G: answers sampled per question in a training step"})
     format_weight: float = field(default=0.2, metadata={"help": (
-        "w_f: reward = correct + w_f * format; correct = the answer (flexible extraction) matches, format = "
-        "the strict answer line (#### <answer>) is present")})
+        "w_f: reward = correct + w_f * format; correct = the answer (method.correct_extraction) matches, "
+        "format = the strict answer line (#### <answer>) is present")})
+    correct_extraction: str = field(default="flexible", metadata={"help": (
+        "which answer the correctness reward checks: flexible (the last number / option anywhere, so a chain cut "
+        "off before its answer line can still score) or strict (the one after the last ####, what accuracy "
+        "and best/ selection score)")})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO/GRPO clip range of the importance ratio"})
     sample_seed: int = field(default=0, metadata={"help": (
         "seed of the training samples; each is keyed by (seed, step, question id, sample index), so a "
@@ -36,6 +40,8 @@ class RLConfig(MethodConfig):
             raise ValueError(f"method.format_weight={self.format_weight}, must be >= 0")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"method.clip_eps={self.clip_eps}, must be in (0, 1)")
+        if self.correct_extraction not in ("flexible", "strict"):
+            raise ValueError(f"method.correct_extraction={self.correct_extraction!r}, must be flexible or strict")
 
 
 def sample_seeds(seed: int, step: int, examples: list[Example], group_size: int) -> list[int]:
@@ -56,14 +62,14 @@ class Rewards:
 
 
 def score_samples(task: Task, texts: list[str], examples: list[Example], group_size: int,
-                  format_weight: float) -> Rewards:
+                  format_weight: float, extraction: str = "flexible") -> Rewards:
     """reward = correct + w_f · format for each of the B·G decoded answers (group order)."""
     if len(texts) != len(examples) * group_size:
         raise ValueError(f"score_samples: {len(texts)} texts for {len(examples)} questions x G={group_size}")
     correct, fmt = [], []
     for i, text in enumerate(texts):
         score = task.score(text, examples[i // group_size])
-        correct.append(float(score.correct_flexible))
+        correct.append(float(score.correct_flexible if extraction == "flexible" else score.correct))
         fmt.append(float(score.prediction is not None))
     c = torch.tensor(correct).view(len(examples), group_size)
     f = torch.tensor(fmt).view(len(examples), group_size)
