@@ -349,5 +349,5 @@ def test_a_gold_number_with_misplaced_commas_is_an_error(tmp_path) -> None:
     number is refused, naming the row."""
     for bad in ("12,5", "1,0000", "3 4"):
         (tmp_path / "valid.txt").write_text(f"Q?||<<1+1=2>> #### {bad}\n")
-        with pytest.raises(DataError, match=rf"valid.txt:1: field 'answer'.*is not a number"):
+        with pytest.raises(DataError, match=r"valid.txt:1: field 'answer'.*is not a number"):
             build_task("gsm8k-aug", path=str(tmp_path)).load("valid")
