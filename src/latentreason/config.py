@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 
 #: The resolved config a run saves next to its model folders (best/, final/, stage folders).
 RUN_CONFIG_FILE = "run_config.yaml"
+#: Fields added after runs and evaluations were written, with the value that behaves as before they
+#: existed: a saved config or evaluation fingerprint without one matches that value, so a checkpoint
+#: or rows of a run that could not set it still resume (``trainer.config_changes``, ``harness``).
+ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition",
+                                 "refine.exact_references": True, "method.stop_at_answer": False,
+                                 "eval.solutions": None, "eval.n_eff_alignment": "position", "eval.encoder": None,
+                                 "method.correct_extraction": "flexible", "method.loss_aggregation": "token"}
 
 
 class ConfigError(ValueError):

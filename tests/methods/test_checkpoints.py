@@ -414,3 +414,17 @@ def test_training_drops_and_counts_sequences_past_the_model_context(tmp_path):
     assert [r["dropped_examples"] for r in log] == [sum(i >= 32 for i in idx) for idx in drawn]  # each window's own
     with pytest.raises(ValueError, match="model context 40"):
         method.collate(long[:4])
+
+
+def test_a_checkpoint_older_than_a_field_resumes_at_the_fields_old_behaviour(tmp_path):
+    """A DLR/GRPO run checkpointed before method.correct_extraction existed was refused on resume
+    after an upgrade; it resumes at the field's old behaviour, and is refused at another."""
+    from latentreason.methods.trainer import config_changes
+
+    saved = {"method": {"name": "grpo", "group_size": 8}, "train": {"max_steps": 4}}
+    now = lambda how: {"method": {"name": "grpo", "group_size": 8, "correct_extraction": how},  # noqa: E731
+                       "train": {"max_steps": 4}}
+    assert config_changes(saved, now("flexible")) == []
+    assert config_changes(saved, now("strict")) == ["method.correct_extraction"]
+    assert config_changes({**saved, "method": {**saved["method"], "correct_extraction": "strict"}},
+                          now("flexible")) == ["method.correct_extraction"]  # a saved value is compared as saved

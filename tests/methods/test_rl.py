@@ -123,6 +123,20 @@ def test_mix_train_holds_no_question_of_any_parts_held_out_splits() -> None:
     assert len(train) > 7000 and not held & {ex.question for ex in train}
 
 
+def test_mix_held_out_splits_hold_each_question_once_and_apart() -> None:
+    """Two parts of one format drew the same small question space: valid held duplicates and shared
+    questions with test (a score counted twice, a test question also used to select on)."""
+    small = "arith:num_steps=2:max_operand=3:modulus=5:valid_size=30:test_size=30:train_size=10"
+    mix = build_task("mix", parts=f"{small};{small}:seed=1")
+    valid, test = ([ex.question for ex in mix.load(s)] for s in ("valid", "test"))
+    parts = [build_task("arith", num_steps=2, max_operand=3, modulus=5, valid_size=30, test_size=30, train_size=10,
+                        seed=s) for s in (0, 1)]
+    drawn = [ex.question for p in parts for ex in p.load("valid")]
+    assert len(set(drawn)) < len(drawn), "no shared questions: the test would show nothing"
+    assert len(valid) == len(set(valid)) == len(set(drawn)) and not set(valid) & set(test)
+    assert len(test) == len(set(test)) > 0
+
+
 def test_decoder_body_keeps_the_first_layers_of_the_deep_model() -> None:
     from latentreason.models.loading import decoder_body
     from latentreason.models.tiny import tiny_model

@@ -513,6 +513,12 @@ class Mix(Task):
         if split == "train":  # each part keeps its own held-out questions out; parts of one format must keep each other's out too
             held = {ex.question for p in self.parts for s in p.splits if s != "train" for ex in p.load(s)}
             loaded = [[ex for ex in part if ex.question not in held] for part in loaded]
+        else:  # parts of one format may draw the same question: each held-out question once, and none of
+            earlier = {ex.question for p in self.parts for s in p.splits[:p.splits.index(split)]  # an earlier
+                       if s != "train" for ex in p.load(s)}                                        # split in a later one
+            for i, part in enumerate(loaded):
+                loaded[i] = [ex for ex in part if ex.question not in earlier]
+                earlier |= {ex.question for ex in loaded[i]}
         mixed = [ex for row in itertools.zip_longest(*loaded) for ex in row if ex is not None]
         return _take(mixed, limit)
 

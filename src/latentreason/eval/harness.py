@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from latentreason.config import ADDED_FIELDS
 from latentreason.data.base import ANSWER_DELIMITER, Example
 from latentreason.eval.metrics import mean, wilson_interval
 from latentreason.io import (
@@ -414,13 +415,6 @@ def _evaluate(method: Method, examples: list[Example], out: Path, batch_size: in
 def _rank_files(out: Path) -> list[Path]:
     return sorted(out.glob("predictions.rank*.jsonl"))
 
-
-#: Fields added after evaluations were written, with the value that behaves as before they existed:
-#: a saved fingerprint without one matches that value (rows of a run that could not set it resume).
-ADDED_FIELDS: dict[str, Any] = {"model.tiny_words": "", "method.latent": "superposition",
-                                 "refine.exact_references": True, "method.stop_at_answer": False,
-                                 "eval.solutions": None, "eval.n_eff_alignment": "position", "eval.encoder": None,
-                                 "method.correct_extraction": "flexible", "method.loss_aggregation": "token"}
 
 
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:

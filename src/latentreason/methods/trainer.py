@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from latentreason.config import RUN_CONFIG_FILE, ConfigError, RunConfig, to_dict
+from latentreason.config import ADDED_FIELDS, RUN_CONFIG_FILE, ConfigError, RunConfig, to_dict
 from latentreason.data.base import Example
 from latentreason.io import (
     atomic_replace_dir,
@@ -245,8 +245,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any], safe: tuple[str, ...] = RESUME_SAFE) -> list[str]:
-    """Dotted fields that differ between a checkpoint's config and this run's, unsafe ones only."""
+    """Dotted fields that differ between a checkpoint's config and this run's, unsafe ones only. A field
+    added since the checkpoint was written matches the value that behaves as before (``ADDED_FIELDS``)."""
     a, b = _flatten(saved), _flatten(current)
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b and k not in a}, **a}
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in safe)]
 
