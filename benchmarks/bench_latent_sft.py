@@ -43,6 +43,7 @@ from common import ROOT, carry_published, code_of, earlier_rows, seed_mean_rows,
 
 from latentreason.config import load_run_config, merge, parse_overrides
 from latentreason.demo import LATENT_SFT_STAGE1, LATENT_SFT_STAGE2
+from latentreason.methods.latent_sft import EXPORT_FIELDS
 from latentreason.recipes import run_eval
 
 METRICS = ("accuracy", "reasoning_positions", "pass_at_1_over_latent_steps", "ecr@1", "ecr@5", "ecr@10", "n_eff",
@@ -245,8 +246,9 @@ def main() -> None:
             one = merge(merge(merge(RECIPES[args.task][0], rate), {"method": VARIANTS[variant]}), from_cot)
             train_eval(base, folder / "stage1", one["method"], report, {k: v for k, v in one.items() if k != "method"})
             two = merge(merge(RECIPES[args.task][1], rate), {"train": {"init_from": str(folder / "stage1" / "best")}})
-            if variant == "hidden":  # stage 2 regresses hidden states; the rest of the recipe is the same
-                two = merge(two, {"method": {"latent": "hidden"}})
+            # the variant's settings that shape the soft labels (no-ltim's mask, hidden's latents) hold in stage 2
+            # too; the rest of the recipe is the same
+            two = merge(two, {"method": {k: v for k, v in VARIANTS[variant].items() if k in EXPORT_FIELDS}})
             train_eval(base, folder / "stage2", two["method"], report, {k: v for k, v in two.items() if k != "method"},
                        PROBES if variant in ("main", "hidden") else ())
     command = " ".join(["python benchmarks/bench_latent_sft.py", *[a for a in sys.argv[1:] if a not in ("--collect", "--speed")]])

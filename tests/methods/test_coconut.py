@@ -81,6 +81,20 @@ def test_a_wrong_step_budget_is_refused_before_training_but_not_for_evaluation(t
         recipes.run_train(run)
 
 
+def test_a_cot_stage_on_top_of_a_cot_model_is_flagged(tmp_path, caplog) -> None:
+    """The defaults are the GSM8K recipe's (c = 2, 3 stages) but start at the CoT stage 0: from a
+    CoT-SFT model (train.init_from) a fifth of the budget went to CoT again, unsaid."""
+    from latentreason.methods.coconut import Coconut
+
+    for first, init, flagged in [(0, "runs/cot/best", True), (1, "runs/cot/best", False), (0, None, False)]:
+        cfg = tiny_run(tmp_path, "coconut", train={"max_steps": 8, "init_from": init})
+        cfg["method"]["first_stage"] = first
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="latentreason"):
+            Coconut.train_problems(load_run_config(base=cfg))
+        assert ("set method.first_stage=1" in caplog.text) == flagged, (first, init)
+
+
 @pytest.fixture(scope="module")
 def trained_coconut(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coconut")

@@ -225,6 +225,23 @@ def test_stage_two_under_lora_exports_the_stage_one_labels(stage1, tmp_path):
     assert (tmp_path / "lora" / "run" / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("field,value", [("compression", 2), ("induction_mask", False), ("top_k", 5),
+                                         ("temperature", 0.5)])
+def test_stage_two_refuses_soft_label_settings_other_than_its_stage_ones(stage1, tmp_path, field, value):
+    """A stage 2 left at a default after a stage 1 of another setting exported labels the encoder was
+    never trained to make (bench_latent_sft.py's no-LTIM ablation exported its labels with the mask on)."""
+    from latentreason.recipes import run_train
+
+    cfg = tiny_run(tmp_path, "latent-sft", train={"init_from": str(stage1 / "best"), "max_steps": 2,
+                                                  "select_on_valid": False}, data={"train_limit": 6})
+    cfg["method"].update({"stage": 2, "compression": 4, "max_latent_steps": 8, field: value})
+    from latentreason.models.loading import CheckpointError
+
+    with pytest.raises(CheckpointError, match=rf"stage 1 ran with method.{field}=.*\(this stage 2: {value!r}\)"):
+        run_train(load_run_config(base=cfg))
+    assert not (tmp_path / "run" / "soft_labels").exists()
+
+
 def test_stage_two_exports_soft_labels_once_and_resumes_them_without_duplicates(stage1, tmp_path, monkeypatch):
     from latentreason.methods import latent_sft
 

@@ -4,9 +4,9 @@ Training follows the paper's curriculum (../shared/docs/methods.md section 4): s
 first k reasoning steps of the chain by k·c thoughts; a final stage drops every text step and
 keeps max_stage·c thoughts (padded to that count, as the official ``pad_latent_to_max``). Labels
 cover only what follows ``<eot>`` (the remaining steps, the answer, eos). Each stage is a trainer
-stage: the optimizer may be reset at a switch, and every stage's model is kept (``stage-<k>/``),
-which refinement uses as early and late references. Initialise from a CoT-SFT checkpoint
-(``train.init_from``).
+stage: the optimizer may be reset at a switch, and every stage's model is kept (``stage-<k>/``).
+Initialise from a CoT-SFT checkpoint (``train.init_from``) and start at stage 1 (the GSM8K recipe);
+``method.first_stage=0`` trains a CoT stage first, the ProsQA recipe from a base model.
 
 The gradient runs through every thought: :func:`~latentreason.models.latent_forward.latent_forward`
 feeds them one pass each over a growing KV cache, then the targets in one pass. At evaluation
@@ -18,6 +18,7 @@ positions buy without carrying the question's reasoning.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,10 @@ class Coconut(Method):
 
     @classmethod
     def train_problems(cls, run: Any) -> list[str]:
+        if run.method.first_stage == 0 and run.train.init_from:
+            logging.getLogger("latentreason").warning(
+                "method.first_stage=0 spends a stage of the budget on CoT (stage-0) again, from %s; the GSM8K "
+                "recipe starts from a CoT-SFT model at stage 1: set method.first_stage=1", run.train.init_from)
         return stage_problems(coconut_stages(run.method, run.train.max_steps), run.train.max_steps)
 
     def _curriculum_stage(self) -> int | None:

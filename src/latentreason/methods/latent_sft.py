@@ -61,6 +61,11 @@ STEPS = ("warmup", "encoder", "decoder", "both")
 PAD, PROMPT, LATENT, SEGMENT, FINAL = -1, 0, 1, 2, 3
 
 
+#: Stage-1 settings that shape the exported soft labels (and the mixture stage 2 learns to produce):
+#: a stage 2 must run with the values of the stage-1 run it starts from.
+EXPORT_FIELDS = ("latent", "compression", "top_k", "temperature", "projection", "induction_mask")
+
+
 @dataclass
 class LatentSFTConfig(MethodConfig):
     name: str = "latent-sft"
@@ -336,11 +341,16 @@ class LatentSFT(Method):
         if self.cfg.stage == 2:
             self._export_from = Path(path)
             saved = Path(path) / RUN_CONFIG_FILE
-            latent = (yaml.safe_load(saved.read_text()) or {}).get("method", {}).get("latent", "superposition") \
-                if saved.exists() else self.cfg.latent
-            if latent != self.cfg.latent:  # hidden states projected on E are not the latents stage 1 trained with
-                raise CheckpointError(f"{saved}: stage 1 ran with method.latent={latent!r}, this stage 2 with "
-                                      f"{self.cfg.latent!r}; set method.latent={latent}")
+            method = (yaml.safe_load(saved.read_text()) or {}).get("method", {}) if saved.exists() else {}
+            # The soft labels must be the latents the encoder was trained to make: same r, mask, top-k, τ and
+            # table (a stage 2 left at compression 4 after an r = 2 stage 1 exported r = 4 labels).
+            defaults = {"latent": "superposition"}
+            differ = [f"method.{k}={method.get(k, defaults.get(k))!r} (this stage 2: {getattr(self.cfg, k)!r})"
+                      for k in EXPORT_FIELDS if k in method or k in defaults
+                      if method.get(k, defaults.get(k)) != getattr(self.cfg, k)]
+            if saved.exists() and differ:
+                raise CheckpointError(f"{saved}: stage 1 ran with {', '.join(differ)}; its encoder's soft labels "
+                                      "need the settings it was trained with: set them for stage 2 too")
             return
         super().load_extra_modules(path)
 
