@@ -82,7 +82,11 @@ NOTES = {
               "rows start from; those runs were not on this machine). Reproduced on 2026-12-07: seed 1's latent-sft-r4 "
               "re-made from scratch with the current code (from a seed-1 CoT-SFT model re-trained on 2026-12-06) gives "
               "every published value again (accuracy 0.968, 9.0 latents, ECR@K, probes, teacher, stage-1 statistics), "
-              "and its speedup_vs_cot was re-timed then (1.763; 1.686 on 2026-11-27); seeds 0 and 2 keep theirs."),
+              "and its speedup_vs_cot was re-timed then (1.763; 1.686 on 2026-11-27); seeds 0 and 2 keep theirs. "
+              "latent-sft-r4-no-ltim (seed 0) was re-made on 2026-12-07 after a fix: its stage 2 had exported the soft "
+              "labels with the induction mask on (the ablation reached stage 1 only) and scored 0.924; with the mask off "
+              "in both stages it scores 0.992 (teacher 0.982), from a seed-0 CoT-SFT model re-trained that day (1.0 on "
+              "test; the other seed-0 rows start from the earlier one)."),
     "prosqa": ("Tiny model (4 layers, d = 128, word-level), ProsQA as in bench_baselines.py: CoT-SFT and no-CoT 600 steps "
                "of 64 from scratch (under-trained: see baselines_prosqa). Latent-SFT and the pause control start from that "
                "seed's CoT-SFT model and add 300 stage-1 steps (warm-up, decoder, both: 100 each) and 400 stage-2 steps "
