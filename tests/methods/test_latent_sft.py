@@ -149,12 +149,12 @@ def test_stage_two_loss_equals_a_hand_computation(tmp_path, tau):
     assert v > 13
 
 
-def _stage1_run(root: Path, steps: int = 2) -> Path:
+def _stage1_run(root: Path, steps: int = 2, top_k: int = 10) -> Path:
     """A few-step stage-1 run on the 2-layer tiny model; returns its output folder."""
     cfg = tiny_run(root, "latent-sft", train={"select_on_valid": True, "max_steps": 3 * steps, "eval_every": steps,
                                               "save_every": steps, "eval_limit": 8},
                    rollout={"max_new_tokens": 8})
-    cfg["method"].update(compression=4, steps_per_step=steps, max_latent_steps=8)
+    cfg["method"].update(compression=4, steps_per_step=steps, max_latent_steps=8, top_k=top_k)
     from latentreason.recipes import run_train
 
     run_train(load_run_config(base=cfg))
@@ -164,6 +164,12 @@ def _stage1_run(root: Path, steps: int = 2) -> Path:
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _stage1_run(tmp_path_factory.mktemp("lsft-stage1"))
+
+
+@pytest.fixture(scope="module")
+def stage1_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage 1 over the whole vocabulary (top_k=0): a stage 2 exports the labels its stage 1 made."""
+    return _stage1_run(tmp_path_factory.mktemp("lsft-stage1-full"), top_k=0)
 
 
 @pytest.mark.slow
@@ -279,10 +285,11 @@ def test_stage_two_exports_soft_labels_once_and_resumes_them_without_duplicates(
 
 
 @pytest.mark.parametrize("top_k", [10, 0], ids=["top-10", "full-vocabulary"])
-def test_what_stage_two_trains_on_is_what_inference_computes(stage1, tmp_path, top_k):
+def test_what_stage_two_trains_on_is_what_inference_computes(request, tmp_path, top_k):
     """Soft labels equal to the model's own latent distributions at inference: teacher forcing
     feeds the very vectors the rollout fed and predicts, at each latent position, the very
     distribution inference had there."""
+    stage1 = request.getfixturevalue("stage1" if top_k else "stage1_full")
     from latentreason.models.rollout import RolloutConfig, rollout
 
     cfg = tiny_run(tmp_path, "latent-sft", rollout={"max_new_tokens": 6})
@@ -323,7 +330,8 @@ def test_what_stage_two_trains_on_is_what_inference_computes(stage1, tmp_path, t
 
 
 @pytest.mark.parametrize("top_k", [10, 0], ids=["top-10", "full-vocabulary"])
-def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(stage1, tmp_path, top_k):
+def test_stage_two_end_to_end_trains_saves_loads_and_reports_superposition(request, tmp_path, top_k):
+    stage1 = request.getfixturevalue("stage1" if top_k else "stage1_full")
     import latentreason
     from latentreason.recipes import run_eval, run_train
 
