@@ -153,19 +153,23 @@ _HELD: set[str] = set()  # the folders this process holds, resolved
 
 
 @contextlib.contextmanager
-def one_writer(folder: str | Path, field: str) -> Iterator[None]:
-    """Hold ``folder`` for this process alone while the block runs; another process is refused.
+def one_writer(folder: str | Path, field: str, enabled: bool = True) -> Iterator[None]:
+    """Hold ``folder`` for this process alone while the block runs; another process is refused. On
+    taking it, delete what killed writes left there (:func:`remove_partial`).
 
     Two runs writing one folder (the same command started twice, a benchmark and a hand-run
     evaluation sharing a default folder) would interleave rows and overwrite each other's
     checkpoints. An advisory ``flock`` on ``<folder>/.latentreason.lock``: the system releases
     it when the process ends however it ends (a ``kill -9`` leaves no stale lock). The file stays
     (deleting it would race a process opening it); it names the holder, for the error message.
-    ``field``: the setting to change, named in the error. Without ``fcntl`` (Windows): no lock.
+    ``field``: the setting to change, named in the error. ``enabled=False`` (a process other than the
+    main one of a launch, which writes nothing there): nothing is taken. Without ``fcntl`` (Windows): no lock.
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if not enabled or fcntl is None:
         yield
         return
     folder = Path(folder)
@@ -193,6 +197,9 @@ def one_writer(folder: str | Path, field: str) -> Iterator[None]:
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                  f"{' '.join(sys.argv)[:300]}\n")
         fh.flush()
+        gone = remove_partial(folder)
+        if gone:
+            logging.getLogger("latentreason").info("%s: removed what killed writes left: %s", folder, ", ".join(gone))
         _HELD.add(key)
         try:
             yield

@@ -39,10 +39,9 @@ def run_train(run: RunConfig) -> Path:
     if problems:  # e.g. a curriculum that does not add up to train.max_steps: refused before any weights load
         source = getattr(run, "_source", None)
         raise ConfigError([f"{source}: {p}" if source else p for p in problems])
-    if not process_state().is_main_process:
+    # held before anything reads the folder: another run writing it is refused, not raced
+    with one_writer(run.train.output_dir, "train.output_dir", enabled=process_state().is_main_process):
         return _train(run)
-    with one_writer(run.train.output_dir, "train.output_dir"):  # before anything reads the folder: another run
-        return _train(run)                                       # writing it is refused, not raced
 
 
 def _train(run: RunConfig) -> Path:

@@ -30,7 +30,6 @@ from latentreason.io import (
     one_writer,
     provenance,
     read_jsonl,
-    remove_partial,
 )
 from latentreason.methods.base import Method, generate_batches, probed_step, row_seeds  # noqa: F401  (re-exported)
 
@@ -348,21 +347,15 @@ def evaluate(
 
     state = process_state()
     out = Path(output_dir)
-    if not state.is_main_process:
-        return _evaluate(method, examples, out, batch_size, info, overwrite, progress, fingerprint, probe, probe_seed)
-    with one_writer(out, "eval.output_dir"):  # a second evaluation into this folder is refused, never interleaved
-        gone = remove_partial(out)
-        if gone:
-            logger.info("%s: removed what killed writes left: %s", out, ", ".join(gone))
-        return _evaluate(method, examples, out, batch_size, info, overwrite, progress, fingerprint, probe, probe_seed)
+    # a second evaluation into this folder is refused, never interleaved
+    with one_writer(out, "eval.output_dir", enabled=state.is_main_process):
+        return _evaluate(method, examples, out, batch_size, info, overwrite, progress, fingerprint, probe,
+                         probe_seed, state)
 
 
 def _evaluate(method: Method, examples: list[Example], out: Path, batch_size: int, info: dict[str, Any] | None,
               overwrite: bool, progress: bool, fingerprint: dict[str, Any] | None, probe: str,
-              probe_seed: int) -> dict[str, Any]:
-    from latentreason.models.loading import process_state
-
-    state = process_state()
+              probe_seed: int, state: Any) -> dict[str, Any]:
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
     out.mkdir(parents=True, exist_ok=True)
     rows_path, meta_path = out / "predictions.jsonl", out / "eval_config.json"

@@ -55,7 +55,6 @@ from latentreason.io import (
     provenance,
     read_jsonl,
     recover_dir,
-    remove_partial,
     set_default_file_mode,
 )
 from latentreason.methods.base import Method, Stage, stage_index_at, stage_problems, stage_start
@@ -761,12 +760,7 @@ class Trainer:
         """Train to ``train.max_steps``, resuming ``<output_dir>/checkpoint``; the main process holds
         the output folder meanwhile (another run writing it is refused) and first deletes what a
         killed save left there."""
-        if not self.acc.is_main_process:
-            return self._train()
-        with one_writer(self.out, "train.output_dir"):
-            gone = remove_partial(self.out)
-            if gone:
-                logger.info("%s: removed what killed saves left: %s", self.out, ", ".join(gone))
+        with one_writer(self.out, "train.output_dir", enabled=self.acc.is_main_process):
             return self._train()
 
     def _train(self) -> TrainResult:
